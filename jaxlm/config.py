@@ -1,0 +1,316 @@
+"""The typed config tree: dataclasses, YAML presets and `key=value` overrides, validated.
+
+`load(config_file, overrides)` builds a `Config` from the dataclass defaults (which equal
+`configs/gpt_tiny.yaml`), then the YAML file, then the overrides, and validates the result.
+Every mistake a user can make here raises `UserError` with one line naming the field and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from jaxlm.errors import UserError
+
+SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
+SOURCES = ("builtin", "text", "tfds")
+TASKS = ("clm",)
+POSITIONS = ("rotary", "learned")
+NORMS = ("layernorm", "rmsnorm")
+DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
+@dataclass
+class ModelConfig:
+    """Shapes and numerics of the network. A model receives only this."""
+
+    num_layers: int = 4
+    embed_dim: int = 256
+    num_heads: int = 4
+    mlp_dim: int = 0  # 0 means 4 * embed_dim
+    vocab_size: int = 0  # 0 means the tokenizer's size, rounded up to vocab_multiple
+    vocab_multiple: int = 128
+    max_len: int = 1024  # longest sequence (learned positions table, KV cache bound)
+    positions: str = "rotary"
+    rope_base: float = 10000.0
+    norm: str = "layernorm"
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype; parameters are always float32
+    attention_impl: str = "xla"
+
+
+@dataclass
+class DataConfig:
+    """Where text comes from and how it becomes token batches."""
+
+    source: str = "builtin"
+    paths: list[str] = field(default_factory=list)
+    eval_paths: list[str] = field(default_factory=list)
+    name: str = ""  # TFDS catalog name, for source=tfds
+    text_key: str = "text"
+    train_split: str = "train"
+    eval_split: str = "validation"
+    eval_fraction: float = 0.02  # held-out share of documents when no eval split exists
+    seq_len: int = 128
+    tokenizer: str = ""  # a tokenizer.json to load; empty trains a byte-level BPE
+    vocab_size: int = 4096  # size of the trained tokenizer
+    encoding_errors: str = "strict"  # or "replace": undecodable bytes become U+FFFD
+    cache_dir: str = ""  # prepared datasets and tokenizers; empty: $JAXLM_CACHE or ~/.cache/jaxlm
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and its learning-rate schedule."""
+
+    learning_rate: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 50
+    end_lr_fraction: float = 0.1  # final lr as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd only: share of steps spent decaying
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # global gradient norm; 0 disables clipping
+
+
+@dataclass
+class TrainConfig:
+    """The loop."""
+
+    steps: int = 600
+    batch_size: int = 32  # global, over all devices and hosts
+    log_every: int = 25
+    eval_every: int = 200
+    eval_batches: int = 20  # 0 means the whole eval split
+
+
+@dataclass
+class CheckpointConfig:
+    """Orbax checkpoints in <workdir>/checkpoints."""
+
+    every: int = 200
+    keep: int = 2
+    async_save: bool = True
+
+
+@dataclass
+class MeshConfig:
+    """Device mesh and the rules mapping logical axis names to mesh axes."""
+
+    data: int = -1  # -1: all devices left over by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+    rules: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "batch": ["data", "fsdp"],
+            "vocab": ["tensor"],
+            "embed": ["fsdp"],
+            "mlp": ["tensor"],
+            "heads": ["tensor"],
+            "kv": [],
+            "layers": [],
+            "length": [],
+            "act_embed": [],
+            "act_mlp": ["tensor"],
+            "act_heads": ["tensor"],
+            "act_vocab": ["tensor"],
+        }
+    )
+
+
+@dataclass
+class Config:
+    """The whole run. Saved resolved as <workdir>/config.yaml."""
+
+    seed: int = 0
+    task: str = "clm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+
+
+def _all_keys(cls: type, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(cls):
+        name = prefix + f.name
+        keys.append(name)
+        if dataclasses.is_dataclass(f.type) or (
+            isinstance(f.type, str) and f.type in _SECTIONS
+        ):
+            keys.extend(_all_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, name + "."))
+    return keys
+
+
+_SECTIONS = {
+    c.__name__: c
+    for c in (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, MeshConfig)
+}
+
+
+def _unknown_key(key: str) -> UserError:
+    valid = _all_keys(Config)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else "; see configs/gpt_tiny.yaml for the keys"
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _merge(base: Any, other: Any, origin: str) -> Any:
+    try:
+        return OmegaConf.merge(base, other)
+    except ConfigKeyError as e:
+        raise _unknown_key(e.full_key) from None
+    except ValidationError as e:
+        raise UserError(f"{origin}: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+    except OmegaConfBaseException as e:
+        raise UserError(f"{origin}: {str(e).splitlines()[0]}") from None
+
+
+def load(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Builds and validates a config.
+
+    Args:
+      config_file: a YAML preset; None keeps the built-in defaults (= configs/gpt_tiny.yaml).
+      overrides: `key=value` strings, e.g. `train.steps=200` or `data.paths=[a.txt,b.txt]`.
+
+    Returns:
+      The validated `Config`.
+
+    Raises:
+      UserError: a missing file, an unknown key or a bad value, named.
+    """
+    cfg = OmegaConf.structured(Config)
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise UserError(f"config file '{config_file}' not found; pass an existing YAML file, e.g. configs/gpt_tiny.yaml")
+        try:
+            file_cfg = OmegaConf.load(path)
+        except Exception as e:  # a YAML syntax error
+            raise UserError(f"config file '{config_file}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, file_cfg, f"config file '{config_file}'")
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"override '{item}' is not key=value; write e.g. train.steps=200")
+        key = item.split("=", 1)[0]
+        if key not in _all_keys(Config) and not key.startswith("mesh.rules."):
+            raise _unknown_key(key)
+        try:
+            dot = OmegaConf.from_dotlist([item])
+        except Exception as e:
+            raise UserError(f"override '{item}' cannot be parsed: {str(e).splitlines()[0]}") from None
+        cfg = _merge(cfg, dot, f"override '{item}'")
+    config: Config = OmegaConf.to_object(cfg)
+    validate(config)
+    return config
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"{name}={value!r} is not one of {', '.join(choices)}; pick one of those")
+
+
+def validate(c: Config) -> None:
+    """Checks values a dataclass type cannot: ranges, choices and relations between fields."""
+    m, d, o, t, k, mesh = c.model, c.data, c.optim, c.train, c.checkpoint, c.mesh
+    _choice("task", c.task, TASKS)
+    for name, value in [
+        ("model.num_layers", m.num_layers), ("model.embed_dim", m.embed_dim),
+        ("model.num_heads", m.num_heads), ("model.max_len", m.max_len),
+        ("model.vocab_multiple", m.vocab_multiple), ("data.seq_len", d.seq_len),
+        ("data.vocab_size", d.vocab_size), ("train.steps", t.steps),
+        ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
+        ("train.eval_every", t.eval_every), ("checkpoint.every", k.every), ("checkpoint.keep", k.keep),
+    ]:
+        _require(value > 0, f"{name}={value} must be a positive integer")
+    for name, value in [("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
+                        ("optim.warmup_steps", o.warmup_steps), ("train.eval_batches", t.eval_batches)]:
+        _require(value >= 0, f"{name}={value} must be >= 0")
+    _require(m.embed_dim % m.num_heads == 0,
+             f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
+             "pick heads that divide the width")
+    head_dim = m.embed_dim // m.num_heads
+    _require(m.positions != "rotary" or head_dim % 2 == 0,
+             f"rotary positions need an even head size, got {head_dim}; change model.embed_dim or model.num_heads")
+    _choice("model.positions", m.positions, POSITIONS)
+    _choice("model.norm", m.norm, NORMS)
+    _choice("model.dtype", m.dtype, DTYPES)
+    _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
+    _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
+    _choice("data.source", d.source, SOURCES)
+    _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
+    _require(d.source != "text" or bool(d.paths), "data.source=text needs data.paths, e.g. data.paths=[corpus/*.txt]")
+    _require(d.source != "tfds" or bool(d.name), "data.source=tfds needs data.name, e.g. data.name=lm1b")
+    _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    _require(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small; byte-level BPE needs at least 260")
+    _choice("optim.schedule", o.schedule, SCHEDULES)
+    _require(o.learning_rate > 0 and math.isfinite(o.learning_rate), f"optim.learning_rate={o.learning_rate} must be positive")
+    _require(o.weight_decay >= 0, f"optim.weight_decay={o.weight_decay} must be >= 0")
+    _require(0.0 <= o.end_lr_fraction <= 1.0, f"optim.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
+    _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
+    _require(o.warmup_steps < t.steps or o.schedule == "constant",
+             f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
+    _require(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables clipping)")
+    sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
+    for name, value in sizes.items():
+        _require(value == -1 or value > 0, f"{name}={value} must be positive or -1 (the remaining devices)")
+    _require(list(sizes.values()).count(-1) <= 1, "only one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    for logical, axes in mesh.rules.items():
+        for axis in axes:
+            _require(axis in ("data", "fsdp", "tensor"),
+                     f"mesh.rules.{logical} names mesh axis '{axis}'; use data, fsdp or tensor")
+
+
+def to_yaml(config: Config) -> str:
+    """The config as YAML, as saved in a workdir."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save(config: Config, path: str | Path) -> None:
+    """Writes the resolved config (atomically) so later commands need only the workdir."""
+    path = Path(path)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(to_yaml(config))
+    tmp.replace(path)
+
+
+def load_workdir(workdir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Loads the resolved config a training run saved in its workdir."""
+    path = Path(workdir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"'{workdir}' holds no config.yaml; pass the --workdir of a training run")
+    return load(str(path), overrides)
+
+
+def diff(a: Config, b: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+    fa, fb = _flatten(dataclasses.asdict(a)), _flatten(dataclasses.asdict(b))
+    return sorted(key for key in fa.keys() | fb.keys() if fa.get(key) != fb.get(key))
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "rules":
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

@@ -1,0 +1,141 @@
+"""Tokenizers: train a byte-level BPE on the train split (cached), or load a tokenizer.json."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from jaxlm.config import DataConfig
+from jaxlm.data.sources import Splits, cache_dir
+from jaxlm.errors import UserError
+
+PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+# Names other vocabularies use for the same roles, tried in order.
+_PAD_NAMES = (PAD, "[PAD]", "<|padding|>", "<|endoftext|>")
+_BOS_NAMES = (BOS, "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
+_EOS_NAMES = (EOS, "[SEP]", "<|end_of_text|>", "<|endoftext|>")
+
+
+@dataclass
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` with the special ids a language model needs."""
+
+    tokenizer: Tokenizer
+    pad_id: int
+    bos_id: int
+    eos_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text, with no special tokens added."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        """Text of ids, special tokens dropped."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for ([vocab] int32; 0 for special tokens).
+
+        For bits-per-byte. Byte-level vocabularies map each character of a token to one byte;
+        others are decoded token by token.
+        """
+        vocab = self.tokenizer.get_vocab()
+        lengths = np.zeros(self.vocab_size, np.int32)
+        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
+        byte_level = isinstance(self.tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+        for token, i in vocab.items():
+            if token in special:
+                continue
+            if byte_level:
+                lengths[i] = len(token)
+            else:
+                lengths[i] = len(self.tokenizer.decode([i]).encode())
+        return lengths
+
+    def save(self, path: str | Path) -> None:
+        self.tokenizer.save(str(path))
+
+
+def _find(tok: Tokenizer, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        i = tok.token_to_id(name)
+        if i is not None:
+            return i
+    return None
+
+
+def from_file(path: str | Path) -> TextTokenizer:
+    """Loads a tokenizer.json and finds its pad, bos and eos ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"tokenizer '{path}' not found; give a tokenizer.json or leave data.tokenizer empty to train one")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise UserError(f"'{path}' is not a tokenizer.json: {str(e).splitlines()[0]}") from None
+    bos, eos = _find(tok, _BOS_NAMES), _find(tok, _EOS_NAMES)
+    if bos is None or eos is None:
+        raise UserError(f"tokenizer '{path}' has no begin/end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
+                        "add one or train a tokenizer")
+    pad = _find(tok, _PAD_NAMES)
+    return TextTokenizer(tok, eos if pad is None else pad, bos, eos)
+
+
+def _texts(splits: Splits) -> Iterator[str]:
+    for i in range(len(splits.train)):
+        value = splits.train[i][splits.text_key]
+        yield value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def train_bpe(splits: Splits, vocab_size: int) -> TextTokenizer:
+    """Trains a byte-level BPE (GPT-2 style) on the train split."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=sys.stderr.isatty(),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_texts(splits), trainer=trainer, length=len(splits.train))
+    return TextTokenizer(tok, tok.token_to_id(PAD), tok.token_to_id(BOS), tok.token_to_id(EOS))
+
+
+def obtain(cfg: DataConfig, splits: Splits, workdir: Path) -> TextTokenizer:
+    """The run's tokenizer: the workdir's copy if present, else loaded or trained, then saved there.
+
+    A trained tokenizer is also cached by training text and size, so new runs on the same data
+    skip training.
+    """
+    target = workdir / "tokenizer.json"
+    if target.is_file():
+        return from_file(target)
+    if cfg.tokenizer:
+        tok = from_file(cfg.tokenizer)
+    else:
+        cached = cache_dir(cfg) / "tokenizers" / f"bpe{cfg.vocab_size}-{splits.fingerprint}.json"
+        if cached.is_file():
+            tok = from_file(cached)
+        else:
+            print(f"training a {cfg.vocab_size}-token byte-level BPE on {len(splits.train)} documents "
+                  "(once; cached for later runs)", file=sys.stderr)
+            tok = train_bpe(splits, cfg.vocab_size)
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cached.with_suffix(".tmp")
+            tok.save(tmp)
+            tmp.replace(cached)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if cfg.tokenizer:
+        shutil.copyfile(cfg.tokenizer, target)
+    else:
+        tok.save(target)
+    return tok

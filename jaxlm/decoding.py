@@ -1,0 +1,86 @@
+"""Autoregressive sampling over a `tokens_to_logits` callable (imports no model).
+
+The callable has the signature
+
+    tokens_to_logits(tokens, segment_ids, positions, cache) -> (logits, cache)
+
+with tokens/segment_ids/positions [batch, q] and logits [batch, q, vocab]; it appends the q
+new positions to the KV cache. Prompts are left-padded (segment id 0 on padding) so that every
+row's next token goes to the same cache slot.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+TokensToLogits = Callable[[Array, Array, Array, Any], tuple[Array, Any]]
+
+
+def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> Array:
+    """Draws one token per row from logits [batch, vocab].
+
+    temperature 0 is greedy (argmax, deterministic). top_k > 0 keeps the k most likely tokens;
+    top_p < 1 keeps the smallest set whose probability reaches p (nucleus sampling).
+    """
+    if temperature == 0.0:
+        return logits.argmax(-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    neg = jnp.finfo(jnp.float32).min
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][:, -1:]  # [batch, 1]
+        logits = jnp.where(logits < kth, neg, logits)
+    if top_p < 1.0:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]  # [batch, vocab], descending
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # the smallest logit still needed to reach top_p (the most likely token always stays)
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, neg, logits)
+    return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
+             rng: Array, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0) -> Array:
+    """Continues left-padded prompts; returns the new tokens [batch, max_new_tokens].
+
+    Rows stop at EOS (which is kept) and are padded with `pad_id` after it; the loop ends
+    early once every row has stopped.
+
+    Args:
+      cache: an empty KV cache with room for prompt length + max_new_tokens positions.
+      prompt: [batch, P] token ids, left-padded.
+      prompt_mask: [batch, P], 1 on real prompt tokens.
+    """
+    batch = prompt.shape[0]
+    mask = prompt_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = tokens_to_logits(prompt, mask, positions, cache)
+    lengths = mask.sum(axis=1)  # [batch]
+    rng, first_rng = jax.random.split(rng)
+    token = sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
+    done = token == eos_id
+
+    def cond(carry):
+        i, _, _, done, _, _ = carry
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, token, done, out, rng = carry
+        ones = jnp.ones((batch, 1), jnp.int32)
+        logits, cache = tokens_to_logits(token[:, None], ones, (lengths + i - 1)[:, None], cache)
+        rng, step_rng = jax.random.split(rng)
+        new = sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p)
+        new = jnp.where(done, pad_id, new)
+        out = out.at[:, i].set(new)
+        return i + 1, cache, new, done | (new == eos_id), out, rng
+
+    carry = (jnp.asarray(1), cache, token, done, out, rng)
+    return jax.lax.while_loop(cond, body, carry)[4]

@@ -1,0 +1,35 @@
+"""The error a user can cause, and the CLI wrapper that prints it as one line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+class UserError(Exception):
+    """A problem the user can fix (config, paths, data, checkpoints).
+
+    The message names the thing at fault and the fix. The command-line entry points print it
+    on one line, without a traceback, and exit with code 2.
+    """
+
+
+def cli(main: Callable[..., T]) -> Callable[..., T]:
+    """Wraps a command's `main` so a `UserError` exits 2 with one line on stderr."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

@@ -1,0 +1,147 @@
+"""`python -m jaxlm.infer`: use a trained model.
+
+    python -m jaxlm.infer generate --workdir DIR [TEXT ...] [--prompt TEXT] [--input FILE]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
+
+Prompts come from positional TEXT, repeated --prompt, and --input FILE (one prompt per line);
+they are decoded together in batches with a KV cache. --temperature 0 is greedy and
+deterministic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import decoding
+from jaxlm.errors import UserError, cli
+from jaxlm.workdir import Run, open_run
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxlm.infer", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    gen = commands.add_parser("generate", help="continue prompts with a causal LM",
+                              description="Continue prompts with a causal LM (KV-cached sampling).")
+    gen.add_argument("--workdir", required=True, help="a training run's directory")
+    gen.add_argument("text", nargs="*", help="prompts")
+    gen.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    gen.add_argument("--input", help="file with one prompt per line")
+    gen.add_argument("--max-new-tokens", type=int, default=50)
+    gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
+    gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    return parser.parse_args(argv)
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.text) + list(args.prompt)
+    if args.input:
+        path = Path(args.input)
+        if not path.is_file():
+            raise UserError(f"--input '{args.input}' not found; give a file with one prompt per line")
+        prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given; pass TEXT, --prompt TEXT or --input FILE")
+    return prompts
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens={args.max_new_tokens} must be at least 1")
+    if args.temperature < 0:
+        raise UserError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    if args.top_k < 0:
+        raise UserError(f"--top-k={args.top_k} must be >= 0 (0 keeps all tokens)")
+    if not 0.0 < args.top_p <= 1.0:
+        raise UserError(f"--top-p={args.top_p} must be in (0, 1]")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size={args.batch_size} must be at least 1")
+
+
+class Generator:
+    """Batched KV-cached generation with one compiled function per (batch, lengths) shape."""
+
+    def __init__(self, run: Run, params, max_new_tokens: int, temperature: float, top_k: int,
+                 top_p: float):
+        self.run, self.params = run, params
+        self.model = run.task.model
+        self.tok = run.tokenizer
+        self.settings = dict(max_new_tokens=max_new_tokens, eos_id=self.tok.eos_id,
+                             pad_id=self.tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+        self._fn = jax.jit(self._generate, static_argnames=("cache_len",))
+
+    def _generate(self, params, prompt, mask, rng, cache_len: int):
+        shape = jax.eval_shape(partial(self.model.init, decode=True), jax.random.key(0),
+                               jnp.ones((prompt.shape[0], cache_len), jnp.int32))["cache"]
+        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+
+        def tokens_to_logits(tokens, segment_ids, positions, cache):
+            logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, segment_ids,
+                                               positions, decode=True, mutable=["cache"])
+            return logits, updated["cache"]
+
+        return decoding.generate(tokens_to_logits, cache, prompt, mask, rng, **self.settings)
+
+    def __call__(self, prompts: list[str], rng: jax.Array) -> list[str]:
+        """Continuations of the prompts (without the prompts)."""
+        encoded = [[self.tok.bos_id, *self.tok.encode(p)] for p in prompts]
+        length = max(len(e) for e in encoded)
+        cache_len = length + self.settings["max_new_tokens"]
+        cfg = self.run.config.model
+        if cfg.positions == "learned" and cache_len > cfg.max_len:
+            raise UserError(f"prompt ({length} tokens) + --max-new-tokens exceeds model.max_len={cfg.max_len}; "
+                            "shorten the prompt or ask for fewer tokens")
+        rows = self.run.compiled.mesh.shape["data"] * self.run.compiled.mesh.shape["fsdp"]
+        batch = -(-len(encoded) // rows) * rows  # fill the batch axes of the mesh
+        prompt = np.full((batch, length), self.tok.pad_id, np.int32)
+        mask = np.zeros((batch, length), np.int32)
+        for i, ids in enumerate(encoded):  # left padding: every row's next token shares a slot
+            prompt[i, length - len(ids):] = ids
+            mask[i, length - len(ids):] = 1
+        with self.run.compiled.context():
+            out = np.asarray(self._fn(self.params, prompt, mask, rng, cache_len=cache_len))
+        texts = []
+        for row in out[: len(prompts)]:
+            ids = row.tolist()
+            if self.tok.eos_id in ids:
+                ids = ids[: ids.index(self.tok.eos_id)]
+            texts.append(self.tok.decode(ids))
+        return texts
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    prompts = read_prompts(args)
+    check_sampling(args)
+    run, ckpt = open_run(args.workdir)
+    if run.config.task != "clm":
+        raise UserError(f"generate needs a causal LM run; '{args.workdir}' trains task={run.config.task}")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
+    gen = Generator(run, params, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    rng = jax.random.key(args.seed)
+    start, produced = time.time(), 0
+    for first in range(0, len(prompts), args.batch_size):
+        chunk = prompts[first:first + args.batch_size]
+        rng, chunk_rng = jax.random.split(rng)
+        for i, (prompt, text) in enumerate(zip(chunk, gen(chunk, chunk_rng)), start=first):
+            if len(prompts) > 1:
+                print(f"--- {i + 1} ---")
+            print(prompt + text, flush=True)
+            produced += len(gen.tok.encode(text))
+    print(f"checkpoint step {step}: {produced} tokens in {time.time() - start:.1f}s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

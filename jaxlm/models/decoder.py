@@ -1,0 +1,73 @@
+"""GPT-style decoder-only causal language model (pre-LN)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+from jaxlm.models.layers import Dense, Mlp, Norm, SelfAttention, constrain, embed
+
+Array = jax.Array
+
+
+class DecoderBlock(nn.Module):
+    """x + attn(norm(x)); x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array, decode: bool,
+                 deterministic: bool) -> Array:
+        h = SelfAttention(self.cfg, causal=True, name="attention")(
+            Norm(self.cfg, name="ln_attention")(x), segment_ids, positions, decode, deterministic)
+        x = x + h
+        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x), deterministic)
+        return constrain(x, ("batch", "length", "act_embed"))  # [batch, length, embed]
+
+
+class DecoderLM(nn.Module):
+    """Causal LM: token ids -> next-token logits.
+
+    Packed rows are described by `segment_ids` (0 = padding, 1.. = documents) and
+    `positions` (index within each document); tokens never attend across documents.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, segment_ids: Array | None = None,
+                 positions: Array | None = None, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        """Returns float32 logits [batch, length, vocab].
+
+        Args:
+          tokens: [batch, length] int token ids.
+          segment_ids: [batch, length]; default: one document per row.
+          positions: [batch, length]; default: 0..length-1.
+          decode: read and extend the KV cache (the `cache` collection must be mutable).
+          deterministic: False enables dropout (needs a `dropout` rng).
+        """
+        cfg = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones(tokens.shape, jnp.int32)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
+        token_embed = embed(cfg.vocab_size, cfg, ("vocab", "embed"), "token_embed")
+        x = token_embed(tokens)  # [batch, length, embed]
+        if cfg.positions == "learned":
+            x = x + embed(cfg.max_len, cfg, (None, "embed"), "position_embed")(positions)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        for i in range(cfg.num_layers):
+            x = DecoderBlock(cfg, name=f"block_{i}")(x, segment_ids, positions, decode, deterministic)
+        x = Norm(cfg, name="ln_final")(x)
+        if cfg.tie_embeddings:
+            logits = token_embed.attend(x)
+        else:
+            head_cfg = dataclasses.replace(cfg, use_bias=False)
+            logits = Dense((cfg.vocab_size,), ("embed", "vocab"), head_cfg, name="lm_head")(x)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))

@@ -1,0 +1,203 @@
+"""Building blocks shared by every model family: embeddings, attention, MLP, norms, positions.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`) and activations are
+constrained with activation names (`batch`, `length`, `act_embed`, `act_mlp`, `act_heads`); the
+rules that map them onto a device mesh live in the config, so nothing here knows a mesh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def dtype_of(cfg: ModelConfig) -> jnp.dtype:
+    """The compute dtype named by the config."""
+    return DTYPES[cfg.dtype]
+
+
+def param_init(init: Callable, axes: tuple[str | None, ...]) -> Callable:
+    """An initializer whose parameter carries logical axis names."""
+    return nn.with_logical_partitioning(init, axes)
+
+
+def constrain(x: Array, axes: tuple[str | None, ...]) -> Array:
+    """Constrains an activation's sharding by logical axis names (a no-op without a mesh)."""
+    return nn.with_logical_constraint(x, axes)
+
+
+def make_attention_mask(
+    q_segments: Array, k_segments: Array, q_index: Array, k_index: Array, causal: bool
+) -> Array:
+    """Boolean attention mask [batch, 1, q, k].
+
+    A query attends to a key only within the same nonzero segment (so packed documents and
+    padding never mix) and, when causal, only to keys at or before its own slot.
+
+    Args:
+      q_segments: [batch, q] segment ids of the queries; 0 is padding.
+      k_segments: [batch, k] segment ids of the keys; 0 is padding or an empty cache slot.
+      q_index: [q] slot of each query in the key sequence.
+      k_index: [k] slot of each key.
+      causal: whether to forbid attending to later slots.
+    """
+    mask = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
+    if causal:
+        mask &= k_index[None, None, :] <= q_index[None, :, None]
+    return mask[:, None, :, :]
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
+    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+
+    Args:
+      q: [batch, q, heads, head_dim]; k, v: [batch, k, heads, head_dim].
+      mask: [batch, 1, q, k] booleans. A query with no visible key gets a finite output.
+      impl: "xla", "cudnn" or "auto" (let JAX choose).
+    """
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, implementation=None if impl == "auto" else impl
+    )
+
+
+def rotary(x: Array, positions: Array, base: float) -> Array:
+    """Rotary position embedding (half-split form) of x [batch, length, heads, head_dim]."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
+    angles = positions[:, :, None].astype(jnp.float32) * freqs  # [batch, length, half]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm over the last axis, scale (and bias) named `embed`."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kw = dict(epsilon=1e-5, dtype=dtype_of(self.cfg), param_dtype=jnp.float32,
+                  scale_init=param_init(nn.initializers.ones, ("embed",)))
+        if self.cfg.norm == "rmsnorm":
+            return nn.RMSNorm(**kw)(x)
+        return nn.LayerNorm(bias_init=param_init(nn.initializers.zeros, ("embed",)), **kw)(x)
+
+
+class Dense(nn.Module):
+    """x @ kernel (+ bias), contracting the last `contract` axes of x.
+
+    The kernel is created in its full shape [*contracted, *features] so its logical axis
+    names apply as they are (no reshaping of an annotated array).
+    """
+
+    features: tuple[int, ...]
+    axes: tuple[str, ...]  # logical names of the kernel's axes
+    cfg: ModelConfig
+    contract: int = 1
+    std: float = 0.02
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        in_shape = x.shape[-self.contract:]
+        kernel = self.param("kernel", param_init(nn.initializers.normal(self.std), self.axes),
+                            (*in_shape, *self.features), jnp.float32)
+        dtype = dtype_of(self.cfg)
+        dims = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
+        y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (dims, ((), ())))
+        if self.cfg.use_bias:
+            bias = self.param("bias", param_init(nn.initializers.zeros, self.axes[self.contract:]),
+                              self.features, jnp.float32)
+            y = y + bias.astype(dtype)
+        return y
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with segment masks, rotary positions and a KV cache.
+
+    With `decode=True` keys and values are appended to a cache in the `cache` collection,
+    sized by the length of the input it was initialised with; every call may write one or
+    more positions (a prompt, then one token at a time).
+    """
+
+    cfg: ModelConfig
+    causal: bool = True
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, positions: Array, decode: bool = False,
+                 deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+        batch, length = x.shape[:2]
+        proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
+        qkv_axes = ("embed", "heads", "kv")
+        q = Dense((heads, head_dim), qkv_axes, cfg, name="query")(x)  # [batch, length, heads, head_dim]
+        k = Dense((heads, head_dim), qkv_axes, cfg, name="key")(x)
+        v = Dense((heads, head_dim), qkv_axes, cfg, name="value")(x)
+        if cfg.positions == "rotary":
+            q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+        q = constrain(q, ("batch", "length", "act_heads", None))  # [batch, length, heads, head_dim]
+
+        q_index = k_index = jnp.arange(length)
+        k_segments = segment_ids
+        if decode:
+            initialized = self.has_variable("cache", "key")
+            cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
+            cached_seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            if initialized:
+                i = index.value
+                k = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))
+                v = jax.lax.dynamic_update_slice(cached_v.value, v, (0, i, 0, 0))
+                k_segments = jax.lax.dynamic_update_slice(
+                    cached_seg.value, segment_ids.astype(jnp.int32), (0, i))
+                cached_k.value, cached_v.value, cached_seg.value = k, v, k_segments
+                index.value = i + length
+                q_index = i + jnp.arange(length)
+                k_index = jnp.arange(k.shape[1])
+
+        mask = make_attention_mask(segment_ids, k_segments, q_index, k_index, self.causal)
+        out = attention(q, k, v, mask, cfg.attention_impl)  # [batch, length, heads, head_dim]
+        out = Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, contract=2, std=proj_std,
+                    name="out")(out)
+        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+
+
+class Mlp(nn.Module):
+    """Two-layer GELU feed-forward block."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        hidden = cfg.mlp_dim or 4 * cfg.embed_dim
+        h = Dense((hidden,), ("embed", "mlp"), cfg, name="wi")(x)
+        h = constrain(nn.gelu(h), ("batch", "length", "act_mlp"))  # [batch, length, mlp]
+        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        out = Dense((cfg.embed_dim,), ("mlp", "embed"), cfg, std=0.02 / (2 * cfg.num_layers) ** 0.5,
+                    name="wo")(h)
+        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+
+
+def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str) -> nn.Embed:
+    """An embedding table [num, embed_dim] with logical axis names."""
+    return nn.Embed(num, cfg.embed_dim, dtype=dtype_of(cfg), param_dtype=jnp.float32,
+                    embedding_init=param_init(nn.initializers.normal(0.02), axes), name=name)
+
+
+def padded_vocab(size: int, multiple: int) -> int:
+    """The vocabulary size rounded up so the table shards evenly."""
+    return -(-size // multiple) * multiple

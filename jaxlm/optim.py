@@ -1,0 +1,54 @@
+"""The optimizer: AdamW (decay off biases and norm scales), clipping and schedules, in Optax."""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from jaxlm.config import OptimConfig
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then the configured decay.
+
+    linear, cosine: decay to `end_lr_fraction` of the peak at the last step; rsqrt: inverse
+    square root of the step after warmup; constant: flat after warmup; wsd (warmup-stable-decay):
+    flat, then a linear decay over the last `decay_fraction` of the steps.
+    """
+    peak, warmup = cfg.learning_rate, cfg.warmup_steps
+    end = peak * cfg.end_lr_fraction
+    rest = max(total_steps - warmup, 1)
+    warm = optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    if cfg.schedule == "linear":
+        after = optax.linear_schedule(peak, end, rest)
+    elif cfg.schedule == "cosine":
+        after = optax.cosine_decay_schedule(peak, rest, alpha=cfg.end_lr_fraction)
+    elif cfg.schedule == "rsqrt":
+        def after(step):
+            return peak * jax.lax.rsqrt((step + max(warmup, 1)) / max(warmup, 1))
+    elif cfg.schedule == "constant":
+        after = optax.constant_schedule(peak)
+    elif cfg.schedule == "wsd":
+        decay = max(int(round(total_steps * cfg.decay_fraction)), 1)
+        stable = max(rest - decay, 0)
+        after = optax.join_schedules(
+            [optax.constant_schedule(peak), optax.linear_schedule(peak, end, decay)], [stable])
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule}")
+    if not warmup:
+        return after
+    return optax.join_schedules([warm, after], [warmup])
+
+
+def decay_mask(params) -> object:
+    """True for weights that get weight decay: matrices and tables, not biases or norm scales."""
+    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+
+
+def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule."""
+    adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                        weight_decay=cfg.weight_decay, mask=decay_mask)
+    if cfg.clip_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
+    return adamw

@@ -1,0 +1,74 @@
+"""Device mesh, logical-axis rules and shardings of the state and the batch.
+
+Models name axes logically; this module maps those names onto the mesh axes `data`, `fsdp`
+and `tensor` with the rules from `MeshConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+from jaxlm.config import MeshConfig
+from jaxlm.errors import UserError
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """Sizes of (data, fsdp, tensor); a -1 takes the devices the others leave."""
+    sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if device_count % known:
+            raise UserError(f"mesh {dict(zip(AXES, sizes))} does not divide the {device_count} devices; "
+                            "pick sizes whose product divides the device count")
+        sizes[sizes.index(-1)] = device_count // known
+    if math.prod(sizes) != device_count:
+        raise UserError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} "
+                        f"devices, but {device_count} are present; make the product equal the device "
+                        "count or set one axis to -1")
+    return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
+    """The device mesh the config describes, over all devices (or the given ones)."""
+    devices = jax.devices() if devices is None else devices
+    shape = mesh_shape(cfg, len(devices))
+    if devices is jax.devices() or len(devices) == jax.device_count():
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def rules(cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
+    """Flax logical-axis rules from the config (an empty list means replicated)."""
+    out = []
+    for logical, axes in cfg.rules.items():
+        out.append((logical, tuple(axes) if len(axes) > 1 else (axes[0] if axes else None)))
+    return tuple(out)
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules: tuple) -> Any:
+    """NamedShardings for a tree of (possibly boxed) arrays with logical axis metadata."""
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, axis_rules)
+
+
+def batch_sharding(mesh: Mesh, axis_rules: tuple) -> NamedSharding:
+    """Rows of a [batch, length] array over the `batch` rule's mesh axes."""
+    spec = nn.logical_to_mesh_axes(("batch", None), axis_rules)
+    return NamedSharding(mesh, spec)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+    """Assembles each host's rows into global arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

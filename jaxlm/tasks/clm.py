@@ -1,0 +1,68 @@
+"""Causal language modelling: next-token cross-entropy over packed rows."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm.config import ModelConfig
+from jaxlm.models.decoder import DecoderLM
+
+Array = jax.Array
+
+
+class ClmTask:
+    """Loss and metric sums for a GPT-style decoder.
+
+    Metric sums (divided on the host, after aggregation over devices and steps):
+      loss_sum   summed token cross-entropy in nats
+      tokens     number of predicted (non-padding) tokens
+      correct    tokens whose argmax prediction is the target
+      bytes      UTF-8 bytes the predicted tokens stand for (bits-per-byte denominator)
+    """
+
+    batch_keys = ("inputs", "targets", "segment_ids", "positions")
+
+    def __init__(self, model_cfg: ModelConfig, byte_lengths: np.ndarray):
+        self.model = DecoderLM(model_cfg)
+        table = np.zeros(model_cfg.vocab_size, np.float32)
+        table[: len(byte_lengths)] = byte_lengths
+        self._byte_lengths = table  # [vocab]
+
+    def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        """A batch of the right shapes and dtypes, for initialisation and compilation."""
+        return {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
+
+    def init(self, rng: Array, batch: dict[str, Array]) -> dict:
+        """Boxed (logically annotated) variables of the model."""
+        return self.model.init(rng, batch["inputs"], batch["segment_ids"], batch["positions"])
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
+             ) -> tuple[Array, dict[str, Array]]:
+        """Mean token loss (for the gradient) and metric sums."""
+        logits = self.model.apply(
+            {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+            deterministic=not train, rngs={"dropout": rng})  # [batch, length, vocab]
+        weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        tokens = weights.sum()
+        loss_sum = (losses * weights).sum()
+        correct = ((logits.argmax(-1) == batch["targets"]) * weights).sum()
+        nbytes = (jnp.asarray(self._byte_lengths)[batch["targets"]] * weights).sum()
+        sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct, "bytes": nbytes}
+        return loss_sum / jnp.maximum(tokens, 1.0), sums
+
+    @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        """Host-side metrics from summed device metrics."""
+        tokens = max(float(sums["tokens"]), 1.0)
+        loss = float(sums["loss_sum"]) / tokens
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "accuracy": float(sums["correct"]) / tokens}
+        if float(sums.get("bytes", 0)) > 0:
+            out["bits_per_byte"] = float(sums["loss_sum"]) / (math.log(2) * float(sums["bytes"]))
+        return out

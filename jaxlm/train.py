@@ -1,0 +1,209 @@
+"""`python -m jaxlm.train`: train a model, resuming from the workdir's latest checkpoint.
+
+    python -m jaxlm.train [--config FILE] [--workdir DIR] [--compile-only] [key=value ...]
+
+With no --config the built-in defaults apply (= configs/gpt_tiny.yaml); with no --workdir a new
+directory under runs/ is made. Rerunning the same command on the same workdir resumes from the
+latest checkpoint, data position included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxlm import config as config_lib
+from jaxlm import optim
+from jaxlm.checkpoint import Checkpoints
+from jaxlm.config import Config
+from jaxlm.data import pipeline, sources
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError, cli
+from jaxlm.metrics import Writers, add_sums
+from jaxlm.workdir import Run, build, check_same_run, with_vocab
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlm.train", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m jaxlm.train\n"
+               "  python -m jaxlm.train --config configs/gpt_tiny.yaml --workdir runs/x "
+               "train.steps=200 model.num_layers=4",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (default: built-in gpt_tiny)")
+    parser.add_argument("--workdir", help="run directory (default: runs/<date-time>)")
+    parser.add_argument("--compile-only", action="store_true",
+                        help="compile the train step, print memory and FLOPs, and exit")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def prepare(config: Config, workdir: Path) -> tuple[Run, sources.Splits]:
+    """Data, tokenizer and compiled steps for training; saves the resolved config."""
+    saved = None
+    if (workdir / "config.yaml").is_file():
+        saved = config_lib.load_workdir(workdir)
+    splits = sources.load_splits(config.data)
+    tok = tokenizer_lib.obtain(config.data, splits, workdir)
+    config = with_vocab(config, tok)
+    if saved is not None:
+        check_same_run(saved, config, workdir)
+    if jax.process_index() == 0:
+        config_lib.save(config, workdir / "config.yaml")
+    return build(config, tok), splits
+
+
+def evaluate(run: Run, params, splits: sources.Splits) -> dict[str, float]:
+    """Metrics over the held-out split (or its first `train.eval_batches` batches)."""
+    cfg = run.config
+    host_batch = cfg.train.batch_size // jax.process_count()
+    total = None
+    with run.compiled.context():
+        for local in pipeline.eval_batches(splits.eval, run.tokenizer, splits.text_key, cfg.data.seq_len,
+                                           host_batch, cfg.train.eval_batches, jax.process_index(),
+                                           jax.process_count()):
+            total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(local)))
+    if total is None:
+        raise UserError("the eval split yields no batch; give more eval text")
+    return run.task.summarize(total)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT: the loop checkpoints and exits cleanly instead of dying mid-step."""
+
+    def __init__(self):
+        self.stop = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.stop:  # a second signal: give up at once
+            raise KeyboardInterrupt
+        print(f"\nsignal {signum}: saving a checkpoint, then stopping (again to abort)", file=sys.stderr)
+        self.stop = True
+
+
+def compile_only(run: Run) -> None:
+    """Compiles the train step and prints per-device memory and FLOPs."""
+    c, cfg = run.compiled, run.config
+    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
+                                     sharding=c.batch_sharding) for k in run.task.batch_keys}
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
+    start = time.time()
+    with c.context():
+        exe = c.train_step.lower(c.abstract_state, batch, rng).compile()
+    params = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(c.abstract_state.params))
+    mem = exe.memory_analysis()
+    cost = exe.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    gib = 2 ** 30
+    print(f"compiled the train step in {time.time() - start:.1f}s on {c.mesh.size} devices {dict(c.mesh.shape)}")
+    print(f"parameters: {params:,}")
+    if mem is not None:
+        print(f"per device: arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
+              f"temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, "
+              f"outputs {mem.output_size_in_bytes / gib:.3f} GiB")
+    if cost and "flops" in cost:
+        print(f"FLOPs per step (per device): {cost['flops']:.3e}")
+
+
+def train(config: Config, workdir: Path) -> dict[str, float]:
+    """Trains (or resumes) the run in `workdir`; returns the final eval metrics."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    run, splits = prepare(config, workdir)
+    cfg, c = run.config, run.compiled
+    tcfg = cfg.train
+    ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    process_count, process_index = jax.process_count(), jax.process_index()
+    host_batch = tcfg.batch_size // process_count
+    data = pipeline.train_iterator(splits.train, run.tokenizer, splits.text_key, cfg.data.seq_len,
+                                   host_batch, cfg.seed, process_index, process_count)
+    start_step = 0
+    if ckpt.latest_step() is not None:
+        state, data_state, _ = ckpt.restore(c.abstract_state)
+        data.set_state(data_state)
+        start_step = int(state.step)
+        print(f"resumed from step {start_step} in {workdir}", file=sys.stderr)
+    else:
+        state = c.init_state(cfg.seed)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
+    print(f"training {n_params:,} parameters for {tcfg.steps} steps on {c.mesh.size} devices "
+          f"{dict(c.mesh.shape)}; workdir {workdir}", file=sys.stderr)
+
+    writers = Writers(workdir, tcfg.steps, start_step, enabled=process_index == 0)
+    lr_at = optim.schedule(cfg.optim, tcfg.steps)
+    rng = jax.random.key(cfg.seed)
+    stop = _StopFlag()
+    tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+    last_eval: dict[str, float] = {}
+    pending = None  # (step, device metrics) fetched after the next step is dispatched
+    clock, clock_step = time.time(), start_step
+
+    def log_train(step: int, device_metrics) -> None:
+        nonlocal clock, clock_step
+        sums = add_sums(None, device_metrics)  # waits for that step only
+        now = time.time()
+        values = {"loss": sums["loss_sum"] / max(sums["tokens"], 1.0),
+                  "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
+                  "tokens_per_s": tokens_per_step * (step - clock_step) / max(now - clock, 1e-9),
+                  "eta_s": writers.eta(step)}
+        clock, clock_step = now, step
+        writers.write(step, "train", values)
+
+    step = start_step
+    with c.context():
+        while step < tcfg.steps and not stop.stop:
+            batch = c.put_batch(next(data))
+            state, metrics = c.train_step(state, batch, rng)
+            step += 1
+            if pending is not None:
+                log_train(*pending)
+                pending = None
+            if step % tcfg.log_every == 0 or step == tcfg.steps:
+                pending = (step, metrics)
+            writers.advance(step)
+            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                if pending is not None:
+                    log_train(*pending)
+                    pending = None
+                last_eval = evaluate(run, state.params, splits)
+                writers.write(step, "eval", last_eval)
+            if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
+                ckpt.save(step, state, data.get_state(), {"step": step, "time": time.time()})
+        if pending is not None:
+            log_train(*pending)
+    ckpt.close()
+    writers.close()
+    if stop.stop:
+        print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)
+    return last_eval
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = config_lib.load(args.config, args.overrides)
+    workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
+    if args.compile_only:
+        workdir.mkdir(parents=True, exist_ok=True)
+        run, _ = prepare(config, workdir)
+        compile_only(run)
+        return
+    start = time.time()
+    final = train(config, workdir)
+    if final:
+        print(f"done in {time.time() - start:.0f}s: eval loss {final['loss']:.4f}, "
+              f"perplexity {final['perplexity']:.2f}, bits/byte {final.get('bits_per_byte', float('nan')):.4f}",
+              file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""A run directory and the objects built from it.
+
+Layout of a workdir:
+  config.yaml        the resolved config (every later command needs only the workdir)
+  tokenizer.json     the run's tokenizer
+  checkpoints/<step> Orbax checkpoints (params, opt, data position, meta)
+  metrics.jsonl      one JSON object per line: {"step", "kind", ...metrics}
+  tensorboard/       TensorBoard event files
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+
+from jaxlm import config as config_lib
+from jaxlm import optim, sharding, tasks
+from jaxlm.checkpoint import Checkpoints
+from jaxlm.config import Config
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.errors import UserError
+from jaxlm.models.layers import padded_vocab
+from jaxlm.steps import Compiled
+
+# Keys a rerun on an existing workdir may change; any other change would silently mix two runs.
+RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
+                     "data.cache_dir")
+
+
+def with_vocab(config: Config, tok: TextTokenizer) -> Config:
+    """Sets model.vocab_size from the tokenizer (rounded up so it shards), or checks it."""
+    size = config.model.vocab_size
+    if size == 0:
+        size = padded_vocab(tok.vocab_size, config.model.vocab_multiple)
+    elif size < tok.vocab_size:
+        raise UserError(f"model.vocab_size={size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
+                        "set model.vocab_size=0 to follow the tokenizer")
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=size))
+
+
+def check_same_run(saved: Config, new: Config, workdir: Path) -> None:
+    """A rerun on a workdir must describe the same run (bar the keys in RESUMABLE_CHANGES)."""
+    changed = [k for k in config_lib.diff(saved, new) if k not in RESUMABLE_CHANGES]
+    if changed:
+        raise UserError(f"'{workdir}' holds a run with a different config ({', '.join(changed)} differ); "
+                        "rerun with the same settings to resume, or pass a new --workdir")
+
+
+@dataclass
+class Run:
+    """What a command needs to train, evaluate or infer with one config."""
+
+    config: Config
+    tokenizer: TextTokenizer
+    task: tasks.ClmTask
+    compiled: Compiled
+
+
+def build(config: Config, tok: TextTokenizer, batch_size: int | None = None) -> Run:
+    """Task, optimizer, mesh and compiled steps for a config whose vocab size is resolved."""
+    task = tasks.build(config, tok.byte_lengths())
+    tx = optim.optimizer(config.optim, config.train.steps)
+    mesh = sharding.make_mesh(config.mesh)
+    batch = batch_size or config.train.batch_size
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if batch % rows:
+        raise UserError(f"train.batch_size={batch} does not divide over data x fsdp = {rows} devices; "
+                        f"use a multiple of {rows}")
+    if batch % jax.process_count():
+        raise UserError(f"train.batch_size={batch} does not divide over {jax.process_count()} processes")
+    compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len)
+    return Run(config, tok, task, compiled)
+
+
+def open_run(workdir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, Checkpoints]:
+    """A finished or running training run, for evaluate and infer."""
+    workdir = Path(workdir)
+    config = config_lib.load_workdir(workdir, overrides)
+    tok = tokenizer_lib.from_file(workdir / "tokenizer.json")
+    return build(config, tok), Checkpoints(workdir / "checkpoints", read_only=True)
+
