@@ -32,8 +32,8 @@ ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 class ModelConfig:
     """Shapes and numerics of the network. A model receives only this."""
 
-    num_layers: int = 4
-    embed_dim: int = 256
+    num_layers: int = 2
+    embed_dim: int = 128
     num_heads: int = 4
     mlp_dim: int = 0  # 0 means 4 * embed_dim
     vocab_size: int = 0  # 0 means the tokenizer's size, rounded up to vocab_multiple
@@ -63,7 +63,7 @@ class DataConfig:
     eval_fraction: float = 0.02  # held-out share of documents when no eval split exists
     seq_len: int = 128
     tokenizer: str = ""  # a tokenizer.json to load; empty trains a byte-level BPE
-    vocab_size: int = 4096  # size of the trained tokenizer
+    vocab_size: int = 1024  # size of the trained tokenizer
     encoding_errors: str = "strict"  # or "replace": undecodable bytes become U+FFFD
     cache_dir: str = ""  # prepared datasets and tokenizers; empty: $JAXLM_CACHE or ~/.cache/jaxlm
 
@@ -74,7 +74,7 @@ class OptimConfig:
 
     learning_rate: float = 3e-3
     schedule: str = "cosine"
-    warmup_steps: int = 50
+    warmup_steps: int = 30
     end_lr_fraction: float = 0.1  # final lr as a fraction of the peak
     decay_fraction: float = 0.2  # wsd only: share of steps spent decaying
     weight_decay: float = 0.1
@@ -88,10 +88,10 @@ class OptimConfig:
 class TrainConfig:
     """The loop."""
 
-    steps: int = 600
+    steps: int = 800
     batch_size: int = 32  # global, over all devices and hosts
     log_every: int = 25
-    eval_every: int = 200
+    eval_every: int = 50
     eval_batches: int = 20  # 0 means the whole eval split
 
 

@@ -38,9 +38,9 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
 
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     """The device mesh the config describes, over all devices (or the given ones)."""
-    devices = jax.devices() if devices is None else devices
+    devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(cfg, len(devices))
-    if devices is jax.devices() or len(devices) == jax.device_count():
+    if len(devices) == jax.device_count():  # all devices: let JAX lay the mesh out by topology
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
 

@@ -10,7 +10,6 @@ latest checkpoint, data position included.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import signal
 import sys
@@ -77,12 +76,20 @@ def evaluate(run: Run, params, splits: sources.Splits) -> dict[str, float]:
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGINT: the loop checkpoints and exits cleanly instead of dying mid-step."""
+    """Within `with`, SIGTERM/SIGINT ask the loop to checkpoint and exit instead of dying mid-step."""
 
     def __init__(self):
         self.stop = False
+        self._previous = {}
+
+    def __enter__(self) -> _StopFlag:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         if self.stop:  # a second signal: give up at once
@@ -141,7 +148,6 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     writers = Writers(workdir, tcfg.steps, start_step, enabled=process_index == 0)
     lr_at = optim.schedule(cfg.optim, tcfg.steps)
     rng = jax.random.key(cfg.seed)
-    stop = _StopFlag()
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     last_eval: dict[str, float] = {}
     pending = None  # (step, device metrics) fetched after the next step is dispatched
@@ -159,29 +165,34 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         writers.write(step, "train", values)
 
     step = start_step
-    with c.context():
-        while step < tcfg.steps and not stop.stop:
-            batch = c.put_batch(next(data))
-            state, metrics = c.train_step(state, batch, rng)
-            step += 1
-            if pending is not None:
-                log_train(*pending)
-                pending = None
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                pending = (step, metrics)
-            writers.advance(step)
-            if step % tcfg.eval_every == 0 or step == tcfg.steps:
+    if start_step >= tcfg.steps:
+        print(f"'{workdir}' is already trained to step {start_step} (train.steps={tcfg.steps}); "
+              "raise train.steps to train longer", file=sys.stderr)
+    try:
+        with c.context(), _StopFlag() as stop:
+            while step < tcfg.steps and not stop.stop:
+                batch = c.put_batch(next(data))
+                state, metrics = c.train_step(state, batch, rng)
+                step += 1
                 if pending is not None:
                     log_train(*pending)
                     pending = None
-                last_eval = evaluate(run, state.params, splits)
-                writers.write(step, "eval", last_eval)
-            if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
-                ckpt.save(step, state, data.get_state(), {"step": step, "time": time.time()})
-        if pending is not None:
-            log_train(*pending)
-    ckpt.close()
-    writers.close()
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
+                    pending = (step, metrics)
+                writers.advance(step)
+                if step % tcfg.eval_every == 0 or step == tcfg.steps:
+                    if pending is not None:
+                        log_train(*pending)
+                        pending = None
+                    last_eval = evaluate(run, state.params, splits)
+                    writers.write(step, "eval", last_eval)
+                if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
+                    ckpt.save(step, state, data.get_state(), {"step": step, "time": time.time()})
+            if pending is not None:
+                log_train(*pending)
+    finally:  # finish writing checkpoints even when a step fails: no lost work
+        ckpt.close()
+        writers.close()
     if stop.stop:
         print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)
     return last_eval

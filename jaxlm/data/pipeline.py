@@ -82,8 +82,7 @@ def train_iterator(source: Sequence[Any], tokenizer: TextTokenizer, text_key: st
     """
     ds = grain.MapDataset.source(source)[process_index::process_count]
     ds = ds.shuffle(seed=seed).repeat(None)
-    rows = _packed(ds, tokenizer, text_key, seq_len)
-    return iter(rows.batch(host_batch, drop_remainder=True))
+    return iter(_packed(ds, tokenizer, text_key, seq_len).batch(host_batch, drop_remainder=True))
 
 
 def eval_batches(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, seq_len: int,

@@ -134,6 +134,16 @@ def _cut(text: str) -> list[str]:
     return [p for p in pieces if p]
 
 
+def _tail_cut(text: str, fraction: float) -> int:
+    """Where to cut a lone document so about `fraction` of it (at least 10%) is held out."""
+    target = int(len(text) * (1 - max(fraction, 0.1)))
+    for sep in ("\n", " "):
+        cut = text.rfind(sep, 0, target)
+        if cut > 0:
+            return cut
+    return target
+
+
 def expand_paths(patterns: Sequence[str], field: str) -> list[Path]:
     """Files named by paths and globs, sorted; a pattern matching nothing is an error."""
     files: list[Path] = []
@@ -179,10 +189,15 @@ def _prepare(builder_cls: type[_TextBuilder], name: str, fingerprint: str,
         docs = list(documents)
         if not any(text.strip() for _, text, _ in docs):
             raise UserError(f"data.source={cfg.source}: the corpus is empty; give files that hold text")
-        if not any(held for _, _, held in docs):  # a tiny corpus: hold out its last document
+        docs = [d for d in docs if d[1].strip()]
+        if len(docs) == 1:  # one short text: hold out its tail
+            key, text, _ = docs[0]
+            cut = _tail_cut(text, cfg.eval_fraction)
+            docs = [(key, text[:cut].strip(), False), (key + ":tail", text[cut:].strip(), True)]
+        elif not any(held for _, _, held in docs):  # a tiny corpus: hold out its last document
             key, text, _ = docs[-1]
             docs[-1] = (key, text, True)
-        if all(held for _, _, held in docs):
+        if all(held for _, _, held in docs) or not all(text for _, text, _ in docs):
             raise UserError(f"data.source={cfg.source}: every document is held out for eval; "
                             "add training files or lower data.eval_fraction")
         builder = builder_cls(documents=iter(docs), data_dir=str(data_dir))

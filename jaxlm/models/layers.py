@@ -152,11 +152,11 @@ class SelfAttention(nn.Module):
         q_index = k_index = jnp.arange(length)
         k_segments = segment_ids
         if decode:
-            initialized = self.has_variable("cache", "key")
-            cached_k = self.variable("cache", "key", jnp.zeros, k.shape, k.dtype)
-            cached_v = self.variable("cache", "value", jnp.zeros, v.shape, v.dtype)
-            cached_seg = self.variable("cache", "segment_ids", jnp.zeros, segment_ids.shape, jnp.int32)
-            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            initialized = self.has_variable("cache", "cached_key")
+            cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+            cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+            cached_seg = self.variable("cache", "cached_segments", jnp.zeros, segment_ids.shape, jnp.int32)
+            index = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
             if initialized:
                 i = index.value
                 k = jax.lax.dynamic_update_slice(cached_k.value, k, (0, i, 0, 0))

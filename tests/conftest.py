@@ -1,0 +1,57 @@
+"""Eight fake CPU devices for every test, and small shared fixtures."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import ast  # noqa: E402
+import inspect  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+def _docstrings(module) -> str:
+    tree = ast.parse(inspect.getsource(module))
+    docs = [ast.get_docstring(n) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))]
+    return "\n\n".join(d for d in docs if d)
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory) -> Path:
+    """A few real English text files (standard-library docstrings), ~200 KB."""
+    import argparse  # noqa: E401
+    import collections
+    import json
+    import logging
+    import pathlib
+    import string
+    import textwrap
+    root = tmp_path_factory.mktemp("corpus")
+    for module in (argparse, collections, json, logging, pathlib, string, textwrap):
+        (root / f"{module.__name__}.txt").write_text(_docstrings(module))
+    return root
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One dataset/tokenizer cache for the whole session."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def tiny_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:
+    """A model and run small enough to compile and train in seconds on 8 fake devices."""
+    return [
+        "data.source=text", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={cache_dir}",
+        "data.vocab_size=400", "data.seq_len=32", "model.num_layers=2", "model.embed_dim=32",
+        "model.num_heads=4", "model.max_len=64", "train.batch_size=16", "train.steps=8",
+        "train.log_every=2", "train.eval_every=4", "train.eval_batches=2", "checkpoint.every=4",
+        "optim.warmup_steps=2",
+    ]
+
+
+@pytest.fixture
+def tiny(corpus_dir, cache_dir) -> list[str]:
+    return tiny_overrides(corpus_dir, cache_dir)

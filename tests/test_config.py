@@ -1,0 +1,80 @@
+import dataclasses
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from jaxlm import config as config_lib
+from jaxlm.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_equal_gpt_tiny_preset():
+    assert config_lib.load(str(ROOT / "configs/gpt_tiny.yaml")) == config_lib.load()
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_presets_load(preset):
+    config_lib.load(str(ROOT / "configs" / preset))
+
+
+def test_required_keys_exist():
+    keys = config_lib._all_keys(config_lib.Config)
+    for key in ["seed", "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
+                "checkpoint.every", "checkpoint.keep", "data.source", "data.paths", "data.seq_len",
+                "model.num_layers", "model.embed_dim", "model.num_heads", "optim.learning_rate",
+                "optim.schedule", "optim.warmup_steps", "optim.weight_decay"]:
+        assert key in keys
+
+
+def test_overrides_apply_with_types():
+    c = config_lib.load(None, ["train.steps=200", "model.num_layers=3", "data.paths=[a.txt,b.txt]",
+                               "optim.learning_rate=1e-4"])
+    assert (c.train.steps, c.model.num_layers, c.data.paths) == (200, 3, ["a.txt", "b.txt"])
+    assert c.optim.learning_rate == pytest.approx(1e-4)
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("train.step=10", "did you mean 'train.steps'"),
+    ("modle.num_layers=2", "did you mean 'model.num_layers'"),
+    ("train.steps=-5", "train.steps=-5 must be a positive integer"),
+    ("model.num_heads=5", "model.num_heads=5 does not divide model.embed_dim=128"),
+    ("optim.schedule=cosyne", "optim.schedule='cosyne' is not one of"),
+    ("train.steps=ten", "bad value for 'train.steps'"),
+    ("data.source=text", "data.source=text needs data.paths"),
+    ("data.seq_len=4096", "exceeds model.max_len"),
+    ("steps", "is not key=value"),
+])
+def test_bad_input_is_one_clear_error(override, expected):
+    with pytest.raises(UserError, match=None) as info:
+        config_lib.load(None, [override])
+    assert expected in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_and_bad_config_files(tmp_path):
+    with pytest.raises(UserError, match="config file 'nope.yaml' not found"):
+        config_lib.load("nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  stepz: 3\n")
+    with pytest.raises(UserError, match="did you mean 'train.steps'"):
+        config_lib.load(str(bad))
+
+
+def test_cli_exits_2_with_one_line(capsys):
+    from jaxlm.train import main
+    with pytest.raises(SystemExit) as info:
+        main(["train.steps=-1"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: train.steps=-1 must be a positive integer"]
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    c = config_lib.load(None, ["model.num_layers=3", "data.paths=[x.txt]", "data.source=text"])
+    config_lib.save(c, tmp_path / "config.yaml")
+    assert config_lib.load_workdir(tmp_path) == c
+    changed = dataclasses.replace(c, seed=4)
+    assert config_lib.diff(c, changed) == ["seed"]
+    assert OmegaConf.load(tmp_path / "config.yaml").model.num_layers == 3

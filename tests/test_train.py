@@ -1,0 +1,123 @@
+"""End to end: train, resume after a kill, evaluate, generate (tiny model, 8 fake devices)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import evaluate, infer, train
+from jaxlm.errors import UserError
+
+
+def records(workdir: Path, kind: str) -> dict[int, dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_dir, cache_dir, tmp_path_factory):
+    from conftest import tiny_overrides
+    overrides = tiny_overrides(corpus_dir, cache_dir)
+    workdir = tmp_path_factory.mktemp("run")
+    train.train(config_lib.load(None, overrides), workdir)
+    return workdir, overrides
+
+
+def test_run_writes_a_self_describing_workdir(trained):
+    workdir, overrides = trained
+    assert config_lib.load_workdir(workdir).model.vocab_size == 512  # 400 padded to 128s
+    assert (workdir / "tokenizer.json").is_file()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == ["4", "8"]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    logged = records(workdir, "train")
+    assert sorted(logged) == [2, 4, 6, 8]
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "eta_s"} <= set(logged[8])
+    evals = records(workdir, "eval")
+    assert sorted(evals) == [4, 8]
+    assert {"loss", "perplexity", "bits_per_byte", "accuracy"} <= set(evals[8])
+
+
+def test_evaluate_reproduces_the_last_eval(trained, capsys):
+    workdir, _ = trained
+    evaluate.main(["--workdir", str(workdir), "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["step"] == 8
+    assert out["loss"] == pytest.approx(records(workdir, "eval")[8]["loss"], rel=1e-6)
+    evaluate.main(["--workdir", str(workdir), "--step", "4", "--json"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["loss"] == pytest.approx(records(workdir, "eval")[4]["loss"], rel=1e-6)
+
+
+def test_generate_greedy_is_deterministic_and_batches_a_file(trained, capsys, tmp_path):
+    workdir, _ = trained
+    args = ["generate", "--workdir", str(workdir), "--temperature", "0", "--max-new-tokens", "12"]
+    infer.main(args + ["The value of"])
+    first = capsys.readouterr().out
+    infer.main(args + ["The value of"])
+    assert capsys.readouterr().out == first and first.startswith("The value of")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("The value of\nReturn a\n\nA list of the\n")
+    infer.main(args + ["--input", str(prompts)])
+    out = capsys.readouterr().out
+    assert out.count("--- ") == 3
+    # batched with shorter and longer prompts, the greedy continuation is unchanged
+    assert out.split("--- 2 ---")[0].split("--- 1 ---\n")[1] == first
+    infer.main(["generate", "--workdir", str(workdir), "--temperature", "0.8", "--top-k", "40",
+                "--top-p", "0.95", "--max-new-tokens", "5", "Hello"])
+    assert capsys.readouterr().out.startswith("Hello")
+
+
+def test_infer_bad_input_exits_2(trained, capsys):
+    workdir, _ = trained
+    for args in (["generate", "--workdir", str(workdir)],
+                 ["generate", "--workdir", str(workdir), "x", "--top-p", "0"],
+                 ["generate", "--workdir", str(workdir / "nope"), "x"]):
+        with pytest.raises(SystemExit) as info:
+            infer.main(args)
+        assert info.value.code == 2
+        assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_rerun_with_another_model_is_refused(trained):
+    workdir, overrides = trained
+    with pytest.raises(UserError, match="model.num_layers differ"):
+        train.train(config_lib.load(None, overrides + ["model.num_layers=3"]), workdir)
+
+
+def test_killed_run_resumes_with_identical_losses(corpus_dir, cache_dir, tmp_path, capsys):
+    from conftest import tiny_overrides
+    overrides = tiny_overrides(corpus_dir, cache_dir) + [
+        "train.steps=60", "train.log_every=1", "checkpoint.every=7", "train.eval_every=1000"]
+    config = config_lib.load(None, overrides)
+    train.train(config, tmp_path / "reference")
+    reference = records(tmp_path / "reference", "train")
+
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.train", "--workdir", str(workdir), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=os.environ.copy())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        metrics = workdir / "metrics.jsonl"
+        if metrics.is_file() and max([0, *records(workdir, "train")]) >= 25:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(records(workdir, "train"))
+    assert killed_at < 60
+
+    capsys.readouterr()
+    train.train(config, workdir)
+    resumed_from = int(capsys.readouterr().err.split("resumed from step ")[1].split()[0])
+    assert 0 < resumed_from <= killed_at
+    def trajectory(logged):
+        return {step: (r["loss"], r["grad_norm"], r["learning_rate"]) for step, r in logged.items()}
+
+    assert trajectory(records(workdir, "train")) == trajectory(reference)  # every step, bit for bit
