@@ -29,9 +29,10 @@ class Checkpoints:
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
             raise UserError(f"no checkpoints in '{self.directory.parent}'; train first or pass the run's --workdir")
+        # readers simply never save (Orbax's read_only mode only adds warnings)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-            read_only=read_only)
+            max_to_keep=None if read_only else keep, enable_async_checkpointing=async_save,
+            create=not read_only)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:

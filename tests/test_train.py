@@ -121,3 +121,24 @@ def test_killed_run_resumes_with_identical_losses(corpus_dir, cache_dir, tmp_pat
         return {step: (r["loss"], r["grad_norm"], r["learning_rate"]) for step, r in logged.items()}
 
     assert trajectory(records(workdir, "train")) == trajectory(reference)  # every step, bit for bit
+
+
+def test_sigterm_checkpoints_then_stops(corpus_dir, cache_dir, tmp_path):
+    from conftest import tiny_overrides
+    overrides = tiny_overrides(corpus_dir, cache_dir) + [
+        "train.steps=2000", "train.log_every=1", "checkpoint.every=1000", "train.eval_every=1000"]
+    workdir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "jaxlm.train", "--workdir", str(workdir), *overrides],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (workdir / "metrics.jsonl").is_file() and max([0, *records(workdir, "train")]) >= 10:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0
+    stopped = int(err.split("stopped at step ")[1].split(";")[0])
+    assert 10 <= stopped < 2000
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [stopped]
