@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,26 +144,20 @@ class Config:
     mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
-def _all_keys(cls: type, prefix: str = "") -> list[str]:
-    keys = []
+def keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key of the config tree, e.g. `train.steps`."""
+    cls = Config if cls is None else cls
+    out = []
+    hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        name = prefix + f.name
-        keys.append(name)
-        if dataclasses.is_dataclass(f.type) or (
-            isinstance(f.type, str) and f.type in _SECTIONS
-        ):
-            keys.extend(_all_keys(_SECTIONS[f.type] if isinstance(f.type, str) else f.type, name + "."))
-    return keys
-
-
-_SECTIONS = {
-    c.__name__: c
-    for c in (ModelConfig, DataConfig, OptimConfig, TrainConfig, CheckpointConfig, MeshConfig)
-}
+        out.append(prefix + f.name)
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend(keys(hints[f.name], f"{prefix}{f.name}."))
+    return out
 
 
 def _unknown_key(key: str) -> UserError:
-    valid = _all_keys(Config)
+    valid = keys()
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see configs/gpt_tiny.yaml for the keys"
     return UserError(f"unknown config key '{key}'{hint}")
@@ -206,7 +201,7 @@ def load(config_file: str | None = None, overrides: list[str] | tuple[str, ...] 
         if "=" not in item:
             raise UserError(f"override '{item}' is not key=value; write e.g. train.steps=200")
         key = item.split("=", 1)[0]
-        if key not in _all_keys(Config) and not key.startswith("mesh.rules."):
+        if key not in keys() and not key.startswith("mesh.rules."):
             raise _unknown_key(key)
         try:
             dot = OmegaConf.from_dotlist([item])

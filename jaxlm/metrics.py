@@ -95,7 +95,7 @@ def format_line(step: int, total: int, kind: str, values: dict[str, float]) -> s
     for key, value in values.items():
         if key == "eta_s":
             parts.append(f"eta {_duration(value)}")
-        elif key in ("learning_rate",):
+        elif key == "learning_rate":
             parts.append(f"lr {value:.2e}")
         elif key == "tokens_per_s":
             parts.append(f"tok/s {value:,.0f}")

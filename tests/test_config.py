@@ -20,7 +20,7 @@ def test_presets_load(preset):
 
 
 def test_required_keys_exist():
-    keys = config_lib._all_keys(config_lib.Config)
+    keys = config_lib.keys()
     for key in ["seed", "train.steps", "train.batch_size", "train.log_every", "train.eval_every",
                 "checkpoint.every", "checkpoint.keep", "data.source", "data.paths", "data.seq_len",
                 "model.num_layers", "model.embed_dim", "model.num_heads", "optim.learning_rate",

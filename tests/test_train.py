@@ -142,3 +142,11 @@ def test_sigterm_checkpoints_then_stops(corpus_dir, cache_dir, tmp_path):
     assert 10 <= stopped < 2000
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [stopped]
+
+
+def test_compile_only_reports_memory_and_flops(tiny, tmp_path, capsys):
+    train.main(["--compile-only", "--workdir", str(tmp_path), *tiny, "mesh.data=2", "mesh.fsdp=4"])
+    out = capsys.readouterr().out
+    assert "on 8 devices {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
+    assert "per device: arguments" in out and "FLOPs per step" in out
+    assert not (tmp_path / "checkpoints").exists()
