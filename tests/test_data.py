@@ -131,3 +131,20 @@ def test_cut_prefers_paragraph_breaks():
     assert all(len(p) <= sources.MAX_DOC_CHARS for p in pieces)
     assert all(p.endswith("word") for p in pieces)
     assert sum(len(p.split()) for p in pieces) == 10_000
+
+
+def test_catalog_dataset_through_the_same_pipeline(cache_dir, tmp_path):
+    """TFDS catalog names load by name (mocked here: the real ones need a network)."""
+    import tensorflow_datasets as tfds
+    cfg = load(None, ["data.source=tfds", "data.name=imdb_reviews", f"data.cache_dir={cache_dir}",
+                      "data.vocab_size=300"]).data
+    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
+        splits = sources.load_splits(cfg)  # no "validation" split: falls back to "test"
+        assert len(splits.train) == 40 and len(splits.eval) == 40
+        tok = tokenizer.obtain(cfg, splits, tmp_path)
+        batch = next(pipeline.train_iterator(splits.train, tok, "text", 16, 2, seed=0))
+        assert batch["inputs"].shape == (2, 16)
+        bad = load(None, ["data.source=tfds", "data.name=imdb_reviews", "data.text_key=body",
+                          f"data.cache_dir={cache_dir}"]).data
+        with pytest.raises(UserError, match="data.text_key='body' is not a feature of imdb_reviews"):
+            sources.load_splits(bad)

@@ -234,19 +234,25 @@ def _catalog(cfg: DataConfig) -> Splits:
         except Exception as e:
             raise UserError(f"could not download TFDS dataset '{cfg.name}' ({type(e).__name__}); "
                             "catalog datasets need a network, or use data.source=text") from None
-    splits = builder.info.splits
-    if cfg.train_split not in splits:
+    def open_split(split: str) -> Sequence[dict[str, Any]] | None:
+        try:
+            return builder.as_data_source(split=split)
+        except Exception:  # TFDS raises several types for an unknown split
+            return None
+
+    train = open_split(cfg.train_split)
+    if train is None:
         raise UserError(f"data.train_split={cfg.train_split!r} is not a split of {cfg.name}; "
-                        f"it has {', '.join(splits)}")
-    train_split, eval_split = cfg.train_split, cfg.eval_split
-    if eval_split not in splits:
-        eval_split = "test" if "test" in splits else None
-    if eval_split is None:  # carve the held-out share off the end of the train split
+                        f"it has {', '.join(builder.info.splits) or 'none prepared'}")
+    held = open_split(cfg.eval_split)
+    if held is None and cfg.eval_split != "test":
+        held = open_split("test")
+    if held is None:  # carve the held-out share off the end of the train split
         pct = max(1, round(100 * cfg.eval_fraction))
-        train_split, eval_split = f"{cfg.train_split}[:{100 - pct}%]", f"{cfg.train_split}[{100 - pct}%:]"
+        train = open_split(f"{cfg.train_split}[:{100 - pct}%]")
+        held = open_split(f"{cfg.train_split}[{100 - pct}%:]")
     features = builder.info.features
     if cfg.text_key not in features:
         raise UserError(f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; "
                         f"it has {', '.join(features)}")
-    return Splits(builder.as_data_source(split=train_split), builder.as_data_source(split=eval_split),
-                  cfg.text_key, _fingerprint(["tfds", cfg.name, train_split]))
+    return Splits(train, held, cfg.text_key, _fingerprint(["tfds", cfg.name, cfg.train_split]))
