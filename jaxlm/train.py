@@ -10,6 +10,7 @@ latest checkpoint, data position included.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import signal
 import sys
@@ -47,14 +48,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def prepare(config: Config, workdir: Path) -> tuple[Run, sources.Splits]:
     """Data, tokenizer and compiled steps for training; saves the resolved config."""
-    saved = None
-    if (workdir / "config.yaml").is_file():
+    if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
+        vocab = config.model.vocab_size or saved.model.vocab_size
+        check_same_run(saved, dataclasses.replace(
+            config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
     splits = sources.load_splits(config.data)
     tok = tokenizer_lib.obtain(config.data, splits, workdir)
     config = with_vocab(config, tok)
-    if saved is not None:
-        check_same_run(saved, config, workdir)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
     return build(config, tok), splits
