@@ -27,6 +27,7 @@ POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
 
 
 @dataclass
@@ -48,6 +49,8 @@ class ModelConfig:
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
     attention_impl: str = "xla"
+    remat: str = "none"  # recompute activations in the backward pass: none, full, save_dots, ...
+    scan_layers: bool = False  # one compiled block under nn.scan (faster compiles for deep models)
 
 
 @dataclass
@@ -248,6 +251,7 @@ def validate(c: Config) -> None:
     _choice("model.norm", m.norm, NORMS)
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
+    _choice("model.remat", m.remat, REMAT)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
     _choice("data.source", d.source, SOURCES)

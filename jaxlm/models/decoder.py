@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Mlp, Norm, SelfAttention, constrain, embed
+from jaxlm.models.layers import Dense, Mlp, Norm, SelfAttention, constrain, embed, stack
 
 Array = jax.Array
 
@@ -18,15 +18,19 @@ class DecoderBlock(nn.Module):
     """x + attn(norm(x)); x + mlp(norm(x))."""
 
     cfg: ModelConfig
+    decode: bool = False
+    deterministic: bool = True
+    scanned: bool = False  # under nn.scan: return (carry, None)
 
     @nn.compact
-    def __call__(self, x: Array, segment_ids: Array, positions: Array, decode: bool,
-                 deterministic: bool) -> Array:
+    def __call__(self, x: Array, segment_ids: Array, positions: Array) -> Array | tuple[Array, None]:
         h = SelfAttention(self.cfg, causal=True, name="attention")(
-            Norm(self.cfg, name="ln_attention")(x), segment_ids, positions, decode, deterministic)
+            Norm(self.cfg, name="ln_attention")(x), segment_ids, positions, self.decode,
+            self.deterministic)
         x = x + h
-        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x), deterministic)
-        return constrain(x, ("batch", "length", "act_embed"))  # [batch, length, embed]
+        x = x + Mlp(self.cfg, name="mlp")(Norm(self.cfg, name="ln_mlp")(x), self.deterministic)
+        x = constrain(x, ("batch", "length", "act_embed"))  # [batch, length, embed]
+        return (x, None) if self.scanned else x
 
 
 class DecoderLM(nn.Module):
@@ -62,8 +66,8 @@ class DecoderLM(nn.Module):
             x = x + embed(cfg.max_len, cfg, (None, "embed"), "position_embed")(positions)
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "act_embed"))
-        for i in range(cfg.num_layers):
-            x = DecoderBlock(cfg, name=f"block_{i}")(x, segment_ids, positions, decode, deterministic)
+        x = stack(DecoderBlock, cfg, x, segment_ids, positions, decode=decode,
+                  deterministic=deterministic)
         x = Norm(cfg, name="ln_final")(x)
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)

@@ -201,3 +201,31 @@ def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str) -
 def padded_vocab(size: int, multiple: int) -> int:
     """The vocabulary size rounded up so the table shards evenly."""
     return -(-size // multiple) * multiple
+
+
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
+}
+
+
+def stack(block: type[nn.Module], cfg: ModelConfig, x: Array, *args: Array, **kwargs) -> Array:
+    """Applies `cfg.num_layers` blocks to x, unrolled or under `nn.scan`, with the configured remat.
+
+    Call inside a compact method. Scanned parameters gain a leading axis named `layers`; the
+    block must accept a `scanned` field and then return `(x, None)`. Arrays in `args` are the
+    same for every layer; `kwargs` are the blocks' static fields.
+    """
+    cls = block
+    if cfg.remat != "none":
+        cls = nn.remat(cls, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+    if not cfg.scan_layers:
+        for i in range(cfg.num_layers):
+            x = cls(cfg, name=f"block_{i}", **kwargs)(x, *args)
+        return x
+    scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0},
+                      split_rngs={"params": True, "dropout": True}, in_axes=(nn.broadcast,) * len(args),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x, _ = scanned(cfg, name="blocks", scanned=True, **kwargs)(x, *args)
+    return x
