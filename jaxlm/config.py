@@ -94,6 +94,7 @@ class TrainConfig:
 
     steps: int = 800
     batch_size: int = 32  # global, over all devices and hosts
+    grad_accum_steps: int = 1  # microbatches per step (batch_size / this rows each)
     log_every: int = 25
     eval_every: int = 50
     eval_batches: int = 20  # 0 means the whole eval split
@@ -234,7 +235,8 @@ def validate(c: Config) -> None:
         ("model.num_heads", m.num_heads), ("model.max_len", m.max_len),
         ("model.vocab_multiple", m.vocab_multiple), ("data.seq_len", d.seq_len),
         ("data.vocab_size", d.vocab_size), ("train.steps", t.steps),
-        ("train.batch_size", t.batch_size), ("train.log_every", t.log_every),
+        ("train.batch_size", t.batch_size), ("train.grad_accum_steps", t.grad_accum_steps),
+        ("train.log_every", t.log_every),
         ("train.eval_every", t.eval_every), ("checkpoint.every", k.every), ("checkpoint.keep", k.keep),
     ]:
         _require(value > 0, f"{name}={value} must be a positive integer")

@@ -28,18 +28,54 @@ class TrainState:
     opt_state: Any
 
 
+def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum_steps: int = 1
+              ) -> tuple[Any, dict[str, Array]]:
+    """Gradient of the batch's mean loss and its metric sums, in `accum_steps` microbatches.
+
+    Each microbatch's gradient is weighted by its share of the denominator
+    (`task.weight_key`, e.g. tokens), so k microbatches of b rows give the gradient of one
+    batch of k*b rows.
+    """
+    def one(mb: dict[str, Array], mb_rng: Array):
+        (_, sums), grads = jax.value_and_grad(
+            lambda p: task.loss(p, mb, mb_rng, train=True), has_aux=True)(params)
+        return grads, sums
+
+    if accum_steps == 1:
+        return one(batch, rng)
+
+    def split(x: Array) -> Array:  # [batch, ...] -> [k, batch / k, ...]
+        # microbatch i takes rows i, i + k, ...: each device's rows stay on it, spread over all k
+        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+    def body(carry, xs):
+        grad_sum, sums_total = carry
+        mb, i = xs
+        grads, sums = one(mb, jax.random.fold_in(rng, i))
+        weight = sums[task.weight_key]
+        grad_sum = jax.tree_util.tree_map(lambda a, g: a + weight * g, grad_sum, grads)
+        return (grad_sum, jax.tree_util.tree_map(jnp.add, sums_total, sums)), None
+
+    micro = jax.tree_util.tree_map(split, batch)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    sums_shape = jax.eval_shape(lambda: one(first, rng)[1])
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
+             jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
+    (grad_sum, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    total = jnp.maximum(sums[task.weight_key], 1.0)
+    return jax.tree_util.tree_map(lambda g: g / total, grad_sum), sums
+
+
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: Any,
-               tx: optax.GradientTransformation) -> tuple[TrainState, dict[str, Array]]:
+               tx: optax.GradientTransformation, accum_steps: int = 1
+               ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update. Pure: the randomness is `rng` folded with the step number.
 
     Returns the new state and metric sums (plus the gradient norm before clipping).
     """
     step_rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-        return task.loss(params, batch, step_rng, train=True)
-
-    (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads, sums = gradients(state.params, batch, step_rng, task, accum_steps)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**sums, "grad_norm": optax.global_norm(grads)}
@@ -56,7 +92,7 @@ class Compiled:
     """The state's shardings and the jitted init, train and eval functions for one mesh."""
 
     def __init__(self, task: Any, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: tuple,
-                 batch_size: int, seq_len: int):
+                 batch_size: int, seq_len: int, accum_steps: int = 1):
         self.task, self.tx, self.mesh, self.rules = task, tx, mesh, axis_rules
         dummy = task.dummy_batch(batch_size, seq_len)
 
@@ -74,7 +110,7 @@ class Compiled:
         repl = sharding.replicated(mesh)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_sharding)
         self.train_step = jax.jit(
-            partial(train_step, task=task, tx=tx),
+            partial(train_step, task=task, tx=tx, accum_steps=accum_steps),
             in_shardings=(self.state_sharding, self.batch_sharding, repl),
             out_shardings=(self.state_sharding, repl), donate_argnums=0)
         self.eval_step = jax.jit(

@@ -61,19 +61,20 @@ class Run:
     compiled: Compiled
 
 
-def build(config: Config, tok: TextTokenizer, batch_size: int | None = None) -> Run:
+def build(config: Config, tok: TextTokenizer) -> Run:
     """Task, optimizer, mesh and compiled steps for a config whose vocab size is resolved."""
     task = tasks.build(config, tok.byte_lengths())
     tx = optim.optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
-    batch = batch_size or config.train.batch_size
+    batch = config.train.batch_size
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % rows:
-        raise UserError(f"train.batch_size={batch} does not divide over data x fsdp = {rows} devices; "
-                        f"use a multiple of {rows}")
+    accum = config.train.grad_accum_steps
+    if batch % (rows * accum):
+        raise UserError(f"train.batch_size={batch} does not split into train.grad_accum_steps={accum} "
+                        f"microbatches over data x fsdp = {rows} devices; use a multiple of {rows * accum}")
     if batch % jax.process_count():
         raise UserError(f"train.batch_size={batch} does not divide over {jax.process_count()} processes")
-    compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len)
+    compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len, accum)
     return Run(config, tok, task, compiled)
 
 

@@ -27,11 +27,11 @@ def batch(seed=0, rows=8, length=16):
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos}
 
 
-def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8):
+def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1):
     task = ClmTask(MODEL, np.ones(128, np.int32))
     tx = optim.optimizer(OptimConfig(learning_rate=lr, warmup_steps=0, schedule="constant"), 10)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
-    return Compiled(task, tx, mesh, sharding.rules(mesh_cfg), rows, 16)
+    return Compiled(task, tx, mesh, sharding.rules(mesh_cfg), rows, 16, accum)
 
 
 def losses(c, steps=3):
@@ -74,6 +74,13 @@ def test_loss_falls_when_overfitting_one_batch():
                                       MeshConfig(data=1, fsdp=8)], ids=["data8", "2x2x2", "fsdp8"])
 def test_mesh_gives_the_same_losses_as_one_device(mesh_cfg):
     np.testing.assert_allclose(losses(make(mesh_cfg)), losses(make()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=1), MeshConfig(data=2, fsdp=2, tensor=2)],
+                         ids=["1device", "2x2x2"])
+def test_microbatches_equal_one_big_batch(mesh_cfg):
+    # 4 microbatches of 2 rows == one batch of 8 rows (rows hold different token counts)
+    np.testing.assert_allclose(losses(make(mesh_cfg, accum=4)), losses(make(mesh_cfg)), rtol=1e-5)
 
 
 def test_eval_step_matches_train_metrics_without_update():

@@ -26,6 +26,7 @@ class ClmTask:
     """
 
     batch_keys = ("inputs", "targets", "segment_ids", "positions")
+    weight_key = "tokens"  # the denominator of the loss: weights microbatches in accumulation
 
     def __init__(self, model_cfg: ModelConfig, byte_lengths: np.ndarray):
         self.model = DecoderLM(model_cfg)
