@@ -113,6 +113,7 @@ class CheckpointConfig:
 class MeshConfig:
     """Device mesh and the rules mapping logical axis names to mesh axes."""
 
+    mode: str = "jit"  # jit: one program over the mesh; pmap: replicated state, pure data parallel
     data: int = -1  # -1: all devices left over by the other axes
     fsdp: int = 1
     tensor: int = 1
@@ -270,6 +271,7 @@ def validate(c: Config) -> None:
     _require(o.warmup_steps < t.steps or o.schedule == "constant",
              f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
     _require(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables clipping)")
+    _choice("mesh.mode", mesh.mode, ("jit", "pmap"))
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     for name, value in sizes.items():
         _require(value == -1 or value > 0, f"{name}={value} must be positive or -1 (the remaining devices)")

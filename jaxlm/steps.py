@@ -11,8 +11,9 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from jaxlm import sharding
 
@@ -68,24 +69,35 @@ def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: Any,
-               tx: optax.GradientTransformation, accum_steps: int = 1
+               tx: optax.GradientTransformation, accum_steps: int = 1, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update. Pure: the randomness is `rng` folded with the step number.
+
+    Under `jax.pmap`, `axis_name` names the device axis: gradients are averaged over devices
+    weighted by each device's denominator (as one big batch would be) and metric sums summed.
 
     Returns the new state and metric sums (plus the gradient norm before clipping).
     """
     step_rng = jax.random.fold_in(rng, state.step)
+    if axis_name is not None:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     grads, sums = gradients(state.params, batch, step_rng, task, accum_steps)
+    if axis_name is not None:
+        weight = sums[task.weight_key]
+        total = jnp.maximum(jax.lax.psum(weight, axis_name), 1.0)
+        grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g * weight, axis_name) / total, grads)
+        sums = jax.lax.psum(sums, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**sums, "grad_norm": optax.global_norm(grads)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
-def eval_step(params: Any, batch: dict[str, Array], *, task: Any) -> dict[str, Array]:
+def eval_step(params: Any, batch: dict[str, Array], *, task: Any, axis_name: str | None = None
+              ) -> dict[str, Array]:
     """Metric sums of one eval batch (no dropout)."""
     _, sums = task.loss(params, batch, jax.random.key(0), train=False)
-    return sums
+    return sums if axis_name is None else jax.lax.psum(sums, axis_name)
 
 
 class Compiled:
@@ -131,3 +143,58 @@ class Compiled:
     def put_batch(self, local: dict) -> dict[str, Array]:
         """This host's rows -> global batch arrays."""
         return sharding.global_batch({k: local[k] for k in self.task.batch_keys}, self.batch_sharding)
+
+    def adopt(self, state: TrainState) -> TrainState:
+        """A restored state in the layout the steps take."""
+        return state
+
+    def saveable(self, state: TrainState) -> TrainState:
+        """The state as checkpoints hold it (the layout of `abstract_state`)."""
+        return state
+
+
+class PmapCompiled(Compiled):
+    """Pure data parallelism with `jax.pmap`: the state replicated on every local device and the
+    same `train_step`, with gradients averaged over the device axis.
+
+    Checkpoints hold one copy of the state (the layout of a one-device mesh), so they restore
+    in either mode.
+    """
+
+    AXIS = "devices"
+
+    def __init__(self, task: Any, tx: optax.GradientTransformation, batch_size: int, seq_len: int,
+                 accum_steps: int = 1):
+        self.devices = jax.local_devices()
+        one = Mesh(np.asarray(self.devices[:1]).reshape(1, 1, 1), sharding.AXES,
+                   axis_types=(AxisType.Auto,) * 3)
+        super().__init__(task, tx, one, (), batch_size, seq_len)  # one copy: init and restore target
+        n = len(self.devices)
+        train = jax.pmap(partial(train_step, task=task, tx=tx, accum_steps=accum_steps, axis_name=self.AXIS),
+                         axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0, devices=self.devices)
+        evaluate = jax.pmap(partial(eval_step, task=task, axis_name=self.AXIS), axis_name=self.AXIS,
+                            devices=self.devices)
+        first = partial(jax.tree_util.tree_map, lambda x: x[0])  # psum-ed values agree on all devices
+        self.train_step = lambda state, batch, rng: (lambda s, m: (s, first(m)))(*train(state, batch, rng))
+        self.eval_step = lambda params, batch: first(evaluate(params, batch))
+        broadcast = jax.pmap(lambda _, tree: tree, in_axes=(0, None), devices=self.devices)
+        self._replicate = lambda tree: broadcast(np.arange(n), tree)  # one copy per device
+
+    @contextlib.contextmanager
+    def context(self) -> Iterator[None]:
+        yield
+
+    def init_state(self, seed: int) -> TrainState:
+        return self._replicate(super().init_state(seed))
+
+    def put_batch(self, local: dict) -> dict[str, Array]:
+        """This host's rows -> [local devices, rows per device, ...]."""
+        n = len(self.devices)
+        return {k: local[k].reshape(n, local[k].shape[0] // n, *local[k].shape[1:])
+                for k in self.task.batch_keys}
+
+    def adopt(self, state: TrainState) -> TrainState:
+        return self._replicate(state)
+
+    def saveable(self, state: TrainState) -> TrainState:
+        return jax.tree_util.tree_map(lambda x: x[0], state)

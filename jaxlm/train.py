@@ -139,12 +139,15 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         state, data_state, _ = ckpt.restore(c.abstract_state)
         data.set_state(data_state)
         start_step = int(state.step)
+        state = c.adopt(state)
         print(f"resumed from step {start_step} in {workdir}", file=sys.stderr)
     else:
         state = c.init_state(cfg.seed)
-    n_params = sum(x.size for x in jax.tree_util.tree_leaves(state.params))
-    print(f"training {n_params:,} parameters for {tcfg.steps} steps on {c.mesh.size} devices "
-          f"{dict(c.mesh.shape)}; workdir {workdir}", file=sys.stderr)
+    n_params = sum(x.size for x in jax.tree_util.tree_leaves(c.abstract_state.params))
+    layout = (f"pmap over {jax.device_count()} devices" if cfg.mesh.mode == "pmap"
+              else f"{c.mesh.size} devices {dict(c.mesh.shape)}")
+    print(f"training {n_params:,} parameters for {tcfg.steps} steps on {layout}; workdir {workdir}",
+          file=sys.stderr)
 
     writers = Writers(workdir, tcfg.steps, start_step, enabled=process_index == 0)
     lr_at = optim.schedule(cfg.optim, tcfg.steps)
@@ -188,7 +191,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     last_eval = evaluate(run, state.params, splits)
                     writers.write(step, "eval", last_eval)
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
-                    ckpt.save(step, state, data.get_state(), {"step": step, "time": time.time()})
+                    ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             if pending is not None:
                 log_train(*pending)
     finally:  # finish writing checkpoints even when a step fails: no lost work

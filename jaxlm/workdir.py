@@ -24,7 +24,7 @@ from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 from jaxlm.models.layers import padded_vocab
-from jaxlm.steps import Compiled
+from jaxlm.steps import Compiled, PmapCompiled
 
 # Keys a rerun on an existing workdir may change; any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
@@ -61,8 +61,12 @@ class Run:
     compiled: Compiled
 
 
-def build(config: Config, tok: TextTokenizer) -> Run:
-    """Task, optimizer, mesh and compiled steps for a config whose vocab size is resolved."""
+def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
+    """Task, optimizer, mesh and compiled steps for a config whose vocab size is resolved.
+
+    `mode` overrides `mesh.mode` (evaluation and inference always use jit: checkpoints restore
+    in either mode).
+    """
     task = tasks.build(config, tok.byte_lengths())
     tx = optim.optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
@@ -74,7 +78,13 @@ def build(config: Config, tok: TextTokenizer) -> Run:
                         f"microbatches over data x fsdp = {rows} devices; use a multiple of {rows * accum}")
     if batch % jax.process_count():
         raise UserError(f"train.batch_size={batch} does not divide over {jax.process_count()} processes")
-    compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len, accum)
+    if (mode or config.mesh.mode) == "pmap":
+        if batch % (jax.local_device_count() * jax.process_count() * accum):
+            raise UserError(f"train.batch_size={batch} does not split over {jax.device_count()} devices "
+                            f"x {accum} microbatches in pmap mode; use a multiple of {jax.device_count() * accum}")
+        compiled = PmapCompiled(task, tx, batch, config.data.seq_len, accum)
+    else:
+        compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len, accum)
     return Run(config, tok, task, compiled)
 
 
@@ -83,5 +93,5 @@ def open_run(workdir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     workdir = Path(workdir)
     config = config_lib.load_workdir(workdir, overrides)
     tok = tokenizer_lib.from_file(workdir / "tokenizer.json")
-    return build(config, tok), Checkpoints(workdir / "checkpoints", read_only=True)
+    return build(config, tok, mode="jit"), Checkpoints(workdir / "checkpoints", read_only=True)
 

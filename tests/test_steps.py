@@ -8,7 +8,7 @@ import pytest
 
 from jaxlm import optim, sharding
 from jaxlm.config import MeshConfig, ModelConfig, OptimConfig
-from jaxlm.steps import Compiled
+from jaxlm.steps import Compiled, PmapCompiled
 from jaxlm.tasks.clm import ClmTask
 
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32)
@@ -30,15 +30,17 @@ def batch(seed=0, rows=8, length=16):
 def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1):
     task = ClmTask(MODEL, np.ones(128, np.int32))
     tx = optim.optimizer(OptimConfig(learning_rate=lr, warmup_steps=0, schedule="constant"), 10)
+    if mesh_cfg.mode == "pmap":
+        return PmapCompiled(task, tx, rows, 16, accum)
     mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
     return Compiled(task, tx, mesh, sharding.rules(mesh_cfg), rows, 16, accum)
 
 
-def losses(c, steps=3):
+def losses(c, steps=3, rows=8):
     state, rng, out = c.init_state(0), jax.random.key(0), []
     with c.context():
         for i in range(steps):
-            state, m = c.train_step(state, c.put_batch(batch(i % 2)), rng)
+            state, m = c.train_step(state, c.put_batch(batch(i % 2, rows)), rng)
             out.append(float(m["loss_sum"] / m["tokens"]))
     return out
 
@@ -71,16 +73,19 @@ def test_loss_falls_when_overfitting_one_batch():
 
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2),
-                                      MeshConfig(data=1, fsdp=8)], ids=["data8", "2x2x2", "fsdp8"])
+                                      MeshConfig(data=1, fsdp=8), MeshConfig(mode="pmap")],
+                         ids=["data8", "2x2x2", "fsdp8", "pmap8"])
 def test_mesh_gives_the_same_losses_as_one_device(mesh_cfg):
     np.testing.assert_allclose(losses(make(mesh_cfg)), losses(make()), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=1), MeshConfig(data=2, fsdp=2, tensor=2)],
-                         ids=["1device", "2x2x2"])
+@pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=1), MeshConfig(data=2, fsdp=2, tensor=2),
+                                      MeshConfig(mode="pmap")], ids=["1device", "2x2x2", "pmap8"])
 def test_microbatches_equal_one_big_batch(mesh_cfg):
-    # 4 microbatches of 2 rows == one batch of 8 rows (rows hold different token counts)
-    np.testing.assert_allclose(losses(make(mesh_cfg, accum=4)), losses(make(mesh_cfg)), rtol=1e-5)
+    # 4 microbatches == one batch 4 times as large (rows hold different token counts)
+    rows = 32 if mesh_cfg.mode == "pmap" else 8  # pmap: every device gets rows in every microbatch
+    np.testing.assert_allclose(losses(make(mesh_cfg, rows=rows, accum=4), rows=rows),
+                               losses(make(mesh_cfg, rows=rows), rows=rows), rtol=1e-5)
 
 
 def test_eval_step_matches_train_metrics_without_update():

@@ -150,3 +150,17 @@ def test_compile_only_reports_memory_and_flops(tiny, tmp_path, capsys):
     assert "on 8 devices {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
     assert "per device: arguments" in out and "FLOPs per step" in out
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_pmap_run_matches_jit_and_its_checkpoints_restore_in_jit_mode(trained, tmp_path, capsys):
+    workdir, overrides = trained
+    pmap_dir = tmp_path / "pmap"
+    train.train(config_lib.load(None, overrides + ["mesh.mode=pmap"]), pmap_dir)
+    want, got = records(workdir, "train"), records(pmap_dir, "train")
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+    capsys.readouterr()
+    evaluate.main(["--workdir", str(pmap_dir), "--json"])  # evaluation restores it with jit
+    out = json.loads(capsys.readouterr().out)
+    assert out["loss"] == pytest.approx(records(pmap_dir, "eval")[8]["loss"], rel=1e-5)
