@@ -30,9 +30,9 @@ ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
 
 
-@dataclass
+@dataclass(unsafe_hash=True)  # hashable so a model can be a static argument of jax.jit
 class ModelConfig:
-    """Shapes and numerics of the network. A model receives only this."""
+    """Shapes and numerics of the network. A model receives only this; treat it as immutable."""
 
     num_layers: int = 2
     embed_dim: int = 128

@@ -8,11 +8,24 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from functools import partial
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+@partial(jax.jit, static_argnums=0, static_argnames=("decode",))
+def apply(model: nn.Module, variables: dict, *args, decode: bool = False):
+    """model.apply, compiled once per model and shapes (eager op-by-op is slow on 8 devices).
+
+    With decode=True returns (logits, updated variables) with the cache mutable.
+    """
+    if decode:
+        return model.apply(variables, *args, decode=True, mutable=["cache"])
+    return model.apply(variables, *args)
+
 
 LossFn = Callable[[nn.Module, dict, dict], jax.Array]  # (model, params, batch) -> scalar loss
 
@@ -37,8 +50,8 @@ def check_scan_matches_unrolled(model_cls, cfg, batch, init_args, loss_fn: LossF
     scanned_shapes = jax.eval_shape(scanned.init, jax.random.key(0), *init_args(batch))["params"]
     stacked = stack_blocks(params, cfg.num_layers)
     assert jax.tree_util.tree_structure(nn.meta.unbox(scanned_shapes)) == jax.tree_util.tree_structure(stacked)
-    loss_u, grads_u = jax.value_and_grad(lambda p: loss_fn(unrolled, p, batch))(params)
-    loss_s, grads_s = jax.value_and_grad(lambda p: loss_fn(scanned, p, batch))(stacked)
+    loss_u, grads_u = jax.jit(jax.value_and_grad(lambda p: loss_fn(unrolled, p, batch)))(params)
+    loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: loss_fn(scanned, p, batch)))(stacked)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
     for want, got in zip(jax.tree_util.tree_leaves(stack_blocks(grads_u, cfg.num_layers)),
                          jax.tree_util.tree_leaves(grads_s)):

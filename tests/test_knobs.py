@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from equivalence import apply, check_remat_matches_none, check_scan_matches_unrolled
 
-from equivalence import check_remat_matches_none, check_scan_matches_unrolled
 from jaxlm.config import ModelConfig
 from jaxlm.models.decoder import DecoderLM
 
@@ -26,7 +26,7 @@ def decoder_args(batch):
 
 
 def decoder_loss(model, params, batch):
-    logits = model.apply({"params": params}, batch["inputs"], batch["segment_ids"])
+    logits = apply(model, {"params": params}, batch["inputs"], batch["segment_ids"])
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     return (losses * (batch["segment_ids"] != 0)).sum()
 
@@ -53,14 +53,13 @@ def test_scanned_decoder_decodes_with_cache():
     model = DecoderLM(cfg)
     ids = jnp.asarray(np.random.default_rng(1).integers(3, 64, (1, 8)), jnp.int32)
     params = jax.jit(model.init)(jax.random.key(0), ids)["params"]
-    full = model.apply({"params": params}, ids)
+    full = apply(model, {"params": params}, ids)
     cache = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.key(0), ids, decode=True)["cache"])
     seg, pos = jnp.ones_like(ids), jnp.arange(8)[None]
-    out, v = model.apply({"params": params, "cache": cache}, ids[:, :5], seg[:, :5], pos[:, :5],
-                         decode=True, mutable=["cache"])
+    out, v = apply(model, {"params": params, "cache": cache}, ids[:, :5], seg[:, :5], pos[:, :5], decode=True)
     steps = [out]
     for t in range(5, 8):
-        out, v = model.apply({"params": params, "cache": v["cache"]}, ids[:, t:t + 1], seg[:, t:t + 1],
-                             pos[:, t:t + 1], decode=True, mutable=["cache"])
+        out, v = apply(model, {"params": params, "cache": v["cache"]}, ids[:, t:t + 1], seg[:, t:t + 1],
+                             pos[:, t:t + 1], decode=True)
         steps.append(out)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, atol=1e-5)
