@@ -72,3 +72,30 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles each host's rows into global arrays sharded over the batch axes."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
+
+
+def check_divisible(abstract_tree: Any, what: str = "parameter") -> None:
+    """Every sharded dimension divides evenly over its mesh axes, or one clear error before compiling.
+
+    Args:
+      abstract_tree: arrays or ShapeDtypeStructs carrying NamedShardings.
+    """
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_tree):
+        spec, mesh = leaf.sharding.spec, leaf.sharding.mesh
+        for dim, axes in enumerate(spec):
+            if axes is None:
+                continue
+            axes = (axes,) if isinstance(axes, str) else tuple(axes)
+            ways = math.prod(mesh.shape[a] for a in axes)
+            if leaf.shape[dim] % ways:
+                name = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+                raise UserError(
+                    f"{what} {name} {tuple(leaf.shape)}: dimension {dim} ({leaf.shape[dim]}) does not "
+                    f"divide over mesh axes {'x'.join(axes)} = {ways}; change the mesh sizes or the "
+                    "model shape, or map that logical axis to fewer mesh axes in mesh.rules")
+
+
+def bytes_per_device(abstract_tree: Any) -> int:
+    """Bytes of the largest shard each device holds of a tree of sharded arrays."""
+    return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
+               for leaf in jax.tree_util.tree_leaves(abstract_tree))

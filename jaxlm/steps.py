@@ -118,6 +118,7 @@ class Compiled:
         self.abstract_state: TrainState = jax.tree_util.tree_map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             nn.meta.unbox(boxed), self.state_sharding)
+        sharding.check_divisible(self.abstract_state.params)
         self.batch_sharding = sharding.batch_sharding(mesh, axis_rules)
         repl = sharding.replicated(mesh)
         self._init = jax.jit(lambda rng: nn.meta.unbox(init(rng)), out_shardings=self.state_sharding)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import optim
+from jaxlm import optim, sharding
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
 from jaxlm.data import pipeline, sources
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(config: Config, workdir: Path) -> tuple[Run, sources.Splits]:
+def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, sources.Splits]:
     """Data, tokenizer and compiled steps for training; saves the resolved config."""
     if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
@@ -58,7 +58,7 @@ def prepare(config: Config, workdir: Path) -> tuple[Run, sources.Splits]:
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
-    return build(config, tok), splits
+    return build(config, tok, mode), splits
 
 
 def evaluate(run: Run, params, splits: sources.Splits) -> dict[str, float]:
@@ -115,10 +115,14 @@ def compile_only(run: Run) -> None:
     gib = 2 ** 30
     print(f"compiled the train step in {time.time() - start:.1f}s on {c.mesh.size} devices {dict(c.mesh.shape)}")
     print(f"parameters: {params:,}")
+    print(f"per device: params {sharding.bytes_per_device(c.abstract_state.params) / gib:.3f} GiB, "
+          f"optimizer {sharding.bytes_per_device(c.abstract_state.opt_state) / gib:.3f} GiB")
     if mem is not None:
-        print(f"per device: arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
-              f"temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, "
-              f"outputs {mem.output_size_in_bytes / gib:.3f} GiB")
+        total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes \
+            - mem.alias_size_in_bytes
+        print(f"per device (compiled): arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
+              f"activations and temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, "
+              f"total {total / gib:.3f} GiB")
     if cost and "flops" in cost:
         print(f"FLOPs per step (per device): {cost['flops']:.3e}")
 
@@ -209,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if args.compile_only:
         workdir.mkdir(parents=True, exist_ok=True)
-        run, _ = prepare(config, workdir)
+        if config.mesh.mode == "pmap":
+            print("pmap mode: compiling the equivalent data-parallel mesh", file=sys.stderr)
+        run, _ = prepare(config, workdir, mode="jit")
         compile_only(run)
         return
     start = time.time()

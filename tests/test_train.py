@@ -148,8 +148,17 @@ def test_compile_only_reports_memory_and_flops(tiny, tmp_path, capsys):
     train.main(["--compile-only", "--workdir", str(tmp_path), *tiny, "mesh.data=2", "mesh.fsdp=4"])
     out = capsys.readouterr().out
     assert "on 8 devices {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
-    assert "per device: arguments" in out and "FLOPs per step" in out
+    assert "per device: params" in out and "activations and temporaries" in out and "FLOPs per step" in out
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mesh_that_does_not_divide_a_parameter_is_one_error(tiny, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--compile-only", "--workdir", str(tmp_path), *tiny, "mesh.data=1", "mesh.tensor=8"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: parameter block_0/attention/")  # 4 heads over 8 tensor shards
+    assert "(4) does not divide over mesh axes tensor = 8" in err
 
 
 def test_pmap_run_matches_jit_and_its_checkpoints_restore_in_jit_mode(trained, tmp_path, capsys):
