@@ -26,8 +26,14 @@ def truncate_jsonl(path: Path, after_step: int) -> None:
     """Drops records past `after_step`, so a resumed run's log reads as one history."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= after_step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short when the process was killed
+            continue
+        if record.get("step", 0) <= after_step:
+            kept.append(line)
     path.write_text("".join(line + "\n" for line in kept))
 
 

@@ -26,10 +26,13 @@ from jaxlm.errors import UserError
 from jaxlm.models.layers import padded_vocab
 from jaxlm.steps import Compiled, PmapCompiled
 
-# Keys a rerun on an existing workdir may change; any other change would silently mix two runs.
+# Keys a rerun on an existing workdir may change (how long, how often, on which devices, how
+# computed); any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
-                     "checkpoint.every", "checkpoint.keep", "checkpoint.async_save",
-                     "data.cache_dir")
+                     "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
+                     "checkpoint.async_save", "data.cache_dir", "model.remat", "model.dtype",
+                     "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                     "mesh.rules")
 
 
 def with_vocab(config: Config, tok: TextTokenizer) -> Config:

@@ -173,3 +173,17 @@ def test_pmap_run_matches_jit_and_its_checkpoints_restore_in_jit_mode(trained, t
     evaluate.main(["--workdir", str(pmap_dir), "--json"])  # evaluation restores it with jit
     out = json.loads(capsys.readouterr().out)
     assert out["loss"] == pytest.approx(records(pmap_dir, "eval")[8]["loss"], rel=1e-5)
+
+
+def test_resume_on_another_mesh_continues_the_same_run(trained, tmp_path):
+    import shutil
+    workdir, overrides = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / "8")  # as if stopped after the step-4 checkpoint
+    train.train(config_lib.load(None, overrides + ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]), copy)
+    want, got = records(workdir, "train"), records(copy, "train")
+    assert sorted(got) == [2, 4, 6, 8]
+    for step in (6, 8):  # computed after the restore, on the other mesh
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)
