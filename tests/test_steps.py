@@ -100,3 +100,22 @@ def test_eval_step_matches_train_metrics_without_update():
 
 if __name__ == "__main__":  # prints the golden values
     print(tuple(losses(make(), steps=2)), file=sys.stdout)
+
+
+def test_fsdp_each_device_holds_an_eighth_of_the_state():
+    # widths where weights dominate, as in real models (biases over `heads`/`mlp` stay replicated)
+    model = ModelConfig(num_layers=2, embed_dim=128, num_heads=4, vocab_size=512, max_len=32)
+    tx = optim.optimizer(OptimConfig(), 10)
+    device = jax.devices()[0]
+
+    def bytes_on_device(mesh_cfg):
+        c = Compiled(ClmTask(model, np.ones(512, np.int32)), tx, sharding.make_mesh(mesh_cfg),
+                     sharding.rules(mesh_cfg), 8, 16)
+        leaves = jax.tree_util.tree_leaves(c.init_state(0))
+        mine = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
+        return mine, sum(x.nbytes for x in leaves)
+
+    replicated, total = bytes_on_device(MeshConfig(data=8))
+    assert replicated == total
+    fsdp, _ = bytes_on_device(MeshConfig(data=1, fsdp=8))
+    assert fsdp <= total / 8 * 1.05
