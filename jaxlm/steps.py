@@ -171,15 +171,21 @@ class PmapCompiled(Compiled):
                    axis_types=(AxisType.Auto,) * 3)
         super().__init__(task, tx, one, (), batch_size, seq_len)  # one copy: init and restore target
         n = len(self.devices)
-        train = jax.pmap(partial(train_step, task=task, tx=tx, accum_steps=accum_steps, axis_name=self.AXIS),
-                         axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0, devices=self.devices)
-        evaluate = jax.pmap(partial(eval_step, task=task, axis_name=self.AXIS), axis_name=self.AXIS,
-                            devices=self.devices)
-        first = partial(jax.tree_util.tree_map, lambda x: x[0])  # psum-ed values agree on all devices
-        self.train_step = lambda state, batch, rng: (lambda s, m: (s, first(m)))(*train(state, batch, rng))
-        self.eval_step = lambda params, batch: first(evaluate(params, batch))
+        self._train = jax.pmap(
+            partial(train_step, task=task, tx=tx, accum_steps=accum_steps, axis_name=self.AXIS),
+            axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0, devices=self.devices)
+        self._eval = jax.pmap(partial(eval_step, task=task, axis_name=self.AXIS), axis_name=self.AXIS,
+                              devices=self.devices)
         broadcast = jax.pmap(lambda _, tree: tree, in_axes=(0, None), devices=self.devices)
         self._replicate = lambda tree: broadcast(np.arange(n), tree)  # one copy per device
+        self.train_step, self.eval_step = self._train_step, self._eval_step
+
+    def _train_step(self, state: TrainState, batch: dict[str, Array], rng: Array):
+        state, metrics = self._train(state, batch, rng)
+        return state, _first(metrics)
+
+    def _eval_step(self, params: Any, batch: dict[str, Array]) -> dict[str, Array]:
+        return _first(self._eval(params, batch))
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -198,4 +204,9 @@ class PmapCompiled(Compiled):
         return self._replicate(state)
 
     def saveable(self, state: TrainState) -> TrainState:
-        return jax.tree_util.tree_map(lambda x: x[0], state)
+        return _first(state)
+
+
+def _first(tree: Any) -> Any:
+    """Device 0's copy of pmap outputs that agree on every device (psum-ed metrics)."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)

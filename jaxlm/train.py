@@ -34,7 +34,8 @@ from jaxlm.workdir import Run, build, check_same_run, with_vocab
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m jaxlm.train", description=__doc__.split("\n\n")[0],
-        epilog="examples:\n  python -m jaxlm.train\n"
+        epilog="every config key, with its meaning, is in configs/gpt_tiny.yaml\n\n"
+               "examples:\n  python -m jaxlm.train\n"
                "  python -m jaxlm.train --config configs/gpt_tiny.yaml --workdir runs/x "
                "train.steps=200 model.num_layers=4",
         formatter_class=argparse.RawDescriptionHelpFormatter)
