@@ -114,6 +114,9 @@ def test_missing_path_empty_corpus_and_bad_bytes(tmp_path, cache_dir):
 
     with pytest.raises(UserError, match="matches no file"):
         sources.load_splits(cfg(f"data.paths=[{tmp_path}/nothing*.txt]"))
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(UserError, match="is in both data.paths and data.eval_paths"):
+        sources.load_splits(cfg(f"data.paths=[{tmp_path}/*.txt]", f"data.eval_paths=[{tmp_path}/a.txt]"))
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(UserError, match="corpus is empty"):
         sources.load_splits(cfg(f"data.paths=[{tmp_path}/empty.txt]"))

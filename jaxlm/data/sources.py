@@ -186,10 +186,9 @@ def _prepare(builder_cls: type[_TextBuilder], name: str, fingerprint: str,
     builder = builder_cls(documents=None, data_dir=str(data_dir))
     if not builder.is_prepared():
         print(f"preparing dataset {name} in {data_dir} (once; later runs reuse it)", file=sys.stderr)
-        docs = list(documents)
-        if not any(text.strip() for _, text, _ in docs):
+        docs = [d for d in documents if d[1].strip()]
+        if not docs:
             raise UserError(f"data.source={cfg.source}: the corpus is empty; give files that hold text")
-        docs = [d for d in docs if d[1].strip()]
         if len(docs) == 1:  # one short text: hold out its tail
             key, text, _ = docs[0]
             cut = _tail_cut(text, cfg.eval_fraction)
@@ -197,7 +196,10 @@ def _prepare(builder_cls: type[_TextBuilder], name: str, fingerprint: str,
         elif not any(held for _, _, held in docs):  # a tiny corpus: hold out its last document
             key, text, _ = docs[-1]
             docs[-1] = (key, text, True)
-        if all(held for _, _, held in docs) or not all(text for _, text, _ in docs):
+        if not all(text for _, text, _ in docs):
+            raise UserError(f"data.source={cfg.source}: too little text to hold some out for eval; "
+                            "give more text or held-out files in data.eval_paths")
+        if all(held for _, _, held in docs):
             raise UserError(f"data.source={cfg.source}: every document is held out for eval; "
                             "add training files or lower data.eval_fraction")
         builder = builder_cls(documents=iter(docs), data_dir=str(data_dir))
@@ -214,6 +216,10 @@ def load_splits(cfg: DataConfig) -> Splits:
     if cfg.source == "text":
         train = expand_paths(cfg.paths, "data.paths")
         held = expand_paths(cfg.eval_paths, "data.eval_paths") if cfg.eval_paths else []
+        both = sorted(set(train) & set(held))
+        if both:
+            raise UserError(f"'{both[0]}' is in both data.paths and data.eval_paths; "
+                            "held-out files must not be trained on")
         stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train + held]
         fp = _fingerprint(["text", _FORMAT_VERSION, stat, len(train), cfg.eval_fraction,
                            cfg.encoding_errors])
