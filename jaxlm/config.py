@@ -92,7 +92,7 @@ class OptimConfig:
 class TrainConfig:
     """The loop."""
 
-    steps: int = 800
+    steps: int = 700
     batch_size: int = 32  # global, over all devices and hosts
     grad_accum_steps: int = 1  # microbatches per step (batch_size / this rows each)
     log_every: int = 25
