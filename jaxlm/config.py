@@ -101,6 +101,19 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-process runs (one process per host, or per GPU). Empty fields come from the
+    environment (JAXLM_COORDINATOR, JAXLM_NUM_PROCESSES, JAXLM_PROCESS_ID), or are detected
+    on TPU VMs and under SLURM."""
+
+    coordinator: str = ""  # host:port of process 0
+    num_processes: int = 0  # 0: from the environment; 1 or unset: a single process
+    process_id: int = -1  # -1: from the environment
+    timeout_s: int = 600  # how long processes wait for each other at start-up
+    cpu_collectives: str = "gloo"  # collectives between CPU processes
+
+
+@dataclass
 class CheckpointConfig:
     """Orbax checkpoints in <workdir>/checkpoints."""
 
@@ -147,6 +160,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 def keys(cls: type | None = None, prefix: str = "") -> list[str]:
@@ -272,6 +286,7 @@ def validate(c: Config) -> None:
              f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
     _require(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables clipping)")
     _choice("mesh.mode", mesh.mode, ("jit", "pmap"))
+    _require(c.distributed.timeout_s > 0, f"distributed.timeout_s={c.distributed.timeout_s} must be positive")
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     for name, value in sizes.items():
         _require(value == -1 or value > 0, f"{name}={value} must be positive or -1 (the remaining devices)")

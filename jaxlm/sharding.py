@@ -7,6 +7,7 @@ and `tensor` with the rules from `MeshConfig`.
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -14,10 +15,44 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from jaxlm.config import MeshConfig
+from jaxlm.config import DistributedConfig, MeshConfig
 from jaxlm.errors import UserError
 
 AXES = ("data", "fsdp", "tensor")
+
+
+def initialize_distributed(cfg: DistributedConfig) -> None:
+    """Joins a multi-process run when one is configured or detected; checks what it found.
+
+    Explicit settings (config, then JAXLM_* environment variables) win; otherwise TPU VM
+    slices and SLURM jobs of several tasks are detected by JAX itself. After joining, every
+    process must see the expected process count and the same number of local devices.
+    """
+    coordinator = cfg.coordinator or os.environ.get("JAXLM_COORDINATOR", "")
+    count = cfg.num_processes or int(os.environ.get("JAXLM_NUM_PROCESSES", "0") or 0)
+    pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("JAXLM_PROCESS_ID", "-1") or -1)
+    detected = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    if count <= 1 and not detected:
+        return
+    if count > 1 and (not coordinator or not 0 <= pid < count):
+        raise UserError(f"a {count}-process run needs distributed.coordinator (host:port) and "
+                        f"distributed.process_id in [0, {count}) (or JAXLM_COORDINATOR, JAXLM_PROCESS_ID)")
+    # only CPU processes use it; set before anything touches a backend
+    jax.config.update("jax_cpu_collectives_implementation", cfg.cpu_collectives)
+    kwargs = dict(initialization_timeout=cfg.timeout_s)
+    if count > 1:
+        kwargs.update(coordinator_address=coordinator, num_processes=count, process_id=pid)
+    try:
+        jax.distributed.initialize(**kwargs)
+    except Exception as e:  # a timeout or an unreachable coordinator
+        raise UserError(f"could not join the multi-process run ({str(e).splitlines()[0][:200]}); "
+                        "check distributed.coordinator and that every process was started") from None
+    if count > 1 and jax.process_count() != count:
+        raise UserError(f"expected {count} processes, found {jax.process_count()}; "
+                        "check distributed.num_processes on every process")
+    if jax.device_count() != jax.local_device_count() * jax.process_count():
+        raise UserError(f"processes see different numbers of devices ({jax.device_count()} in all, "
+                        f"{jax.local_device_count()} here); give every process the same devices")
 
 
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
@@ -99,3 +134,26 @@ def bytes_per_device(abstract_tree: Any) -> int:
     """Bytes of the largest shard each device holds of a tree of sharded arrays."""
     return sum(math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
                for leaf in jax.tree_util.tree_leaves(abstract_tree))
+
+
+def all_processes(values: np.ndarray) -> np.ndarray:
+    """Each process's `values` stacked in process order, on every process ([processes, ...])."""
+    if jax.process_count() == 1:
+        return values[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(values))
+
+
+def gather_texts(text: str) -> list[str]:
+    """Every process's string, in process order, on every process."""
+    data = np.frombuffer(text.encode(), np.uint8)
+    longest = int(all_processes(np.asarray([data.size])).max())
+    rows = all_processes(np.pad(data, (0, longest - data.size)))
+    return [bytes(row).rstrip(b"\0").decode() for row in rows]
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (no-op in a single process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import signal
 import sys
@@ -54,8 +55,15 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
         vocab = config.model.vocab_size or saved.model.vocab_size
         check_same_run(saved, dataclasses.replace(
             config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
-    splits = sources.load_splits(config.data)
-    tok = tokenizer_lib.obtain(config.data, splits, workdir)
+    # process 0 prepares data and tokenizer first; the others then find them (shared disks)
+    # or make identical copies of their own
+    if jax.process_index() == 0:
+        splits = sources.load_splits(config.data)
+        tok = tokenizer_lib.obtain(config.data, splits, workdir)
+    sharding.barrier("jaxlm: data prepared")
+    if jax.process_index() != 0:
+        splits = sources.load_splits(config.data)
+        tok = tokenizer_lib.obtain(config.data, splits, workdir)
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
@@ -66,15 +74,47 @@ def evaluate(run: Run, params, splits: sources.Splits) -> dict[str, float]:
     """Metrics over the held-out split (or its first `train.eval_batches` batches)."""
     cfg = run.config
     host_batch = cfg.train.batch_size // jax.process_count()
+    local = list(pipeline.eval_batches(splits.eval, run.tokenizer, splits.text_key, cfg.data.seq_len,
+                                       host_batch, cfg.train.eval_batches, jax.process_index(),
+                                       jax.process_count()))
+    # every process must run the same number of steps: pad with empty batches (no tokens count)
+    count = int(sharding.all_processes(np.asarray([len(local)])).max())
+    if local and count > len(local):
+        local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (count - len(local))
     total = None
     with run.compiled.context():
-        for local in pipeline.eval_batches(splits.eval, run.tokenizer, splits.text_key, cfg.data.seq_len,
-                                           host_batch, cfg.train.eval_batches, jax.process_index(),
-                                           jax.process_count()):
-            total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(local)))
+        for batch in local:
+            total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(batch)))
     if total is None:
         raise UserError("the eval split yields no batch; give more eval text")
     return run.task.summarize(total)
+
+
+def data_position(data) -> dict:
+    """Every process's iterator state (JSON), gathered so one checkpoint item holds them all."""
+    return {"process_count": jax.process_count(),
+            "states": [json.loads(t) for t in sharding.gather_texts(json.dumps(data.get_state()))]}
+
+
+def open_data(run: Run, splits: sources.Splits, saved: dict | None, step: int):
+    """This process's training iterator, where the checkpoint (if any) left it.
+
+    With the same process count every process continues exactly. With another count the
+    documents are dealt out anew, so a position cannot carry over: the data continues from a
+    fresh shuffle (seeded by the step), and parts of the epoch in progress may repeat.
+    """
+    cfg = run.config
+    count, index = jax.process_count(), jax.process_index()
+    same = saved is not None and saved["process_count"] == count
+    seed = cfg.seed if saved is None or same else cfg.seed + step
+    if saved is not None and not same:
+        print(f"the checkpoint's data position is for {saved['process_count']} processes, this run "
+              f"has {count}: data continues from a fresh shuffle", file=sys.stderr)
+    data = pipeline.train_iterator(splits.train, run.tokenizer, splits.text_key, cfg.data.seq_len,
+                                   cfg.train.batch_size // count, seed, index, count)
+    if same:
+        data.set_state(saved["states"][index])
+    return data
 
 
 class _StopFlag:
@@ -135,26 +175,22 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     cfg, c = run.config, run.compiled
     tcfg = cfg.train
     ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    process_count, process_index = jax.process_count(), jax.process_index()
-    host_batch = tcfg.batch_size // process_count
-    data = pipeline.train_iterator(splits.train, run.tokenizer, splits.text_key, cfg.data.seq_len,
-                                   host_batch, cfg.seed, process_index, process_count)
-    start_step = 0
+    start_step, saved_data = 0, None
     if ckpt.latest_step() is not None:
-        state, data_state, _ = ckpt.restore(c.abstract_state)
-        data.set_state(data_state)
+        state, saved_data, _ = ckpt.restore(c.abstract_state)
         start_step = int(state.step)
         state = c.adopt(state)
         print(f"resumed from step {start_step} in {workdir}", file=sys.stderr)
     else:
         state = c.init_state(cfg.seed)
+    data = open_data(run, splits, saved_data, start_step)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(c.abstract_state.params))
     layout = (f"pmap over {jax.device_count()} devices" if cfg.mesh.mode == "pmap"
               else f"{c.mesh.size} devices {dict(c.mesh.shape)}")
     print(f"training {n_params:,} parameters for {tcfg.steps} steps on {layout}; workdir {workdir}",
           file=sys.stderr)
 
-    writers = Writers(workdir, tcfg.steps, start_step, enabled=process_index == 0)
+    writers = Writers(workdir, tcfg.steps, start_step, enabled=jax.process_index() == 0)
     lr_at = optim.schedule(cfg.optim, tcfg.steps)
     rng = jax.random.key(cfg.seed)
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
@@ -196,7 +232,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     last_eval = evaluate(run, state.params, splits)
                     writers.write(step, "eval", last_eval)
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
-                    ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
+                    ckpt.save(step, c.saveable(state), data_position(data), {"step": step, "time": time.time()})
             if pending is not None:
                 log_train(*pending)
     finally:  # finish writing checkpoints even when a step fails: no lost work
@@ -211,6 +247,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
+    sharding.initialize_distributed(config.distributed)
     workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if args.compile_only:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
                      "checkpoint.async_save", "data.cache_dir", "model.remat", "model.dtype",
                      "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                     "mesh.rules")
+                     "mesh.rules", "distributed.coordinator", "distributed.num_processes",
+                     "distributed.process_id", "distributed.timeout_s", "distributed.cpu_collectives")
 
 
 def with_vocab(config: Config, tok: TextTokenizer) -> Config:

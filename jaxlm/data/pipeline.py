@@ -22,6 +22,7 @@ import numpy as np
 from grain.experimental import ConcatThenSplitIterDataset
 
 from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]
 KEYS = ("inputs", "targets", "segment_ids", "positions")
@@ -81,6 +82,9 @@ def train_iterator(source: Sequence[Any], tokenizer: TextTokenizer, text_key: st
       process_index, process_count: this host's shard of the documents.
     """
     ds = grain.MapDataset.source(source)[process_index::process_count]
+    if len(ds) == 0:
+        raise UserError(f"the training split has {len(source)} documents, too few to give each of "
+                        f"{process_count} processes one; give more text or use fewer processes")
     ds = ds.shuffle(seed=seed).repeat(None)
     return iter(_packed(ds, tokenizer, text_key, seq_len).batch(host_batch, drop_remainder=True))
 
