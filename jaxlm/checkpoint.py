@@ -62,20 +62,22 @@ class Checkpoints:
                             f"available: {', '.join(map(str, sorted(steps)))}")
         return step
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
-        """Restores (state, data_state, meta) onto the shardings of `abstract_state`."""
-        step = self._check_step(step)
+    def _restore(self, step: int, **items: Any) -> Any:
+        """Restores the named items of checkpoint `step`; a mismatch is one clear error."""
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                opt=ocp.args.StandardRestore(
-                    {"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
-                data=ocp.args.JsonRestore(),
-                meta=ocp.args.JsonRestore(),
-            ))
+            return self._manager.restore(step, args=ocp.args.Composite(**items))
         except (ValueError, KeyError) as e:
             raise UserError(f"checkpoint {step} in '{self.directory}' does not match this model "
                             f"({str(e).splitlines()[0][:200]}); use the config it was trained with") from None
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict, dict]:
+        """Restores (state, data_state, meta) onto the shardings of `abstract_state`."""
+        out = self._restore(
+            self._check_step(step),
+            params=ocp.args.StandardRestore(abstract_state.params),
+            opt=ocp.args.StandardRestore({"step": abstract_state.step, "opt_state": abstract_state.opt_state}),
+            data=ocp.args.JsonRestore(),
+            meta=ocp.args.JsonRestore())
         state = abstract_state.replace(step=out.opt["step"], params=out.params,
                                        opt_state=out.opt["opt_state"])
         return state, out.data, out.meta
@@ -83,13 +85,7 @@ class Checkpoints:
     def restore_params(self, abstract_params: Any, step: int | None = None) -> tuple[Any, int]:
         """Restores only the parameters; returns (params, step)."""
         step = self._check_step(step)
-        try:
-            out = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_params)))
-        except (ValueError, KeyError) as e:
-            raise UserError(f"checkpoint {step} in '{self.directory}' does not match this model "
-                            f"({str(e).splitlines()[0][:200]}); use the config it was trained with") from None
-        return out.params, step
+        return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params, step
 
     def wait(self) -> None:
         """Blocks until background writes are done."""

@@ -55,15 +55,17 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
         vocab = config.model.vocab_size or saved.model.vocab_size
         check_same_run(saved, dataclasses.replace(
             config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
+    def data_and_tokenizer():
+        splits = sources.load_splits(config.data)
+        return splits, tokenizer_lib.obtain(config.data, splits, workdir)
+
     # process 0 prepares data and tokenizer first; the others then find them (shared disks)
     # or make identical copies of their own
     if jax.process_index() == 0:
-        splits = sources.load_splits(config.data)
-        tok = tokenizer_lib.obtain(config.data, splits, workdir)
+        splits, tok = data_and_tokenizer()
     sharding.barrier("jaxlm: data prepared")
     if jax.process_index() != 0:
-        splits = sources.load_splits(config.data)
-        tok = tokenizer_lib.obtain(config.data, splits, workdir)
+        splits, tok = data_and_tokenizer()
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
