@@ -87,6 +87,10 @@ class Checkpoints:
         step = self._check_step(step)
         return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params, step
 
+    def data_state(self, step: int | None = None) -> dict:
+        """The data position saved with checkpoint `step` (default: the latest)."""
+        return self._restore(self._check_step(step), data=ocp.args.JsonRestore()).data
+
     def wait(self) -> None:
         """Blocks until background writes are done."""
         self._manager.wait_until_finished()

@@ -6,12 +6,11 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
 
-from jaxlm.data import sources
+from jaxlm.data import pipeline, sources
 from jaxlm.errors import cli
 from jaxlm.train import evaluate
 from jaxlm.workdir import open_run
@@ -35,10 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     run, ckpt = open_run(args.workdir, args.overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    splits = sources.load_splits(run.config.data)
-    if args.split == "train":
-        splits = dataclasses.replace(splits, eval=splits.train)
-    metrics = evaluate(run, params, splits)
+    data = run.config.data
+    tokens = pipeline.tokenize_splits(sources.load_splits(data), run.tokenizer, data)[args.split]
+    metrics = evaluate(run, params, tokens)
     if args.json:
         print(json.dumps({"step": step, "split": args.split, **metrics}))
     else:

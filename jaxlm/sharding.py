@@ -136,22 +136,6 @@ def bytes_per_device(abstract_tree: Any) -> int:
                for leaf in jax.tree_util.tree_leaves(abstract_tree))
 
 
-def all_processes(values: np.ndarray) -> np.ndarray:
-    """Each process's `values` stacked in process order, on every process ([processes, ...])."""
-    if jax.process_count() == 1:
-        return values[None]
-    from jax.experimental import multihost_utils
-    return np.asarray(multihost_utils.process_allgather(values))
-
-
-def gather_texts(text: str) -> list[str]:
-    """Every process's string, in process order, on every process."""
-    data = np.frombuffer(text.encode(), np.uint8)
-    longest = int(all_processes(np.asarray([data.size])).max())
-    rows = all_processes(np.pad(data, (0, longest - data.size)))
-    return [bytes(row).rstrip(b"\0").decode() for row in rows]
-
-
 def barrier(name: str) -> None:
     """Waits until every process gets here (no-op in a single process)."""
     if jax.process_count() > 1:

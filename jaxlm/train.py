@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import signal
 import sys
@@ -48,75 +47,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, sources.Splits]:
-    """Data, tokenizer and compiled steps for training; saves the resolved config."""
+def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Path]]:
+    """Compiled steps for training and the tokenized splits; saves the resolved config."""
     if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
         vocab = config.model.vocab_size or saved.model.vocab_size
         check_same_run(saved, dataclasses.replace(
             config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
+
     def data_and_tokenizer():
         splits = sources.load_splits(config.data)
-        return splits, tokenizer_lib.obtain(config.data, splits, workdir)
+        tok = tokenizer_lib.obtain(config.data, splits, workdir)
+        return tok, pipeline.tokenize_splits(splits, tok, config.data)
 
     # process 0 prepares data and tokenizer first; the others then find them (shared disks)
     # or make identical copies of their own
     if jax.process_index() == 0:
-        splits, tok = data_and_tokenizer()
+        tok, data = data_and_tokenizer()
     sharding.barrier("jaxlm: data prepared")
     if jax.process_index() != 0:
-        splits, tok = data_and_tokenizer()
+        tok, data = data_and_tokenizer()
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
-    return build(config, tok, mode), splits
+    return build(config, tok, mode), data
 
 
-def evaluate(run: Run, params, splits: sources.Splits) -> dict[str, float]:
-    """Metrics over the held-out split (or its first `train.eval_batches` batches)."""
+def evaluate(run: Run, params, tokens: Path) -> dict[str, float]:
+    """Metrics over a tokenized split (or its first `train.eval_batches` batches)."""
     cfg = run.config
-    host_batch = cfg.train.batch_size // jax.process_count()
-    local = list(pipeline.eval_batches(splits.eval, run.tokenizer, splits.text_key, cfg.data.seq_len,
-                                       host_batch, cfg.train.eval_batches, jax.process_index(),
-                                       jax.process_count()))
-    # every process must run the same number of steps: pad with empty batches (no tokens count)
-    count = int(sharding.all_processes(np.asarray([len(local)])).max())
-    if local and count > len(local):
-        local += [{k: np.zeros_like(v) for k, v in local[0].items()}] * (count - len(local))
+    rows = pipeline.TokenRows(tokens, cfg.data.seq_len, whole_rows=False)
     total = None
     with run.compiled.context():
-        for batch in local:
+        for batch in pipeline.eval_batches(rows, cfg.train.batch_size, cfg.train.eval_batches,
+                                           jax.process_index(), jax.process_count()):
             total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(batch)))
     if total is None:
         raise UserError("the eval split yields no batch; give more eval text")
     return run.task.summarize(total)
 
 
-def data_position(data) -> dict:
-    """Every process's iterator state (JSON), gathered so one checkpoint item holds them all."""
-    return {"process_count": jax.process_count(),
-            "states": [json.loads(t) for t in sharding.gather_texts(json.dumps(data.get_state()))]}
+def open_data(run: Run, tokens: Path, saved: dict | None) -> pipeline.TrainBatches:
+    """This process's training batches, at the global row the checkpoint (if any) reached.
 
-
-def open_data(run: Run, splits: sources.Splits, saved: dict | None, step: int):
-    """This process's training iterator, where the checkpoint (if any) left it.
-
-    With the same process count every process continues exactly. With another count the
-    documents are dealt out anew, so a position cannot carry over: the data continues from a
-    fresh shuffle (seeded by the step), and parts of the epoch in progress may repeat.
+    The position is a count of rows, so it carries over to any process count or batch size.
     """
     cfg = run.config
-    count, index = jax.process_count(), jax.process_index()
-    same = saved is not None and saved["process_count"] == count
-    seed = cfg.seed if saved is None or same else cfg.seed + step
-    if saved is not None and not same:
-        print(f"the checkpoint's data position is for {saved['process_count']} processes, this run "
-              f"has {count}: data continues from a fresh shuffle", file=sys.stderr)
-    data = pipeline.train_iterator(splits.train, run.tokenizer, splits.text_key, cfg.data.seq_len,
-                                   cfg.train.batch_size // count, seed, index, count)
-    if same:
-        data.set_state(saved["states"][index])
-    return data
+    rows = pipeline.TokenRows(tokens, cfg.data.seq_len, whole_rows=True)
+    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, (saved or {}).get("next_row", 0),
+                                 jax.process_index(), jax.process_count())
 
 
 class _StopFlag:
@@ -173,7 +152,7 @@ def compile_only(run: Run) -> None:
 def train(config: Config, workdir: Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final eval metrics."""
     workdir.mkdir(parents=True, exist_ok=True)
-    run, splits = prepare(config, workdir)
+    run, data_dirs = prepare(config, workdir)
     cfg, c = run.config, run.compiled
     tcfg = cfg.train
     ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
@@ -185,7 +164,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         print(f"resumed from step {start_step} in {workdir}", file=sys.stderr)
     else:
         state = c.init_state(cfg.seed)
-    data = open_data(run, splits, saved_data, start_step)
+    data = open_data(run, data_dirs["train"], saved_data)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(c.abstract_state.params))
     layout = (f"pmap over {jax.device_count()} devices" if cfg.mesh.mode == "pmap"
               else f"{c.mesh.size} devices {dict(c.mesh.shape)}")
@@ -231,10 +210,10 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     if pending is not None:
                         log_train(*pending)
                         pending = None
-                    last_eval = evaluate(run, state.params, splits)
+                    last_eval = evaluate(run, state.params, data_dirs["eval"])
                     writers.write(step, "eval", last_eval)
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
-                    ckpt.save(step, c.saveable(state), data_position(data), {"step": step, "time": time.time()})
+                    ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             if pending is not None:
                 log_train(*pending)
     finally:  # finish writing checkpoints even when a step fails: no lost work

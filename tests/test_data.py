@@ -1,4 +1,4 @@
-"""Sources, tokenizer and the grain pipeline."""
+"""Sources, tokenizer, tokenized rows and the grain pipeline."""
 
 import numpy as np
 import pytest
@@ -54,10 +54,48 @@ def test_tokenizer_loads_from_file(prepared, tmp_path):
         tokenizer.from_file(tmp_path / "missing.json")
 
 
-def test_train_batches_keys_shapes_and_packing(prepared):
-    _, splits, tok = prepared
-    it = pipeline.train_iterator(splits.train, tok, "text", seq_len=64, host_batch=4, seed=0)
-    batch = next(it)
+@pytest.fixture(scope="module")
+def tokens(prepared):
+    cfg, splits, tok = prepared
+    return pipeline.tokenize_splits(splits, tok, cfg)
+
+
+def test_tokenized_splits_are_cached(prepared, tokens):
+    cfg, splits, tok = prepared
+    stamp = (tokens["train"] / "inputs.npy").stat().st_mtime_ns
+    assert pipeline.tokenize_splits(splits, tok, cfg) == tokens
+    assert (tokens["train"] / "inputs.npy").stat().st_mtime_ns == stamp
+
+
+def test_rows_pack_documents_with_segments_and_positions(tmp_path, prepared):
+    _, _, tok = prepared
+    docs = [{"text": t} for t in ("one two three", "four", "five six seven eight nine ten")]
+    rows = pipeline.TokenRows(pipeline.tokenized(docs, tok, "text", tmp_path), 8, whole_rows=False)
+    ids = [[tok.bos_id, *tok.encode(d["text"])] for d in docs]
+    stream = sum(ids, [])
+    assert rows.tokens == len(stream) and len(rows) == -(-len(stream) // 8)
+    got = np.stack([rows[r]["inputs"] for r in range(len(rows))]).ravel()
+    assert got[:len(stream)].tolist() == stream and not got[len(stream):].any()
+    expected_seg, expected_pos = [], []
+    for r in range(len(rows)):  # segment ids and positions restart in every row
+        seg, pos, last = [], [], None
+        for k in range(r * 8, min(r * 8 + 8, len(stream))):
+            doc = max(i for i in range(3) if sum(map(len, ids[:i])) <= k)
+            seg.append(seg[-1] + (doc != last) if seg else 1)
+            pos.append(pos[-1] + 1 if doc == last else 0)
+            last = doc
+        expected_seg += seg + [0] * (8 - len(seg))
+        expected_pos += pos + [0] * (8 - len(pos))
+    assert np.stack([rows[r]["segment_ids"] for r in range(len(rows))]).ravel().tolist() == expected_seg
+    assert np.stack([rows[r]["positions"] for r in range(len(rows))]).ravel().tolist() == expected_pos
+    ends = np.stack([rows[r]["targets"] for r in range(len(rows))]).ravel()
+    assert (ends == tok.eos_id).sum() == 3  # each document ends with EOS
+
+
+def test_train_batches_keys_shapes_and_packing(prepared, tokens):
+    _, _, tok = prepared
+    rows = pipeline.TokenRows(tokens["train"], 64, whole_rows=True)
+    batch = next(pipeline.TrainBatches(rows, 4, seed=0))
     assert set(batch) == set(pipeline.KEYS)
     for v in batch.values():
         assert v.shape == (4, 64) and v.dtype == np.int32
@@ -69,43 +107,67 @@ def test_train_batches_keys_shapes_and_packing(prepared):
     assert (pos[:, 1:] == pos[:, :-1] + 1)[same].all()
     assert (pos[:, 1:] == 0)[~same].all()
     # documents start with BOS (unless continued from the previous row) and end with EOS
-    starts = batch["inputs"][:, 1:][~same]
-    assert (starts == tok.bos_id).all()
+    assert (batch["inputs"][:, 1:][~same] == tok.bos_id).all()
     assert (batch["targets"][:, :-1][~same] == tok.eos_id).all()
 
 
-def test_positions_from_segments():
-    seg = np.array([[1, 1, 1, 2, 2, 3, 0, 0]])
-    assert pipeline.positions_from_segments(seg).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1]]
-
-
-def test_iterator_state_resumes_at_the_same_batch(prepared):
+def test_position_resumes_at_the_same_batch(tokens):
     import json
-    _, splits, tok = prepared
-    it = pipeline.train_iterator(splits.train, tok, "text", 32, 4, seed=3)
+    rows = pipeline.TokenRows(tokens["train"], 32, whole_rows=True)
+    it = pipeline.TrainBatches(rows, 4, seed=3)
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
+    assert state == {"next_row": 28}
     expected = [next(it) for _ in range(3)]
-    resumed = pipeline.train_iterator(splits.train, tok, "text", 32, 4, seed=3)
-    resumed.set_state(state)
+    resumed = pipeline.TrainBatches(rows, 4, seed=3, next_row=state["next_row"])
     for want in expected:
         got = next(resumed)
         for k in want:
             np.testing.assert_array_equal(got[k], want[k])
-    other_seed = next(pipeline.train_iterator(splits.train, tok, "text", 32, 4, seed=4))
-    first = next(pipeline.train_iterator(splits.train, tok, "text", 32, 4, seed=3))
+    other_seed = next(pipeline.TrainBatches(rows, 4, seed=4))
+    first = next(pipeline.TrainBatches(rows, 4, seed=3))
     assert not np.array_equal(first["inputs"], other_seed["inputs"])
 
 
-def test_eval_batches_cover_split_with_padding(prepared):
+def test_position_carries_over_process_count_and_batch_size(tokens):
+    """The guarantee: 2 processes, then 1 process with another batch size, see every row of
+    the epoch exactly once (and the epochs reshuffle)."""
+    rows = pipeline.TokenRows(tokens["train"], 32, whole_rows=True)
+    n = len(rows)
+    assert n > 40
+    seen = []
+    hosts = [pipeline.TrainBatches(rows, 4, seed=5, process_index=i, process_count=2) for i in range(2)]
+    for _ in range(5):  # 5 steps of a global batch of 4 on 2 processes
+        for host in hosts:
+            seen += list(next(host)["inputs"])
+    position = hosts[0].get_state()
+    assert position == hosts[1].get_state() == {"next_row": 20}
+    single = pipeline.TrainBatches(rows, 6, seed=5, **position)
+    while len(seen) < n + 6:
+        seen += list(next(single)["inputs"])
+    epoch, after = seen[:n], seen[n:]
+
+    def key(row):
+        return row.tobytes()
+
+    assert sorted(map(key, epoch)) == sorted(key(rows[r]["inputs"]) for r in range(n))
+    assert [key(r) for r in after] != [key(r) for r in epoch[:len(after)]]
+
+
+def test_eval_batches_cover_split_the_same_on_any_process_count(prepared, tokens):
     _, splits, tok = prepared
-    batches = list(pipeline.eval_batches(splits.eval, tok, "text", 32, 4))
+    rows = pipeline.TokenRows(tokens["eval"], 32, whole_rows=False)
+    batches = list(pipeline.eval_batches(rows, 4))
     assert all(b["inputs"].shape == (4, 32) for b in batches)
-    tokens = sum(int((b["segment_ids"] != 0).sum()) for b in batches)
+    count = sum(int((b["segment_ids"] != 0).sum()) for b in batches)
     expected = sum(len(tok.encode(splits.eval[i]["text"].decode())) + 1 for i in range(len(splits.eval)))
-    assert tokens == expected
-    assert len(list(pipeline.eval_batches(splits.eval, tok, "text", 32, 4, max_batches=1))) == 1
+    assert count == expected
+    parts = [list(pipeline.eval_batches(rows, 4, process_index=i, process_count=2)) for i in range(2)]
+    assert len(parts[0]) == len(parts[1]) == len(batches)
+    for whole, a, b in zip(batches, *parts):
+        np.testing.assert_array_equal(whole["inputs"], np.concatenate([a["inputs"], b["inputs"]]))
+    assert len(list(pipeline.eval_batches(rows, 4, max_batches=1))) == 1
 
 
 def test_missing_path_empty_corpus_and_bad_bytes(tmp_path, cache_dir):
@@ -145,7 +207,8 @@ def test_catalog_dataset_through_the_same_pipeline(cache_dir, tmp_path):
         splits = sources.load_splits(cfg)  # no "validation" split: falls back to "test"
         assert len(splits.train) == 40 and len(splits.eval) == 40
         tok = tokenizer.obtain(cfg, splits, tmp_path)
-        batch = next(pipeline.train_iterator(splits.train, tok, "text", 16, 2, seed=0))
+        rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 16, whole_rows=True)
+        batch = next(pipeline.TrainBatches(rows, 2, seed=0))
         assert batch["inputs"].shape == (2, 16)
         bad = load(None, ["data.source=tfds", "data.name=imdb_reviews", "data.text_key=body",
                           f"data.cache_dir={cache_dir}"]).data

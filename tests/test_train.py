@@ -12,6 +12,7 @@ import pytest
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, infer, train
+from jaxlm.checkpoint import Checkpoints
 from jaxlm.errors import UserError
 
 
@@ -185,5 +186,45 @@ def test_resume_on_another_mesh_continues_the_same_run(trained, tmp_path):
     want, got = records(workdir, "train"), records(copy, "train")
     assert sorted(got) == [2, 4, 6, 8]
     for step in (6, 8):  # computed after the restore, on the other mesh
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+        assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)
+
+
+def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_path):
+    """`launch/local_multiprocess.sh 2` (gloo, 2 devices each) sees the same global batches as
+    one process on 8 devices, and its checkpoint resumes in one process exactly as theirs."""
+    import shutil
+    import socket
+    workdir, overrides = trained
+    mp = tmp_path / "mp"
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_XDIST_WORKER")}
+    env["PYTHON"] = sys.executable
+    script = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
+    log = tmp_path / "launch.log"
+    with open(log, "w") as out:
+        done = subprocess.run([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
+                               "2", "--workdir", str(mp), *overrides],
+                              env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=400)
+    text = log.read_text()
+    assert done.returncode == 0, text[-3000:]
+    assert "on 4 devices" in text
+    want, got = records(workdir, "train"), records(mp, "train")
+    assert sorted(got) == [2, 4, 6, 8]  # process 0 alone writes the log
+    for step in want:  # same rows in the same global batches as one process on 8 devices
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
+    assert Checkpoints(mp / "checkpoints", read_only=True).data_state(8) == {"next_row": 8 * 16}
+
+    reference = tmp_path / "reference"
+    shutil.copytree(workdir, reference)
+    longer = overrides + ["train.steps=12"]
+    train.train(config_lib.load(None, longer), reference)
+    train.train(config_lib.load(None, longer), mp)  # 1 process, 8 devices
+    want, got = records(reference, "train"), records(mp, "train")
+    assert sorted(got) == [2, 4, 6, 8, 10, 12]
+    for step in (10, 12):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)

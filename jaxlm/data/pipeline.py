@@ -1,108 +1,174 @@
-"""grain pipelines: tokenize, pack rows with segment ids, shuffle, batch, shard per host.
+"""Language-model rows from a tokenized split, read with grain by global row index.
 
-A language-model batch is a dict of int32 arrays [batch, seq_len]:
+A split is tokenized once into flat arrays (cached on disk, memory-mapped): each document
+contributes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]`, concatenated in document
+order, plus the offset where each document starts. Row `r` is the slice
+`[r * seq_len, (r + 1) * seq_len)` of that stream, so rows are random access. A batch is a dict
+of int32 arrays [batch, seq_len]:
   inputs       token ids fed to the model (each document starts with BOS)
   targets      the next token at each position (each document ends with EOS)
-  segment_ids  1, 2, ... per document packed in the row; 0 is padding
+  segment_ids  1, 2, ... per document piece in the row; 0 is padding
   positions    index of each token within its document piece
-Documents are concatenated and cut into rows (no padding in training rows); a document cut at
-a row's end continues in the next row as a new segment.
+A document cut at a row's end continues in the next row as a new segment.
 
-The training iterator is a grain `DatasetIterator`: `get_state()` is a small JSON-able dict
-saved in every checkpoint and `set_state()` puts a resumed run at the same example.
+Training reads an endless sequence of rows (every epoch a fresh permutation) by *global* row
+index: process `i` of `n` takes rows `[next_row + i * b, next_row + (i + 1) * b)` of each step's
+`n * b` rows. The data position is therefore one number, `next_row`, equal on every process,
+and a run resumed with another process count, device count or batch size continues at the
+same row: within an epoch no row is repeated or skipped.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import os
+import shutil
+import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import grain
 import numpy as np
-from grain.experimental import ConcatThenSplitIterDataset
 
+from jaxlm.config import DataConfig
+from jaxlm.data.sources import Splits, cache_dir
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]
 KEYS = ("inputs", "targets", "segment_ids", "positions")
+_ARRAYS = ("inputs", "targets", "starts")
+_CHUNK = 1024  # documents tokenized per call
 
 
-class _Tokenize(grain.transforms.Map):
-    """text -> {"inputs": [BOS, t1..tn], "targets": [t1..tn, EOS]}."""
-
-    def __init__(self, tokenizer: TextTokenizer, text_key: str):
-        self._tok = tokenizer
-        self._key = text_key
-
-    def map(self, example: dict[str, Any]) -> dict[str, np.ndarray]:
-        text = example[self._key]
-        if isinstance(text, bytes):
-            text = text.decode("utf-8", errors="replace")
-        ids = np.asarray([self._tok.bos_id, *self._tok.encode(str(text)), self._tok.eos_id], np.int32)
-        return {"inputs": ids[:-1], "targets": ids[1:]}
+def _text(example: dict[str, Any], key: str) -> str:
+    value = example[key]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def positions_from_segments(segment_ids: np.ndarray) -> np.ndarray:
-    """Index of each token within its run of equal segment ids (works on [..., length])."""
-    length = segment_ids.shape[-1]
-    index = np.broadcast_to(np.arange(length), segment_ids.shape)
-    starts = np.ones(segment_ids.shape, bool)
-    starts[..., 1:] = segment_ids[..., 1:] != segment_ids[..., :-1]
-    start_index = np.maximum.accumulate(np.where(starts, index, 0), axis=-1)
-    return (index - start_index).astype(np.int32)
+def _tokenize(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, out: Path) -> None:
+    inputs, targets, starts, offset = [], [], [], 0
+    report = sys.stderr.isatty() and len(source) > 20 * _CHUNK
+    for first in range(0, len(source), _CHUNK):
+        texts = [_text(source[i], text_key) for i in range(first, min(first + _CHUNK, len(source)))]
+        for ids in tokenizer.encode_batch(texts):
+            doc = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
+            inputs.append(doc[:-1])
+            targets.append(doc[1:])
+            starts.append(offset)
+            offset += len(doc) - 1
+        if report:
+            print(f"\rtokenized {first + len(texts):,}/{len(source):,} documents", end="", file=sys.stderr)
+    if report:
+        print(file=sys.stderr)
+    out.mkdir(parents=True)
+    arrays = dict(inputs=inputs, targets=targets)
+    for name, parts in arrays.items():
+        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
+    np.save(out / "starts.npy", np.asarray(starts, np.int64))
 
 
-def _finish_row(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segments = row["inputs_segment_ids"].astype(np.int32)
-    return {
-        "inputs": row["inputs"].astype(np.int32),
-        "targets": row["targets"].astype(np.int32),
-        "segment_ids": segments,
-        "positions": positions_from_segments(segments),
-    }
+class TokenRows:
+    """Random-access rows of `seq_len` tokens over a tokenized split (memory-mapped)."""
+
+    def __init__(self, directory: Path, seq_len: int, whole_rows: bool):
+        """whole_rows: drop the last, partial row (training) instead of padding it (eval)."""
+        self.inputs, self.targets, self.starts = (
+            np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
+        self.seq_len = seq_len
+        tokens = len(self.inputs)
+        self.tokens = tokens
+        self._len = tokens // seq_len if whole_rows else math.ceil(tokens / seq_len)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, r: int) -> Batch:
+        length = self.seq_len
+        a = int(r) * length
+        b = min(a + length, self.tokens)
+        at = np.arange(a, b)
+        doc = np.searchsorted(self.starts, at, side="right") - 1  # document of each token
+        row = {"inputs": self.inputs[a:b], "targets": self.targets[a:b],
+               "segment_ids": doc - doc[0] + 1,
+               "positions": at - np.maximum(self.starts[doc], a)}
+        return {k: np.pad(np.asarray(v, np.int32), (0, length - (b - a))) for k, v in row.items()}
 
 
-def _packed(ds: grain.MapDataset, tokenizer: TextTokenizer, text_key: str,
-            seq_len: int) -> grain.IterDataset:
-    docs = ds.map(_Tokenize(tokenizer, text_key)).to_iter_dataset()
-    rows = ConcatThenSplitIterDataset(docs, length_struct={"inputs": seq_len, "targets": seq_len})
-    return rows.map(_finish_row)
+def empty_row(seq_len: int) -> Batch:
+    """A padding row: no tokens, weight zero."""
+    return {k: np.zeros(seq_len, np.int32) for k in KEYS}
 
 
-def train_iterator(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, seq_len: int,
-                   host_batch: int, seed: int, process_index: int = 0,
-                   process_count: int = 1) -> grain.DatasetIterator:
-    """An endless, reshuffled-every-epoch, checkpointable iterator of this host's batches.
+def tokenized(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, cache: Path) -> Path:
+    """The directory of `source` tokenized (made once per split and tokenizer, then reused)."""
+    digest = hashlib.sha1(tokenizer.tokenizer.to_str().encode()).hexdigest()[:12]
+    directory = cache / f"tok-{digest}"
+    if not all((directory / f"{name}.npy").is_file() for name in _ARRAYS):
+        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        _tokenize(source, tokenizer, text_key, tmp)
+        shutil.rmtree(directory, ignore_errors=True)
+        tmp.rename(directory)
+    return directory
 
-    Args:
-      source: random-access documents (a `tfds.data_source` split).
-      host_batch: rows per batch on this host (global batch / process count).
-      seed: shuffle seed; epochs reshuffle with seeds derived from it.
-      process_index, process_count: this host's shard of the documents.
+
+def tokenize_splits(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, Path]:
+    """Directories of the tokenized train and eval splits, under the data cache."""
+    root = cache_dir(cfg) / "tokens" / splits.fingerprint
+    return {name: tokenized(getattr(splits, name), tokenizer, splits.text_key, root / name)
+            for name in ("train", "eval")}
+
+
+class TrainBatches:
+    """This process's endless training batches, at a global row position.
+
+    Rows follow a fresh permutation every epoch (seeded by `seed`); the state saved in a
+    checkpoint is `{"next_row": N}`, the global count of rows consumed, the same on every
+    process.
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) == 0:
-        raise UserError(f"the training split has {len(source)} documents, too few to give each of "
-                        f"{process_count} processes one; give more text or use fewer processes")
-    ds = ds.shuffle(seed=seed).repeat(None)
-    return iter(_packed(ds, tokenizer, text_key, seq_len).batch(host_batch, drop_remainder=True))
+
+    def __init__(self, rows: TokenRows, global_batch: int, seed: int, next_row: int = 0,
+                 process_index: int = 0, process_count: int = 1):
+        if len(rows) == 0:
+            raise UserError(f"the training split has {rows.tokens:,} tokens, fewer than one row of "
+                            f"data.seq_len={rows.seq_len}; give more text or shorten data.seq_len")
+        self.global_batch = global_batch
+        self.next_row = next_row
+        host = global_batch // process_count
+        stream = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+        # batch k of this process holds global rows next_row + k * global_batch + index * host ...
+        mine = stream[next_row:].batch(host)[process_index::process_count]
+        self._batches = iter(mine.to_iter_dataset())
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self._batches)
+        self.next_row += self.global_batch
+        return batch
+
+    def get_state(self) -> dict[str, int]:
+        return {"next_row": self.next_row}
 
 
-def eval_batches(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, seq_len: int,
-                 host_batch: int, max_batches: int = 0, process_index: int = 0,
+def eval_batches(rows: TokenRows, global_batch: int, max_batches: int = 0, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
-    """The eval split in a fixed order, one pass; the last batch is padded with empty rows.
+    """The eval split in order, one pass, as this process's part of each global batch.
+
+    Every process yields the same number of batches; rows past the end are padding.
 
     Args:
       max_batches: stop after this many batches (0: the whole split).
     """
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    rows = iter(_packed(ds, tokenizer, text_key, seq_len).batch(host_batch, drop_remainder=False))
-    for count, batch in enumerate(rows):
-        if max_batches and count >= max_batches:
-            return
-        short = host_batch - batch["inputs"].shape[0]
-        if short:
-            batch = {k: np.pad(v, ((0, short), (0, 0))) for k, v in batch.items()}
-        yield batch
+    count = math.ceil(len(rows) / global_batch)
+    if max_batches:
+        count = min(count, max_batches)
+    host = global_batch // process_count
+    for b in range(count):
+        first = b * global_batch + process_index * host
+        picked = [rows[r] if r < len(rows) else empty_row(rows.seq_len) for r in range(first, first + host)]
+        yield {k: np.stack([row[k] for row in picked]) for k in KEYS}

@@ -39,6 +39,10 @@ class TextTokenizer:
         """Token ids of text, with no special tokens added."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of many texts at once (in parallel), no special tokens added."""
+        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int]) -> str:
         """Text of ids, special tokens dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
