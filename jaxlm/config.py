@@ -104,7 +104,7 @@ class TrainConfig:
 class DistributedConfig:
     """Multi-process runs (one process per host, or per GPU). Empty fields come from the
     environment (JAXLM_COORDINATOR, JAXLM_NUM_PROCESSES, JAXLM_PROCESS_ID), or are detected
-    on TPU VMs and under SLURM."""
+    under SLURM, and on TPU VMs when JAXLM_DISTRIBUTED=auto (launch/tpu_vm.sh sets it)."""
 
     coordinator: str = ""  # host:port of process 0
     num_processes: int = 0  # 0: from the environment; 1 or unset: a single process
@@ -130,6 +130,10 @@ class MeshConfig:
     data: int = -1  # -1: all devices left over by the other axes
     fsdp: int = 1
     tensor: int = 1
+    # multi-slice (TPU pods joined by the data-center network): the slice_axis (data or fsdp)
+    # spans this many slices; devices without a slice index count each process as a slice
+    slices: int = 1
+    slice_axis: str = "data"
     rules: dict[str, list[str]] = field(
         default_factory=lambda: {
             "batch": ["data", "fsdp"],
@@ -286,6 +290,8 @@ def validate(c: Config) -> None:
              f"optim.warmup_steps={o.warmup_steps} must be below train.steps={t.steps}")
     _require(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables clipping)")
     _choice("mesh.mode", mesh.mode, ("jit", "pmap"))
+    _choice("mesh.slice_axis", mesh.slice_axis, ("data", "fsdp"))
+    _require(mesh.slices >= 1, f"mesh.slices={mesh.slices} must be at least 1")
     _require(c.distributed.timeout_s > 0, f"distributed.timeout_s={c.distributed.timeout_s} must be positive")
     sizes = {"mesh.data": mesh.data, "mesh.fsdp": mesh.fsdp, "mesh.tensor": mesh.tensor}
     for name, value in sizes.items():

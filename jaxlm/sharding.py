@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxlm.config import DistributedConfig, MeshConfig
@@ -31,7 +32,8 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     coordinator = cfg.coordinator or os.environ.get("JAXLM_COORDINATOR", "")
     count = cfg.num_processes or int(os.environ.get("JAXLM_NUM_PROCESSES", "0") or 0)
     pid = cfg.process_id if cfg.process_id >= 0 else int(os.environ.get("JAXLM_PROCESS_ID", "-1") or -1)
-    detected = int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+    detected = (int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1 or "TPU_WORKER_HOSTNAMES" in os.environ
+                or os.environ.get("JAXLM_DISTRIBUTED") == "auto")
     if count <= 1 and not detected:
         return
     if count > 1 and (not coordinator or not 0 <= pid < count):
@@ -71,10 +73,32 @@ def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
     return tuple(sizes)
 
 
+def _hybrid_mesh(cfg: MeshConfig, shape: tuple[int, int, int], devices: list) -> Mesh:
+    """A multi-slice mesh: `cfg.slice_axis` spans the slices, the rest stays within each."""
+    axis = AXES.index(cfg.slice_axis)
+    if shape[axis] % cfg.slices:
+        raise UserError(f"mesh.{cfg.slice_axis}={shape[axis]} does not split over mesh.slices={cfg.slices}; "
+                        f"make it a multiple of {cfg.slices}")
+    dcn = [1, 1, 1]
+    dcn[axis] = cfg.slices
+    ici = [size // parts for size, parts in zip(shape, dcn)]
+    by_process = not hasattr(devices[0], "slice_index")  # CPU and GPU: one process per slice
+    try:
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
+    except ValueError as e:
+        unit = "processes" if by_process else "slices"
+        raise UserError(f"mesh.slices={cfg.slices} does not match the devices ({e}); the run has "
+                        f"{len({getattr(d, 'process_index' if by_process else 'slice_index') for d in devices})} "
+                        f"{unit}") from None
+    return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
+
+
 def make_mesh(cfg: MeshConfig, devices: list | None = None) -> Mesh:
     """The device mesh the config describes, over all devices (or the given ones)."""
     devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(cfg, len(devices))
+    if cfg.slices > 1:
+        return _hybrid_mesh(cfg, shape, devices)
     if len(devices) == jax.device_count():  # all devices: let JAX lay the mesh out by topology
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     return Mesh(np.asarray(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)

@@ -32,7 +32,7 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
                      "checkpoint.async_save", "data.cache_dir", "model.remat", "model.dtype",
                      "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                     "mesh.rules", "distributed.coordinator", "distributed.num_processes",
+                     "mesh.slices", "mesh.slice_axis", "mesh.rules", "distributed.coordinator", "distributed.num_processes",
                      "distributed.process_id", "distributed.timeout_s", "distributed.cpu_collectives")
 
 

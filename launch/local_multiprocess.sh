@@ -58,7 +58,8 @@ for ((i = 0; i < count; i++)); do
     vars+=("XLA_FLAGS=--xla_force_host_platform_device_count=$devices")
   fi
   if ((dry_run)); then
-    echo env "${vars[@]}" "${PYTHON:-python}" -m jaxlm.train "$@"
+    printf '%q ' env "${vars[@]}" "${PYTHON:-python}" -m jaxlm.train "$@"
+    echo
     continue
   fi
   env "${vars[@]}" "${PYTHON:-python}" -m jaxlm.train "$@" &

@@ -8,6 +8,7 @@ import pytest
 
 from jaxlm import optim, sharding
 from jaxlm.config import MeshConfig, ModelConfig, OptimConfig
+from jaxlm.errors import UserError
 from jaxlm.steps import Compiled, PmapCompiled
 from jaxlm.tasks.clm import ClmTask
 
@@ -119,3 +120,19 @@ def test_fsdp_each_device_holds_an_eighth_of_the_state():
     assert replicated == total
     fsdp, _ = bytes_on_device(MeshConfig(data=1, fsdp=8))
     assert fsdp <= total / 8 * 1.05
+
+
+def test_mesh_errors_name_the_sizes_and_the_fix():
+    def mesh(**sizes):
+        return sharding.make_mesh(MeshConfig(**sizes))
+
+    assert dict(mesh(data=2, fsdp=-1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    with pytest.raises(UserError, match="= 6 devices, but 8 are present"):
+        mesh(data=3, fsdp=2)
+    with pytest.raises(UserError, match="does not divide the 8 devices"):
+        mesh(data=-1, fsdp=3)
+    with pytest.raises(UserError, match=r"mesh.data=8 does not split over mesh.slices=3"):
+        mesh(slices=3)
+    # one process is one slice here (CPU devices carry no slice index); 2 slices need 2 processes
+    with pytest.raises(UserError, match="mesh.slices=2 does not match the devices .* 1 processes"):
+        mesh(slices=2)

@@ -191,8 +191,9 @@ def test_resume_on_another_mesh_continues_the_same_run(trained, tmp_path):
 
 
 def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_path):
-    """`launch/local_multiprocess.sh 2` (gloo, 2 devices each) sees the same global batches as
-    one process on 8 devices, and its checkpoint resumes in one process exactly as theirs."""
+    """`launch/local_multiprocess.sh 2` (gloo, 2 devices each, each process a slice of a
+    multi-slice mesh) sees the same global batches as one process on 8 devices, and its
+    checkpoint resumes in one process exactly as theirs."""
     import shutil
     import socket
     workdir, overrides = trained
@@ -206,7 +207,7 @@ def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_pa
     log = tmp_path / "launch.log"
     with open(log, "w") as out:
         done = subprocess.run([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
-                               "2", "--workdir", str(mp), *overrides],
+                               "2", "--workdir", str(mp), *overrides, "mesh.slices=2"],
                               env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                               timeout=400)
     text = log.read_text()
