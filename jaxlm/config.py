@@ -22,11 +22,12 @@ from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
 SOURCES = ("builtin", "text", "tfds")
-TASKS = ("clm",)
+TASKS = ("clm", "mlm")
 POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
 
 
@@ -44,6 +45,9 @@ class ModelConfig:
     positions: str = "rotary"
     rope_base: float = 10000.0
     norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    activation: str = "gelu_tanh"  # MLP nonlinearity: gelu_tanh (GPT-2), gelu (exact erf; BERT), relu
+    type_vocab_size: int = 2  # encoders: token-type (sentence A/B) embeddings
     use_bias: bool = True
     tie_embeddings: bool = True
     dropout: float = 0.0
@@ -70,6 +74,14 @@ class DataConfig:
     vocab_size: int = 1024  # size of the trained tokenizer
     encoding_errors: str = "strict"  # or "replace": undecodable bytes become U+FFFD
     cache_dir: str = ""  # prepared datasets and tokenizers; empty: $JAXLM_CACHE or ~/.cache/jaxlm
+
+
+@dataclass
+class MlmConfig:
+    """Masked-LM pretraining (task=mlm): which tokens are predicted."""
+
+    mask_rate: float = 0.15  # share of non-special tokens selected in each row
+    whole_word: bool = False  # select all pieces of a word together
 
 
 @dataclass
@@ -160,6 +172,7 @@ class Config:
     task: str = "clm"
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    mlm: MlmConfig = field(default_factory=MlmConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -270,11 +283,14 @@ def validate(c: Config) -> None:
              f"rotary positions need an even head size, got {head_dim}; change model.embed_dim or model.num_heads")
     _choice("model.positions", m.positions, POSITIONS)
     _choice("model.norm", m.norm, NORMS)
+    _choice("model.activation", m.activation, ACTIVATIONS)
+    _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive")
     _choice("model.dtype", m.dtype, DTYPES)
     _choice("model.attention_impl", m.attention_impl, ATTENTION_IMPLS)
     _choice("model.remat", m.remat, REMAT)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
+    _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
     _require(d.source != "text" or bool(d.paths), "data.source=text needs data.paths, e.g. data.paths=[corpus/*.txt]")

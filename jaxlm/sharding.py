@@ -119,8 +119,8 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, axis_rules: tuple) -> Any:
 
 
 def batch_sharding(mesh: Mesh, axis_rules: tuple) -> NamedSharding:
-    """Rows of a [batch, length] array over the `batch` rule's mesh axes."""
-    spec = nn.logical_to_mesh_axes(("batch", None), axis_rules)
+    """Rows (the first axis) of a batch array over the `batch` rule's mesh axes."""
+    spec = nn.logical_to_mesh_axes(("batch",), axis_rules)
     return NamedSharding(mesh, spec)
 
 

@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import optim, sharding
@@ -124,8 +123,8 @@ class _StopFlag:
 def compile_only(run: Run) -> None:
     """Compiles the train step and prints per-device memory and FLOPs."""
     c, cfg = run.compiled, run.config
-    batch = {k: jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.data.seq_len), np.int32,
-                                     sharding=c.batch_sharding) for k in run.task.batch_keys}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=c.batch_sharding)
+             for k, v in run.task.dummy_batch(cfg.train.batch_size, cfg.data.seq_len).items()}
     rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
     start = time.time()
     with c.context():
@@ -183,7 +182,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         nonlocal clock, clock_step
         sums = add_sums(None, device_metrics)  # waits for that step only
         now = time.time()
-        values = {"loss": sums["loss_sum"] / max(sums["tokens"], 1.0),
+        values = {"loss": sums["loss_sum"] / max(sums[run.task.weight_key], 1.0),
                   "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
                   "tokens_per_s": tokens_per_step * (step - clock_step) / max(now - clock, 1e-9),
                   "eta_s": writers.eta(step)}
@@ -240,8 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     final = train(config, workdir)
     if final:
-        print(f"done in {time.time() - start:.0f}s: eval loss {final['loss']:.4f}, "
-              f"perplexity {final['perplexity']:.2f}, bits/byte {final.get('bits_per_byte', float('nan')):.4f}",
+        print(f"done in {time.time() - start:.0f}s: eval " + ", ".join(f"{k} {v:.4f}" for k, v in final.items()),
               file=sys.stderr)
 
 

@@ -61,7 +61,7 @@ class Run:
 
     config: Config
     tokenizer: TextTokenizer
-    task: tasks.ClmTask
+    task: tasks.Task
     compiled: Compiled
 
 
@@ -71,7 +71,7 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     `mode` overrides `mesh.mode` (evaluation and inference always use jit: checkpoints restore
     in either mode).
     """
-    task = tasks.build(config, tok.byte_lengths())
+    task = tasks.build(config, tok)
     tx = optim.optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
     batch = config.train.batch_size

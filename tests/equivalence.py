@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -27,6 +28,18 @@ def apply(model: nn.Module, variables: dict, *args, decode: bool = False):
     return model.apply(variables, *args)
 
 
+def assert_grads_close(got: Any, want: Any, rtol: float) -> None:
+    """Gradient trees agree, each entry to `rtol` of itself or of the tree's largest entry.
+
+    An entry that is a sum of many cancelling terms (a tied embedding's gradient, or a key
+    bias's, which is zero in exact arithmetic) legitimately moves by float32 rounding when a
+    knob reorders the additions; a real error moves entries on the scale of the gradient.
+    """
+    scale = max(float(np.abs(w).max()) for w in jax.tree_util.tree_leaves(want))
+    for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(g, w, rtol=rtol, atol=rtol * scale)
+
+
 LossFn = Callable[[nn.Module, dict, dict], jax.Array]  # (model, params, batch) -> scalar loss
 
 
@@ -36,7 +49,10 @@ def unboxed_init(model: nn.Module, batch: dict, init_args: Callable[[dict], tupl
 
 
 def stack_blocks(params: dict, num_layers: int) -> dict:
-    """Unrolled params (block_0, block_1, ...) in the scanned layout (blocks, leading layer axis)."""
+    """Unrolled params (block_0, block_1, ...) in the scanned layout (blocks, leading layer axis),
+    wherever in the tree the blocks are (e.g. under `encoder`)."""
+    if "block_0" not in params:
+        return {k: stack_blocks(v, num_layers) if isinstance(v, dict) else v for k, v in params.items()}
     blocks = [params[f"block_{i}"] for i in range(num_layers)]
     rest = {k: v for k, v in params.items() if not k.startswith("block_")}
     return {**rest, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
@@ -53,9 +69,7 @@ def check_scan_matches_unrolled(model_cls, cfg, batch, init_args, loss_fn: LossF
     loss_u, grads_u = jax.jit(jax.value_and_grad(lambda p: loss_fn(unrolled, p, batch)))(params)
     loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: loss_fn(scanned, p, batch)))(stacked)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
-    for want, got in zip(jax.tree_util.tree_leaves(stack_blocks(grads_u, cfg.num_layers)),
-                         jax.tree_util.tree_leaves(grads_s)):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert_grads_close(grads_s, stack_blocks(grads_u, cfg.num_layers), rtol=1e-5)
 
 
 def check_remat_matches_none(model_cls, cfg, batch, init_args, loss_fn: LossFn, policy: str) -> None:
@@ -69,5 +83,4 @@ def check_remat_matches_none(model_cls, cfg, batch, init_args, loss_fn: LossFn, 
     loss_p, grads_p = jax.jit(jax.value_and_grad(lambda p: loss_fn(plain, p, batch)))(params)
     loss_r, grads_r = jax.jit(jax.value_and_grad(lambda p: loss_fn(remat, p, batch)))(params)
     np.testing.assert_allclose(loss_r, loss_p, rtol=1e-6)
-    for want, got in zip(jax.tree_util.tree_leaves(grads_p), jax.tree_util.tree_leaves(grads_r)):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert_grads_close(grads_r, grads_p, rtol=1e-5)

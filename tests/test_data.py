@@ -96,7 +96,8 @@ def test_train_batches_keys_shapes_and_packing(prepared, tokens):
     _, _, tok = prepared
     rows = pipeline.TokenRows(tokens["train"], 64, whole_rows=True)
     batch = next(pipeline.TrainBatches(rows, 4, seed=0))
-    assert set(batch) == set(pipeline.KEYS)
+    assert set(batch) == {*pipeline.KEYS, "row_ids"}
+    assert batch.pop("row_ids").tolist() == [0, 1, 2, 3]  # global positions in the stream
     for v in batch.values():
         assert v.shape == (4, 64) and v.dtype == np.int32
     seg, pos = batch["segment_ids"], batch["positions"]
@@ -120,6 +121,7 @@ def test_position_resumes_at_the_same_batch(tokens):
     state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
     assert state == {"next_row": 28}
     expected = [next(it) for _ in range(3)]
+    assert expected[0]["row_ids"].tolist() == [28, 29, 30, 31]
     resumed = pipeline.TrainBatches(rows, 4, seed=3, next_row=state["next_row"])
     for want in expected:
         got = next(resumed)

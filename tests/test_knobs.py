@@ -10,6 +10,7 @@ from equivalence import apply, check_remat_matches_none, check_scan_matches_unro
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.decoder import DecoderLM
+from jaxlm.models.encoder import EncoderMLM
 
 DECODER = ModelConfig(num_layers=3, embed_dim=32, num_heads=4, vocab_size=64, max_len=32)
 
@@ -31,7 +32,30 @@ def decoder_loss(model, params, batch):
     return (losses * (batch["segment_ids"] != 0)).sum()
 
 
-FAMILIES = {"decoder": (DecoderLM, DECODER, decoder_batch, decoder_args, decoder_loss)}
+ENCODER = dataclasses.replace(DECODER, positions="learned", activation="gelu")
+
+
+def encoder_batch():
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 64, (2, 16)).astype(np.int32)
+    seg = np.array([[1] * 10 + [2] * 6, [1] * 12 + [0] * 4], np.int32)
+    pos = np.array([list(range(10)) + list(range(6)), list(range(16))], np.int32)
+    masked = np.array([[1, 4, 12], [0, 7, 11]], np.int32)
+    return {"inputs": ids, "types": np.zeros_like(ids), "segment_ids": seg, "positions": pos, "masked": masked,
+            "targets": rng.integers(3, 64, (2, 3)).astype(np.int32)}
+
+
+def encoder_args(batch):
+    return (batch["inputs"], batch["types"], batch["segment_ids"], batch["positions"], batch["masked"])
+
+
+def encoder_loss(model, params, batch):
+    logits, _ = apply(model, {"params": params}, *encoder_args(batch))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).sum()
+
+
+FAMILIES = {"decoder": (DecoderLM, DECODER, decoder_batch, decoder_args, decoder_loss),
+            "encoder": (EncoderMLM, ENCODER, encoder_batch, encoder_args, encoder_loss)}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))

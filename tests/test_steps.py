@@ -1,5 +1,6 @@
 """The pure train step: golden loss, overfitting, and the same numbers on any mesh."""
 
+import dataclasses
 import sys
 
 import jax
@@ -7,12 +8,20 @@ import numpy as np
 import pytest
 
 from jaxlm import optim, sharding
-from jaxlm.config import MeshConfig, ModelConfig, OptimConfig
+from jaxlm.config import MeshConfig, MlmConfig, ModelConfig, OptimConfig
 from jaxlm.errors import UserError
 from jaxlm.steps import Compiled, PmapCompiled
 from jaxlm.tasks.clm import ClmTask
+from jaxlm.tasks.mlm import MlmTask
 
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32)
+ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32,
+                      positions="learned", activation="gelu")
+# every model family, as (task factory); the mesh and accumulation checks run for each
+FAMILIES = {
+    "decoder": lambda: ClmTask(MODEL, np.ones(128, np.int32)),
+    "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3), 16, 0, np.arange(4), np.zeros(128, bool), 3),
+}
 # Golden values: loss of the first step and of the step after one update, for MODEL, seed 0 and
 # the batch below. Regenerate with `python tests/test_steps.py` and paste the printed numbers.
 GOLDEN = (4.872730255126953, 4.870063781738281)
@@ -25,11 +34,12 @@ def batch(seed=0, rows=8, length=16):
     seg[:, 10:] = 2
     seg[0, 14:] = 0  # a padded tail
     pos = np.concatenate([np.arange(10), np.arange(length - 10)])[None].repeat(rows, 0).astype(np.int32)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos}
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos,
+            "row_ids": np.arange(rows, dtype=np.int32) + seed * rows}
 
 
-def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1):
-    task = ClmTask(MODEL, np.ones(128, np.int32))
+def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1, family="decoder"):
+    task = FAMILIES[family]()
     tx = optim.optimizer(OptimConfig(learning_rate=lr, warmup_steps=0, schedule="constant"), 10)
     if mesh_cfg.mode == "pmap":
         return PmapCompiled(task, tx, rows, 16, accum)
@@ -42,7 +52,7 @@ def losses(c, steps=3, rows=8):
     with c.context():
         for i in range(steps):
             state, m = c.train_step(state, c.put_batch(batch(i % 2, rows)), rng)
-            out.append(float(m["loss_sum"] / m["tokens"]))
+            out.append(float(m["loss_sum"] / m[c.task.weight_key]))
     return out
 
 
@@ -76,17 +86,20 @@ def test_loss_falls_when_overfitting_one_batch():
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=8), MeshConfig(data=2, fsdp=2, tensor=2),
                                       MeshConfig(data=1, fsdp=8), MeshConfig(mode="pmap")],
                          ids=["data8", "2x2x2", "fsdp8", "pmap8"])
-def test_mesh_gives_the_same_losses_as_one_device(mesh_cfg):
-    np.testing.assert_allclose(losses(make(mesh_cfg)), losses(make()), rtol=1e-5)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_mesh_gives_the_same_losses_as_one_device(mesh_cfg, family):
+    np.testing.assert_allclose(losses(make(mesh_cfg, family=family)), losses(make(family=family)), rtol=1e-5)
 
 
 @pytest.mark.parametrize("mesh_cfg", [MeshConfig(data=1), MeshConfig(data=2, fsdp=2, tensor=2),
                                       MeshConfig(mode="pmap")], ids=["1device", "2x2x2", "pmap8"])
-def test_microbatches_equal_one_big_batch(mesh_cfg):
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_microbatches_equal_one_big_batch(mesh_cfg, family):
     # 4 microbatches == one batch 4 times as large (rows hold different token counts)
-    rows = 32 if mesh_cfg.mode == "pmap" else 8  # pmap: every device gets rows in every microbatch
-    np.testing.assert_allclose(losses(make(mesh_cfg, rows=rows, accum=4), rows=rows),
-                               losses(make(mesh_cfg, rows=rows), rows=rows), rtol=1e-5)
+    # every device gets whole rows in every microbatch (as train.batch_size must allow)
+    rows = 32 if mesh_cfg.mode == "pmap" else 16
+    np.testing.assert_allclose(losses(make(mesh_cfg, rows=rows, accum=4, family=family), rows=rows),
+                               losses(make(mesh_cfg, rows=rows, family=family), rows=rows), rtol=1e-5)
 
 
 def test_eval_step_matches_train_metrics_without_update():
@@ -103,15 +116,18 @@ if __name__ == "__main__":  # prints the golden values
     print(tuple(losses(make(), steps=2)), file=sys.stdout)
 
 
-def test_fsdp_each_device_holds_an_eighth_of_the_state():
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_fsdp_each_device_holds_an_eighth_of_the_state(family):
     # widths where weights dominate, as in real models (biases over `heads`/`mlp` stay replicated)
     model = ModelConfig(num_layers=2, embed_dim=128, num_heads=4, vocab_size=512, max_len=32)
+    task = {"decoder": lambda: ClmTask(model, np.ones(512, np.int32)),
+            "encoder": lambda: MlmTask(dataclasses.replace(model, positions="learned"), MlmConfig(), 16, 0,
+                                       np.arange(4), np.zeros(512, bool), 3)}[family]()
     tx = optim.optimizer(OptimConfig(), 10)
     device = jax.devices()[0]
 
     def bytes_on_device(mesh_cfg):
-        c = Compiled(ClmTask(model, np.ones(512, np.int32)), tx, sharding.make_mesh(mesh_cfg),
-                     sharding.rules(mesh_cfg), 8, 16)
+        c = Compiled(task, tx, sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg), 8, 16)
         leaves = jax.tree_util.tree_leaves(c.init_state(0))
         mine = sum(s.data.nbytes for x in leaves for s in x.addressable_shards if s.device == device)
         return mine, sum(x.nbytes for x in leaves)

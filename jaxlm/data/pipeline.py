@@ -9,7 +9,8 @@ of int32 arrays [batch, seq_len]:
   targets      the next token at each position (each document ends with EOS)
   segment_ids  1, 2, ... per document piece in the row; 0 is padding
   positions    index of each token within its document piece
-A document cut at a row's end continues in the next row as a new segment.
+and `row_ids` [batch], each row's global index in the stream (keys per-row randomness, e.g.
+masked-LM masks). A document cut at a row's end continues in the next row as a new segment.
 
 Training reads an endless sequence of rows (every epoch a fresh permutation) by *global* row
 index: process `i` of `n` takes rows `[next_row + i * b, next_row + (i + 1) * b)` of each step's
@@ -138,7 +139,8 @@ class TrainBatches:
         self.global_batch = global_batch
         self.next_row = next_row
         host = global_batch // process_count
-        stream = grain.MapDataset.source(rows).shuffle(seed=seed).repeat(None)
+        order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None)
+        stream = order.map_with_index(lambda g, r: {**rows[r], "row_ids": np.int32(g % 2**31)})
         # batch k of this process holds global rows next_row + k * global_batch + index * host ...
         mine = stream[next_row:].batch(host)[process_index::process_count]
         self._batches = iter(mine.to_iter_dataset())
@@ -171,4 +173,6 @@ def eval_batches(rows: TokenRows, global_batch: int, max_batches: int = 0, proce
     for b in range(count):
         first = b * global_batch + process_index * host
         picked = [rows[r] if r < len(rows) else empty_row(rows.seq_len) for r in range(first, first + host)]
-        yield {k: np.stack([row[k] for row in picked]) for k in KEYS}
+        batch = {k: np.stack([row[k] for row in picked]) for k in KEYS}
+        batch["row_ids"] = np.arange(first, first + host, dtype=np.int32)
+        yield batch

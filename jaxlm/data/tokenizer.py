@@ -15,11 +15,12 @@ from jaxlm.config import DataConfig
 from jaxlm.data.sources import Splits, cache_dir
 from jaxlm.errors import UserError
 
-PAD, BOS, EOS = "<pad>", "<s>", "</s>"
+PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
 # Names other vocabularies use for the same roles, tried in order.
 _PAD_NAMES = (PAD, "[PAD]", "<|padding|>", "<|endoftext|>")
 _BOS_NAMES = (BOS, "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
 _EOS_NAMES = (EOS, "[SEP]", "<|end_of_text|>", "<|endoftext|>")
+_MASK_NAMES = (MASK, "[MASK]")
 
 
 @dataclass
@@ -30,6 +31,7 @@ class TextTokenizer:
     pad_id: int
     bos_id: int
     eos_id: int
+    mask_id: int | None = None  # masked-LM's mask token, where the vocabulary has one
 
     @property
     def vocab_size(self) -> int:
@@ -66,6 +68,28 @@ class TextTokenizer:
                 lengths[i] = len(self.tokenizer.decode([i]).encode())
         return lengths
 
+    def special_ids(self) -> np.ndarray:
+        """Ids of the special tokens (never masked, never counted as text)."""
+        ids = {i for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+        ids |= {self.pad_id, self.bos_id, self.eos_id}
+        return np.asarray(sorted(ids), np.int32)
+
+    def continues_word(self) -> np.ndarray:
+        """[vocab] bool: the token continues the word before it (for whole-word masking).
+
+        WordPiece marks continuations with `##`; byte-level BPE marks word starts with a
+        leading space (`Ġ`), so a letter or digit token without one continues a word.
+        """
+        out = np.zeros(self.vocab_size, bool)
+        byte_level = isinstance(self.tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+        for token, i in self.tokenizer.get_vocab().items():
+            if byte_level:
+                out[i] = not token.startswith("Ġ") and token[:1].isalnum()
+            else:
+                out[i] = token.startswith("##")
+        out[self.special_ids()] = False
+        return out
+
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
 
@@ -92,7 +116,7 @@ def from_file(path: str | Path) -> TextTokenizer:
         raise UserError(f"tokenizer '{path}' has no begin/end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
                         "add one or train a tokenizer")
     pad = _find(tok, _PAD_NAMES)
-    return TextTokenizer(tok, eos if pad is None else pad, bos, eos)
+    return TextTokenizer(tok, eos if pad is None else pad, bos, eos, _find(tok, _MASK_NAMES))
 
 
 def _texts(splits: Splits) -> Iterator[str]:
@@ -108,10 +132,11 @@ def train_bpe(splits: Splits, vocab_size: int) -> TextTokenizer:
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=sys.stderr.isatty(),
+        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, MASK], show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(_texts(splits), trainer=trainer, length=len(splits.train))
-    return TextTokenizer(tok, tok.token_to_id(PAD), tok.token_to_id(BOS), tok.token_to_id(EOS))
+    return TextTokenizer(tok, tok.token_to_id(PAD), tok.token_to_id(BOS), tok.token_to_id(EOS),
+                         tok.token_to_id(MASK))
 
 
 def obtain(cfg: DataConfig, splits: Splits, workdir: Path) -> TextTokenizer:
@@ -126,7 +151,7 @@ def obtain(cfg: DataConfig, splits: Splits, workdir: Path) -> TextTokenizer:
     if cfg.tokenizer:
         tok = from_file(cfg.tokenizer)
     else:
-        cached = cache_dir(cfg) / "tokenizers" / f"bpe{cfg.vocab_size}-{splits.fingerprint}.json"
+        cached = cache_dir(cfg) / "tokenizers" / f"bpe{cfg.vocab_size}-m-{splits.fingerprint}.json"
         if cached.is_file():
             tok = from_file(cached)
         else:

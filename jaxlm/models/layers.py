@@ -8,6 +8,7 @@ rules that map them onto a device mesh live in the config, so nothing here knows
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -18,6 +19,13 @@ from jaxlm.config import ModelConfig
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+ACTIVATIONS = {
+    "gelu_tanh": partial(nn.gelu, approximate=True),
+    "gelu": partial(nn.gelu, approximate=False),
+    "relu": nn.relu,
+}
 
 
 def dtype_of(cfg: ModelConfig) -> jnp.dtype:
@@ -88,7 +96,7 @@ class Norm(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(epsilon=1e-5, dtype=dtype_of(self.cfg), param_dtype=jnp.float32,
+        kw = dict(epsilon=self.cfg.norm_eps, dtype=dtype_of(self.cfg), param_dtype=jnp.float32,
                   scale_init=param_init(nn.initializers.ones, ("embed",)))
         if self.cfg.norm == "rmsnorm":
             return nn.RMSNorm(**kw)(x)
@@ -185,7 +193,7 @@ class Mlp(nn.Module):
         cfg = self.cfg
         hidden = cfg.mlp_dim or 4 * cfg.embed_dim
         h = Dense((hidden,), ("embed", "mlp"), cfg, name="wi")(x)
-        h = constrain(nn.gelu(h), ("batch", "length", "act_mlp"))  # [batch, length, mlp]
+        h = constrain(ACTIVATIONS[cfg.activation](h), ("batch", "length", "act_mlp"))  # [batch, length, mlp]
         h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         out = Dense((cfg.embed_dim,), ("mlp", "embed"), cfg, std=0.02 / (2 * cfg.num_layers) ** 0.5,
                     name="wo")(h)

@@ -1,0 +1,138 @@
+"""Masked-language modelling (BERT / RoBERTa style) over packed rows.
+
+Masks are drawn on device inside the loss, from a key made of the run's seed and each row's
+global index in the data stream (`row_ids`), so they depend neither on the step's device layout
+(mesh, pmap, microbatches) nor on restarts: a resumed run masks exactly as it would have.
+Each epoch visits a row at another global index, so the masks change every epoch (dynamic
+masking).
+
+Of the non-special tokens of a row, `round(mask_rate * n)` are selected (whole words together
+with `whole_word`); of those, 80% become the mask token, 10% a random token and 10% stay.
+Loss and accuracy count only selected positions, and the vocabulary projection runs only for
+them: at most `ceil(mask_rate * seq_len)` positions a row are gathered before the output layer.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm.config import MlmConfig, ModelConfig
+from jaxlm.models.encoder import EncoderMLM
+
+Array = jax.Array
+
+
+def max_predictions(mask_rate: float, seq_len: int) -> int:
+    """Positions gathered per row for the output layer."""
+    return max(1, math.ceil(mask_rate * seq_len))
+
+
+def select(u: Array, candidate: Array, word_start: Array, rate: float) -> Array:
+    """Which positions of each row to predict ([batch, length] bool).
+
+    Args:
+      u: [batch, length] uniform noise.
+      candidate: [batch, length] positions that may be selected (not special, not padding).
+      word_start: [batch, length] the token starts a word (all True: token-level masking).
+      rate: share of candidates to select, rounded per row.
+    """
+    length = u.shape[1]
+    index = jnp.arange(length)
+    start_at = jax.lax.cummax(jnp.where(word_start, index, 0), axis=1)  # first token of each word
+    score = jnp.take_along_axis(u, start_at, axis=1)  # every token of a word shares its word's draw
+    # visit tokens by score, ties (the tokens of one word) by position: a word stays together
+    order = jnp.argsort(jnp.where(candidate, score, 2.0), axis=1, stable=True)
+    rank = jnp.argsort(order, axis=1)  # [batch, length] place of each token in that order
+    budget = jnp.round(rate * candidate.sum(1, keepdims=True))
+    # a word is in when its last token is within the budget (words never split)
+    word_end_rank = _word_last(rank, start_at)
+    return candidate & (word_end_rank < budget)
+
+
+def _word_last(values: Array, start_at: Array) -> Array:
+    """For each token, the largest value over the tokens of its word ([batch, length])."""
+    rows = jnp.arange(values.shape[0])[:, None]
+    best = jnp.full(values.shape, -1, values.dtype).at[rows, start_at].max(values)
+    return jnp.take_along_axis(best, start_at, axis=1)
+
+
+class MlmTask:
+    """Loss and metric sums for an encoder pretrained with masked-LM.
+
+    Metric sums: loss_sum (nats over predicted positions), predictions, correct.
+    """
+
+    batch_keys = ("inputs", "segment_ids", "positions", "row_ids")
+    weight_key = "predictions"
+
+    def __init__(self, model_cfg: ModelConfig, mlm: MlmConfig, seq_len: int, seed: int,
+                 special_ids: np.ndarray, continues_word: np.ndarray, mask_id: int):
+        self.model = EncoderMLM(model_cfg)
+        self.cfg, self.seq_len, self.seed = mlm, seq_len, seed
+        self.predictions = max_predictions(mlm.mask_rate, seq_len)
+        self._special = np.zeros(model_cfg.vocab_size, bool)
+        self._special[special_ids] = True
+        self._special[len(continues_word):] = True  # padding rows of the table are never text
+        self._continues = np.zeros(model_cfg.vocab_size, bool)
+        self._continues[: len(continues_word)] = continues_word
+        self._text_ids = np.nonzero(~self._special)[0].astype(np.int32)
+        self.mask_id = mask_id
+
+    def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
+        batch["row_ids"] = np.arange(batch_size, dtype=np.int32)
+        return batch
+
+    def init(self, rng: Array, batch: dict[str, Array]) -> dict:
+        tokens = batch["inputs"]
+        masked = jnp.zeros((tokens.shape[0], self.predictions), jnp.int32)
+        return self.model.init(rng, tokens, jnp.zeros_like(tokens), batch["segment_ids"],
+                               batch["positions"], masked)
+
+    def corrupt(self, batch: dict[str, Array]) -> tuple[Array, Array, Array, Array]:
+        """(inputs with masks applied, gathered positions [batch, P], their targets, their weights)."""
+        tokens = batch["inputs"]  # [batch, length]
+        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(self.seed), r))(batch["row_ids"])
+        draws = jax.vmap(lambda k: jax.random.uniform(k, (3, tokens.shape[1])))(keys)  # [batch, 3, length]
+        special = jnp.asarray(self._special)[tokens] | (batch["segment_ids"] == 0)
+        if self.cfg.whole_word:
+            after_special = jnp.pad(special[:, :-1], ((0, 0), (1, 0)), constant_values=True)
+            word_start = ~jnp.asarray(self._continues)[tokens] | special | after_special
+        else:
+            word_start = jnp.ones_like(special)
+        chosen = select(draws[:, 0], ~special, word_start, self.cfg.mask_rate)
+        action = draws[:, 1]  # < 0.8: mask; < 0.9: random token; else keep
+        text_ids = jnp.asarray(self._text_ids)  # random replacements are real, non-special tokens
+        random_tokens = text_ids[(draws[:, 2] * len(self._text_ids)).astype(jnp.int32)]
+        corrupted = jnp.where(chosen & (action < 0.8), self.mask_id,
+                              jnp.where(chosen & (action >= 0.8) & (action < 0.9), random_tokens, tokens))
+        index = jnp.arange(tokens.shape[1])
+        picked = jnp.argsort(jnp.where(chosen, index, tokens.shape[1] + index), axis=1)[:, : self.predictions]
+        weights = jnp.take_along_axis(chosen, picked, axis=1).astype(jnp.float32)
+        targets = jnp.take_along_axis(tokens, picked, axis=1)
+        return corrupted, picked, targets, weights
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
+             ) -> tuple[Array, dict[str, Array]]:
+        inputs, picked, targets, weights = self.corrupt(batch)
+        logits, _ = self.model.apply(
+            {"params": params}, inputs, jnp.zeros_like(inputs), batch["segment_ids"], batch["positions"],
+            picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+        count = weights.sum()
+        loss_sum = (losses * weights).sum()
+        correct = ((logits.argmax(-1) == targets) * weights).sum()
+        sums = {"loss_sum": loss_sum, "predictions": count, "correct": correct}
+        return loss_sum / jnp.maximum(count, 1.0), sums
+
+    @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        count = max(float(sums["predictions"]), 1.0)
+        loss = float(sums["loss_sum"]) / count
+        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+                "accuracy": float(sums["correct"]) / count}
