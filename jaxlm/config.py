@@ -143,7 +143,7 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
     # multi-slice (TPU pods joined by the data-center network): the slice_axis (data or fsdp)
-    # spans this many slices; devices without a slice index count each process as a slice
+    # spans this many slices; where all devices are in one slice, each process counts as one
     slices: int = 1
     slice_axis: str = "data"
     rules: dict[str, list[str]] = field(

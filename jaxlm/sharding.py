@@ -82,7 +82,8 @@ def _hybrid_mesh(cfg: MeshConfig, shape: tuple[int, int, int], devices: list) ->
     dcn = [1, 1, 1]
     dcn[axis] = cfg.slices
     ici = [size // parts for size, parts in zip(shape, dcn)]
-    by_process = not hasattr(devices[0], "slice_index")  # CPU and GPU: one process per slice
+    # devices of one slice (CPU, GPU, a single TPU slice): each process counts as a slice
+    by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
     try:
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     except ValueError as e:
