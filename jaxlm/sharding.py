@@ -84,13 +84,13 @@ def _hybrid_mesh(cfg: MeshConfig, shape: tuple[int, int, int], devices: list) ->
     ici = [size // parts for size, parts in zip(shape, dcn)]
     # devices of one slice (CPU, GPU, a single TPU slice): each process counts as a slice
     by_process = len({getattr(d, "slice_index", 0) for d in devices}) == 1
+    unit = "process_index" if by_process else "slice_index"
     try:
         grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process)
     except ValueError as e:
-        unit = "processes" if by_process else "slices"
-        raise UserError(f"mesh.slices={cfg.slices} does not match the devices ({e}); the run has "
-                        f"{len({getattr(d, 'process_index' if by_process else 'slice_index') for d in devices})} "
-                        f"{unit}") from None
+        found = len({getattr(d, unit) for d in devices})
+        raise UserError(f"mesh.slices={cfg.slices} does not match the devices ({e}); the run has {found} "
+                        f"{'processes' if by_process else 'slices'}") from None
     return Mesh(grid, AXES, axis_types=(AxisType.Auto,) * 3)
 
 

@@ -92,8 +92,12 @@ def open_data(run: Run, tokens: Path, saved: dict | None) -> pipeline.TrainBatch
     The position is a count of rows, so it carries over to any process count or batch size.
     """
     cfg = run.config
+    saved = saved or {}
+    if saved and "next_row" not in saved:
+        print("the checkpoint's data position is in an older format; the data restarts at the "
+              "beginning of an epoch", file=sys.stderr)
     rows = pipeline.TokenRows(tokens, cfg.data.seq_len, whole_rows=True)
-    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, (saved or {}).get("next_row", 0),
+    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, saved.get("next_row", 0),
                                  jax.process_index(), jax.process_count())
 
 

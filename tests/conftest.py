@@ -55,3 +55,14 @@ def tiny_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:
 @pytest.fixture
 def tiny(corpus_dir, cache_dir) -> list[str]:
     return tiny_overrides(corpus_dir, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def prepared(corpus_dir, cache_dir, tmp_path_factory):
+    """(data config, splits, trained 400-token tokenizer) over the corpus: real data for unit tests."""
+    from jaxlm.config import load
+    from jaxlm.data import sources, tokenizer
+    cfg = load(None, ["data.source=text", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={cache_dir}",
+                      "data.vocab_size=400"]).data
+    splits = sources.load_splits(cfg)
+    return cfg, splits, tokenizer.obtain(cfg, splits, tmp_path_factory.mktemp("wd"))

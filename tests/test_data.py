@@ -8,15 +8,6 @@ from jaxlm.data import pipeline, sources, tokenizer
 from jaxlm.errors import UserError
 
 
-@pytest.fixture(scope="module")
-def prepared(corpus_dir, cache_dir, tmp_path_factory):
-    cfg = load(None, ["data.source=text", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={cache_dir}",
-                      "data.vocab_size=400"]).data
-    splits = sources.load_splits(cfg)
-    tok = tokenizer.obtain(cfg, splits, tmp_path_factory.mktemp("wd"))
-    return cfg, splits, tok
-
-
 def test_splits_hold_all_documents_once(prepared, corpus_dir):
     _, splits, _ = prepared
     assert len(splits.train) > 0 and len(splits.eval) > 0

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxlm.config import MlmConfig, ModelConfig, load
-from jaxlm.data import pipeline, sources, tokenizer
+from jaxlm.config import MlmConfig, ModelConfig
+from jaxlm.data import pipeline
 from jaxlm.models.encoder import EncoderClassifier, EncoderMLM
 from jaxlm.tasks.mlm import MlmTask
 
@@ -15,12 +15,9 @@ MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=512, max
 
 
 @pytest.fixture(scope="module")
-def real(corpus_dir, cache_dir, tmp_path_factory):
+def real(prepared):
     """A real tokenizer and 256 real rows of 64 tokens."""
-    cfg = load(None, ["data.source=text", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={cache_dir}",
-                      "data.vocab_size=400"]).data
-    splits = sources.load_splits(cfg)
-    tok = tokenizer.obtain(cfg, splits, tmp_path_factory.mktemp("wd"))
+    cfg, splits, tok = prepared
     rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 64, whole_rows=True)
     batch = {k: np.stack([rows[r][k] for r in range(256)]) for k in pipeline.KEYS}
     batch["segment_ids"][:8, 40:] = 0  # some padding

@@ -65,8 +65,7 @@ def _tokenize(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, ou
     if report:
         print(file=sys.stderr)
     out.mkdir(parents=True)
-    arrays = dict(inputs=inputs, targets=targets)
-    for name, parts in arrays.items():
+    for name, parts in (("inputs", inputs), ("targets", targets)):
         np.save(out / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
     np.save(out / "starts.npy", np.asarray(starts, np.int64))
 
@@ -79,9 +78,8 @@ class TokenRows:
         self.inputs, self.targets, self.starts = (
             np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
         self.seq_len = seq_len
-        tokens = len(self.inputs)
-        self.tokens = tokens
-        self._len = tokens // seq_len if whole_rows else math.ceil(tokens / seq_len)
+        self.tokens = len(self.inputs)
+        self._len = self.tokens // seq_len if whole_rows else math.ceil(self.tokens / seq_len)
 
     def __len__(self) -> int:
         return self._len

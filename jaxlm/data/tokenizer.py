@@ -55,17 +55,11 @@ class TextTokenizer:
         For bits-per-byte. Byte-level vocabularies map each character of a token to one byte;
         others are decoded token by token.
         """
-        vocab = self.tokenizer.get_vocab()
         lengths = np.zeros(self.vocab_size, np.int32)
-        special = {t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special}
         byte_level = isinstance(self.tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
-        for token, i in vocab.items():
-            if token in special:
-                continue
-            if byte_level:
-                lengths[i] = len(token)
-            else:
-                lengths[i] = len(self.tokenizer.decode([i]).encode())
+        for token, i in self.tokenizer.get_vocab().items():
+            lengths[i] = len(token) if byte_level else len(self.tokenizer.decode([i]).encode())
+        lengths[self.special_ids()] = 0
         return lengths
 
     def special_ids(self) -> np.ndarray:

@@ -41,8 +41,7 @@ def select(u: Array, candidate: Array, word_start: Array, rate: float) -> Array:
       word_start: [batch, length] the token starts a word (all True: token-level masking).
       rate: share of candidates to select, rounded per row.
     """
-    length = u.shape[1]
-    index = jnp.arange(length)
+    index = jnp.arange(u.shape[1])
     start_at = jax.lax.cummax(jnp.where(word_start, index, 0), axis=1)  # first token of each word
     score = jnp.take_along_axis(u, start_at, axis=1)  # every token of a word shares its word's draw
     # visit tokens by score, ties (the tokens of one word) by position: a word stays together
