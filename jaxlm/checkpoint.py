@@ -91,6 +91,10 @@ class Checkpoints:
         """The data position saved with checkpoint `step` (default: the latest)."""
         return self._restore(self._check_step(step), data=ocp.args.JsonRestore()).data
 
+    def meta(self, step: int | None = None) -> dict:
+        """The metadata saved with checkpoint `step` (default: the latest)."""
+        return self._restore(self._check_step(step), meta=ocp.args.JsonRestore()).meta
+
     def wait(self) -> None:
         """Blocks until background writes are done."""
         self._manager.wait_until_finished()

@@ -21,8 +21,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
-SOURCES = ("builtin", "text", "tfds")
-TASKS = ("clm", "mlm")
+SOURCES = ("builtin", "text", "tfds", "labeled")
+TASKS = ("clm", "mlm", "classify")
 POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -85,6 +85,24 @@ class MlmConfig:
 
 
 @dataclass
+class ClassifyConfig:
+    """Sequence classification (task=classify) over labeled examples."""
+
+    num_labels: int = 2
+    labels: list[str] = field(default_factory=list)  # label names in id order; empty: the file holds ids
+    label_key: str = "label"  # column / field with the label
+    pair_key: str = ""  # optional second text column (sentence pairs)
+
+
+@dataclass
+class InitConfig:
+    """Where a new run's parameters start (fine-tuning)."""
+
+    from_workdir: str = ""  # a jaxlm workdir (a pretraining run, or `python -m jaxlm.hf import`)
+    subtree: str = "encoder"  # the parameters taken from it; the rest start fresh
+
+
+@dataclass
 class OptimConfig:
     """AdamW and its learning-rate schedule."""
 
@@ -132,6 +150,7 @@ class CheckpointConfig:
     every: int = 200
     keep: int = 2
     async_save: bool = True
+    best_metric: str = ""  # also keep the params best by this eval metric in <workdir>/best (e.g. accuracy)
 
 
 @dataclass
@@ -173,6 +192,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
+    classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -293,7 +314,14 @@ def validate(c: Config) -> None:
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
-    _require(d.source != "text" or bool(d.paths), "data.source=text needs data.paths, e.g. data.paths=[corpus/*.txt]")
+    _require(d.source not in ("text", "labeled") or bool(d.paths),
+             f"data.source={d.source} needs data.paths, e.g. data.paths=[corpus/*.txt]")
+    _require((c.task == "classify") == (d.source == "labeled"),
+             "task=classify reads labeled files (data.source=labeled, TSV/CSV/JSONL), and only it does")
+    _require(c.classify.num_labels >= 2, f"classify.num_labels={c.classify.num_labels} must be at least 2")
+    _require(not c.classify.labels or len(c.classify.labels) == c.classify.num_labels,
+             f"classify.labels has {len(c.classify.labels)} names but classify.num_labels={c.classify.num_labels}")
+
     _require(d.source != "tfds" or bool(d.name), "data.source=tfds needs data.name, e.g. data.name=lm1b")
     _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     _require(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small; byte-level BPE needs at least 260")

@@ -10,9 +10,8 @@ import json
 import sys
 import time
 
-from jaxlm.data import pipeline, sources
 from jaxlm.errors import cli
-from jaxlm.train import evaluate
+from jaxlm.train import data_rows, evaluate, load_splits
 from jaxlm.workdir import open_run
 
 
@@ -34,9 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     run, ckpt = open_run(args.workdir, args.overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    data = run.config.data
-    tokens = pipeline.tokenize_splits(sources.load_splits(data), run.tokenizer, data)[args.split]
-    metrics = evaluate(run, params, tokens)
+    rows = data_rows(run.config, load_splits(run.config), run.tokenizer)[args.split]
+    metrics = evaluate(run, params, rows)
     if args.json:
         print(json.dumps({"step": step, "split": args.split, **metrics}))
     else:

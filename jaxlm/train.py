@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -23,11 +24,12 @@ from jaxlm import config as config_lib
 from jaxlm import optim, sharding
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
-from jaxlm.data import pipeline, sources
+from jaxlm.data import labeled, pipeline, sources
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
 from jaxlm.metrics import Writers, add_sums
-from jaxlm.workdir import Run, build, check_same_run, with_vocab
+from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -46,8 +48,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Path]]:
-    """Compiled steps for training and the tokenized splits; saves the resolved config."""
+def load_splits(config: Config) -> sources.Splits:
+    """The train and eval examples the config names (documents, or labeled examples)."""
+    if config.task == "classify":
+        return labeled.load_splits(config.data, config.classify)
+    return sources.load_splits(config.data)
+
+
+def data_rows(config: Config, splits: sources.Splits, tok: TextTokenizer) -> dict[str, Any]:
+    """Random-access train and eval rows for the config's task (tokenized once, cached)."""
+    seq_len = config.data.seq_len
+    if config.task == "classify":
+        return {name: labeled.ExampleRows(getattr(splits, name), tok, seq_len) for name in ("train", "eval")}
+    dirs = pipeline.tokenize_splits(splits, tok, config.data)
+    return {"train": pipeline.TokenRows(dirs["train"], seq_len, whole_rows=True),
+            "eval": pipeline.TokenRows(dirs["eval"], seq_len, whole_rows=False)}
+
+
+def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Any]]:
+    """Compiled steps for training and the data rows; saves the resolved config."""
+    config = inherit_model(config)
     if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
         vocab = config.model.vocab_size or saved.model.vocab_size
@@ -55,50 +75,97 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
             config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
 
     def data_and_tokenizer():
-        splits = sources.load_splits(config.data)
+        splits = load_splits(config)
         tok = tokenizer_lib.obtain(config.data, splits, workdir)
-        return tok, pipeline.tokenize_splits(splits, tok, config.data)
+        return tok, data_rows(config, splits, tok)
 
     # process 0 prepares data and tokenizer first; the others then find them (shared disks)
     # or make identical copies of their own
     if jax.process_index() == 0:
-        tok, data = data_and_tokenizer()
+        tok, rows = data_and_tokenizer()
     sharding.barrier("jaxlm: data prepared")
     if jax.process_index() != 0:
-        tok, data = data_and_tokenizer()
+        tok, rows = data_and_tokenizer()
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
-    return build(config, tok, mode), data
+    return build(config, tok, mode), rows
 
 
-def evaluate(run: Run, params, tokens: Path) -> dict[str, float]:
-    """Metrics over a tokenized split (or its first `train.eval_batches` batches)."""
+def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
+    """Metrics over eval rows (or their first `train.eval_batches` batches)."""
     cfg = run.config
-    rows = pipeline.TokenRows(tokens, cfg.data.seq_len, whole_rows=False)
     total = None
     with run.compiled.context():
         for batch in pipeline.eval_batches(rows, cfg.train.batch_size, cfg.train.eval_batches,
                                            jax.process_index(), jax.process_count()):
             total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(batch)))
     if total is None:
-        raise UserError("the eval split yields no batch; give more eval text")
+        raise UserError("the eval split yields no batch; give more eval data")
     return run.task.summarize(total)
 
 
-def open_data(run: Run, tokens: Path, saved: dict | None) -> pipeline.TrainBatches:
+def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
     """This process's training batches, at the global row the checkpoint (if any) reached.
 
     The position is a count of rows, so it carries over to any process count or batch size.
     """
-    cfg = run.config
     saved = saved or {}
     if saved and "next_row" not in saved:
         print("the checkpoint's data position is in an older format; the data restarts at the "
               "beginning of an epoch", file=sys.stderr)
-    rows = pipeline.TokenRows(tokens, cfg.data.seq_len, whole_rows=True)
-    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, saved.get("next_row", 0),
-                                 jax.process_index(), jax.process_count())
+    return pipeline.TrainBatches(rows, run.config.train.batch_size, run.config.seed,
+                                 saved.get("next_row", 0), jax.process_index(), jax.process_count())
+
+
+def initial_params(run: Run, params: Any) -> Any:
+    """`params` with the `init.subtree` taken from `init.from_workdir` (fine-tuning), if set."""
+    init = run.config.init
+    if not init.from_workdir:
+        return params
+    source, ckpt = open_run(init.from_workdir)
+    loaded, step = ckpt.restore_params(source.compiled.abstract_state.params)
+    if init.subtree not in loaded or init.subtree not in params:
+        raise UserError(f"init.subtree={init.subtree!r} is not in both models' parameters "
+                        f"(source has {', '.join(loaded)}; this run has {', '.join(params)})")
+    want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params[init.subtree])
+    got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), loaded[init.subtree])
+    if want != got:
+        raise UserError(f"the {init.subtree} of '{init.from_workdir}' has other shapes than this model's; "
+                        "fine-tune with the source's model config")
+    sub = jax.device_put(loaded[init.subtree], run.compiled.state_sharding.params[init.subtree])
+    print(f"initialised {init.subtree} from {init.from_workdir} (step {step})", file=sys.stderr)
+    return {**params, init.subtree: sub}
+
+
+class Best:
+    """Keeps the checkpoint with the best eval `metric` in its own directory (off when empty).
+
+    Loss is better lower, every other metric higher. A resumed run knows the best so far.
+    """
+
+    def __init__(self, directory: Path, metric: str, async_save: bool):
+        self.metric = metric
+        self._ckpt = Checkpoints(directory, keep=1, async_save=async_save) if metric else None
+        self.value = None
+        if self._ckpt is not None and self._ckpt.latest_step() is not None:
+            self.value = self._ckpt.meta().get(metric)
+
+    def offer(self, step: int, metrics: dict[str, float], state: Any, data_state: dict) -> None:
+        if self._ckpt is None:
+            return
+        if self.metric not in metrics:
+            raise UserError(f"checkpoint.best_metric={self.metric!r} is not an eval metric of this task "
+                            f"({', '.join(metrics)})")
+        value = metrics[self.metric]
+        lower = self.metric == "loss"
+        if self.value is None or (value < self.value if lower else value > self.value):
+            self.value = value
+            self._ckpt.save(step, state, data_state, {"step": step, self.metric: value})
+
+    def close(self) -> None:
+        if self._ckpt is not None:
+            self._ckpt.close()
 
 
 class _StopFlag:
@@ -155,10 +222,11 @@ def compile_only(run: Run) -> None:
 def train(config: Config, workdir: Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final eval metrics."""
     workdir.mkdir(parents=True, exist_ok=True)
-    run, data_dirs = prepare(config, workdir)
+    run, rows = prepare(config, workdir)
     cfg, c = run.config, run.compiled
     tcfg = cfg.train
     ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    best = Best(workdir / "best", cfg.checkpoint.best_metric, cfg.checkpoint.async_save)
     start_step, saved_data = 0, None
     if ckpt.latest_step() is not None:
         state, saved_data, _ = ckpt.restore(c.abstract_state)
@@ -167,7 +235,10 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         print(f"resumed from step {start_step} in {workdir}", file=sys.stderr)
     else:
         state = c.init_state(cfg.seed)
-    data = open_data(run, data_dirs["train"], saved_data)
+        if cfg.init.from_workdir:  # fine-tuning: part of the parameters from another run
+            one = c.saveable(state)
+            state = c.adopt(one.replace(params=initial_params(run, one.params)))
+    data = open_data(run, rows["train"], saved_data)
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(c.abstract_state.params))
     layout = (f"pmap over {jax.device_count()} devices" if cfg.mesh.mode == "pmap"
               else f"{c.mesh.size} devices {dict(c.mesh.shape)}")
@@ -213,14 +284,16 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     if pending is not None:
                         log_train(*pending)
                         pending = None
-                    last_eval = evaluate(run, state.params, data_dirs["eval"])
+                    last_eval = evaluate(run, state.params, rows["eval"])
                     writers.write(step, "eval", last_eval)
+                    best.offer(step, last_eval, c.saveable(state), data.get_state())
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
                     ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             if pending is not None:
                 log_train(*pending)
     finally:  # finish writing checkpoints even when a step fails: no lost work
         ckpt.close()
+        best.close()
         writers.close()
     if stop.stop:
         print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)

@@ -30,10 +30,30 @@ from jaxlm.steps import Compiled, PmapCompiled
 # computed); any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
-                     "checkpoint.async_save", "data.cache_dir", "model.remat", "model.dtype",
+                     "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "model.remat", "model.dtype",
                      "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
                      "mesh.slices", "mesh.slice_axis", "mesh.rules", "distributed.coordinator", "distributed.num_processes",
                      "distributed.process_id", "distributed.timeout_s", "distributed.cpu_collectives")
+
+
+# What a fine-tuning run takes from the model it starts from (init.from_workdir): its shapes.
+# Numerics of the new run (dropout, dtype, remat, scan, attention backend) stay its own.
+INHERITED_MODEL_FIELDS = ("num_layers", "embed_dim", "num_heads", "mlp_dim", "vocab_size",
+                          "vocab_multiple", "max_len", "positions", "rope_base", "norm", "norm_eps",
+                          "activation", "type_vocab_size", "use_bias", "tie_embeddings")
+
+
+def inherit_model(config: Config) -> Config:
+    """With `init.from_workdir`: the model shapes and tokenizer of that run."""
+    source = config.init.from_workdir
+    if not source:
+        return config
+    saved = config_lib.load_workdir(source)
+    model = dataclasses.replace(config.model, **{f: getattr(saved.model, f) for f in INHERITED_MODEL_FIELDS})
+    data = config.data
+    if not data.tokenizer:
+        data = dataclasses.replace(data, tokenizer=str(Path(source) / "tokenizer.json"))
+    return dataclasses.replace(config, model=model, data=data)
 
 
 def with_vocab(config: Config, tok: TextTokenizer) -> Config:

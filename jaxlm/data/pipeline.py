@@ -95,10 +95,9 @@ class TokenRows:
                "positions": at - np.maximum(self.starts[doc], a)}
         return {k: np.pad(np.asarray(v, np.int32), (0, length - (b - a))) for k, v in row.items()}
 
-
-def empty_row(seq_len: int) -> Batch:
-    """A padding row: no tokens, weight zero."""
-    return {k: np.zeros(seq_len, np.int32) for k in KEYS}
+    def empty(self) -> Batch:
+        """A padding row: no tokens, weight zero."""
+        return {k: np.zeros(self.seq_len, np.int32) for k in KEYS}
 
 
 def tokenized(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, cache: Path) -> Path:
@@ -124,12 +123,15 @@ def tokenize_splits(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -
 class TrainBatches:
     """This process's endless training batches, at a global row position.
 
+    `rows` is any random-access sequence of row dicts with a `seq_len` (TokenRows, or
+    labeled examples).
+
     Rows follow a fresh permutation every epoch (seeded by `seed`); the state saved in a
     checkpoint is `{"next_row": N}`, the global count of rows consumed, the same on every
     process.
     """
 
-    def __init__(self, rows: TokenRows, global_batch: int, seed: int, next_row: int = 0,
+    def __init__(self, rows: Any, global_batch: int, seed: int, next_row: int = 0,
                  process_index: int = 0, process_count: int = 1):
         if len(rows) == 0:
             raise UserError(f"the training split has {rows.tokens:,} tokens, fewer than one row of "
@@ -155,7 +157,7 @@ class TrainBatches:
         return {"next_row": self.next_row}
 
 
-def eval_batches(rows: TokenRows, global_batch: int, max_batches: int = 0, process_index: int = 0,
+def eval_batches(rows: Any, global_batch: int, max_batches: int = 0, process_index: int = 0,
                  process_count: int = 1) -> Iterator[Batch]:
     """The eval split in order, one pass, as this process's part of each global batch.
 
@@ -170,7 +172,7 @@ def eval_batches(rows: TokenRows, global_batch: int, max_batches: int = 0, proce
     host = global_batch // process_count
     for b in range(count):
         first = b * global_batch + process_index * host
-        picked = [rows[r] if r < len(rows) else empty_row(rows.seq_len) for r in range(first, first + host)]
-        batch = {k: np.stack([row[k] for row in picked]) for k in KEYS}
+        picked = [rows[r] if r < len(rows) else rows.empty() for r in range(first, first + host)]
+        batch = {k: np.stack([row[k] for row in picked]) for k in picked[0]}
         batch["row_ids"] = np.arange(first, first + host, dtype=np.int32)
         yield batch

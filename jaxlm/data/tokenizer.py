@@ -105,6 +105,8 @@ def from_file(path: str | Path) -> TextTokenizer:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
         raise UserError(f"'{path}' is not a tokenizer.json: {str(e).splitlines()[0]}") from None
+    tok.no_padding()  # jaxlm pads and cuts rows itself; a saved pipeline setting would pad every text
+    tok.no_truncation()
     bos, eos = _find(tok, _BOS_NAMES), _find(tok, _EOS_NAMES)
     if bos is None or eos is None:
         raise UserError(f"tokenizer '{path}' has no begin/end-of-text token (looked for {', '.join(_EOS_NAMES)}); "

@@ -6,13 +6,14 @@ from typing import TYPE_CHECKING
 
 from jaxlm.config import Config
 from jaxlm.errors import UserError
+from jaxlm.tasks.classify import ClassifyTask
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
 
 if TYPE_CHECKING:  # tasks take a tokenizer's tables, not the data package
     from jaxlm.data.tokenizer import TextTokenizer
 
-Task = ClmTask | MlmTask
+Task = ClmTask | MlmTask | ClassifyTask
 
 
 def build(config: Config, tok: TextTokenizer) -> Task:
@@ -25,4 +26,6 @@ def build(config: Config, tok: TextTokenizer) -> Task:
                             "train one (leave data.tokenizer empty) or load one that has it")
         return MlmTask(config.model, config.mlm, config.data.seq_len, config.seed, tok.special_ids(),
                        tok.continues_word(), tok.mask_id)
+    if config.task == "classify":
+        return ClassifyTask(config.model, config.classify.num_labels)
     raise ValueError(f"unknown task {config.task}")

