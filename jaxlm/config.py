@@ -318,6 +318,8 @@ def validate(c: Config) -> None:
              f"data.source={d.source} needs data.paths, e.g. data.paths=[corpus/*.txt]")
     _require((c.task == "classify") == (d.source == "labeled"),
              "task=classify reads labeled files (data.source=labeled, TSV/CSV/JSONL), and only it does")
+    _require(c.task != "classify" or (t.grad_accum_steps == 1 and mesh.mode == "jit"),
+             "task=classify packs examples across the whole batch: use train.grad_accum_steps=1 and mesh.mode=jit")
     _require(c.classify.num_labels >= 2, f"classify.num_labels={c.classify.num_labels} must be at least 2")
     _require(not c.classify.labels or len(c.classify.labels) == c.classify.num_labels,
              f"classify.labels has {len(c.classify.labels)} names but classify.num_labels={c.classify.num_labels}")

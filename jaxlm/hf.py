@@ -1,11 +1,14 @@
 """Hugging Face BERT weights in and out, through safetensors (never pickle).
 
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
+    python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N]
 
 `import` turns a `BertModel`, `BertForMaskedLM` or `BertForSequenceClassification` directory
 (config.json, model.safetensors, and tokenizer.json or vocab.txt) into a jaxlm workdir: the
 resolved config, the tokenizer and a step-0 checkpoint. `train`, `evaluate` and `infer` accept
-it, and a fine-tuning run initialises its encoder from it (`init.from_workdir=W`).
+it, and a fine-tuning run initialises its encoder from it (`init.from_workdir=W`). `export`
+writes a masked-LM or classification run as `BertForMaskedLM` / `BertForSequenceClassification`
+(config.json, model.safetensors, tokenizer.json) that `from_pretrained` loads.
 
 This is the only module that knows Hugging Face names.
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from jaxlm import config as config_lib
@@ -30,7 +33,7 @@ from jaxlm.config import Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
 from jaxlm.models.layers import padded_vocab
-from jaxlm.workdir import build
+from jaxlm.workdir import build, open_run
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
 
@@ -54,63 +57,76 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
         dropout=hf.get("hidden_dropout_prob", 0.1))
 
 
-def _linear(w: np.ndarray) -> np.ndarray:
-    return w.T  # torch Linear [out, in] -> kernel [in, out]
+Convert = tuple[Callable[[np.ndarray], np.ndarray], Callable[[np.ndarray], np.ndarray]]
+SAME: Convert = (np.asarray, np.asarray)
+LINEAR: Convert = (lambda w: w.T, lambda k: k.T)  # torch Linear [out, in] <-> kernel [in, out]
 
 
-def _pad_rows(vocab: int) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda w: np.pad(w, [(0, vocab - w.shape[0])] + [(0, 0)] * (w.ndim - 1))
+def _rows(padded: int, real: int) -> Convert:
+    """The vocabulary axis padded to the jaxlm table size, and cut back for HF."""
+    return (lambda w: np.pad(w, [(0, padded - w.shape[0])] + [(0, 0)] * (w.ndim - 1)),
+            lambda w: w[:real])
 
 
-def encoder_mapping(cfg: ModelConfig, prefix: str) -> dict[str, tuple[tuple[str, ...], Callable]]:
-    """HF tensor name -> (path in the jaxlm encoder subtree, conversion of the array)."""
+Mapping = dict[str, tuple[tuple[str, ...], Convert]]
+
+
+def encoder_mapping(cfg: ModelConfig, prefix: str, vocab: int) -> Mapping:
+    """HF tensor name -> (path in the jaxlm encoder subtree, conversions both ways).
+
+    `vocab` is the HF vocabulary size (the jaxlm table may be padded beyond it).
+    """
     heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    qkv: Convert = (lambda w: w.T.reshape(-1, heads, head_dim), lambda k: k.reshape(k.shape[0], -1).T)
+    qkv_bias: Convert = (lambda b: b.reshape(heads, head_dim), lambda b: b.reshape(-1))
+    out_proj: Convert = (lambda w: w.T.reshape(heads, head_dim, -1), lambda k: k.reshape(-1, k.shape[-1]).T)
     e = prefix + "embeddings."
-    out: dict[str, tuple[tuple[str, ...], Callable]] = {
-        e + "word_embeddings.weight": (("token_embed", "embedding"), _pad_rows(cfg.vocab_size)),
-        e + "position_embeddings.weight": (("position_embed", "embedding"), np.asarray),
-        e + "token_type_embeddings.weight": (("type_embed", "embedding"), np.asarray),
-        e + "LayerNorm.weight": (("ln_embed", "LayerNorm_0", "scale"), np.asarray),
-        e + "LayerNorm.bias": (("ln_embed", "LayerNorm_0", "bias"), np.asarray),
-        prefix + "pooler.dense.weight": (("pooler", "kernel"), _linear),
-        prefix + "pooler.dense.bias": (("pooler", "bias"), np.asarray),
+    out: Mapping = {
+        e + "word_embeddings.weight": (("token_embed", "embedding"), _rows(cfg.vocab_size, vocab)),
+        e + "position_embeddings.weight": (("position_embed", "embedding"), SAME),
+        e + "token_type_embeddings.weight": (("type_embed", "embedding"), SAME),
+        e + "LayerNorm.weight": (("ln_embed", "LayerNorm_0", "scale"), SAME),
+        e + "LayerNorm.bias": (("ln_embed", "LayerNorm_0", "bias"), SAME),
+        prefix + "pooler.dense.weight": (("pooler", "kernel"), LINEAR),
+        prefix + "pooler.dense.bias": (("pooler", "bias"), SAME),
     }
     for i in range(cfg.num_layers):
         h, b = f"{prefix}encoder.layer.{i}.", f"block_{i}"
         for name in ("query", "key", "value"):
-            out[f"{h}attention.self.{name}.weight"] = (
-                (b, "attention", name, "kernel"), lambda w: w.T.reshape(-1, heads, head_dim))
-            out[f"{h}attention.self.{name}.bias"] = (
-                (b, "attention", name, "bias"), lambda w: w.reshape(heads, head_dim))
-        out[f"{h}attention.output.dense.weight"] = (
-            (b, "attention", "out", "kernel"), lambda w: w.T.reshape(heads, head_dim, -1))
-        out[f"{h}attention.output.dense.bias"] = ((b, "attention", "out", "bias"), np.asarray)
-        out[f"{h}attention.output.LayerNorm.weight"] = ((b, "ln_attention", "LayerNorm_0", "scale"), np.asarray)
-        out[f"{h}attention.output.LayerNorm.bias"] = ((b, "ln_attention", "LayerNorm_0", "bias"), np.asarray)
-        out[f"{h}intermediate.dense.weight"] = ((b, "mlp", "wi", "kernel"), _linear)
-        out[f"{h}intermediate.dense.bias"] = ((b, "mlp", "wi", "bias"), np.asarray)
-        out[f"{h}output.dense.weight"] = ((b, "mlp", "wo", "kernel"), _linear)
-        out[f"{h}output.dense.bias"] = ((b, "mlp", "wo", "bias"), np.asarray)
-        out[f"{h}output.LayerNorm.weight"] = ((b, "ln_mlp", "LayerNorm_0", "scale"), np.asarray)
-        out[f"{h}output.LayerNorm.bias"] = ((b, "ln_mlp", "LayerNorm_0", "bias"), np.asarray)
+            out[f"{h}attention.self.{name}.weight"] = ((b, "attention", name, "kernel"), qkv)
+            out[f"{h}attention.self.{name}.bias"] = ((b, "attention", name, "bias"), qkv_bias)
+        out[f"{h}attention.output.dense.weight"] = ((b, "attention", "out", "kernel"), out_proj)
+        out[f"{h}attention.output.dense.bias"] = ((b, "attention", "out", "bias"), SAME)
+        out[f"{h}attention.output.LayerNorm.weight"] = ((b, "ln_attention", "LayerNorm_0", "scale"), SAME)
+        out[f"{h}attention.output.LayerNorm.bias"] = ((b, "ln_attention", "LayerNorm_0", "bias"), SAME)
+        out[f"{h}intermediate.dense.weight"] = ((b, "mlp", "wi", "kernel"), LINEAR)
+        out[f"{h}intermediate.dense.bias"] = ((b, "mlp", "wi", "bias"), SAME)
+        out[f"{h}output.dense.weight"] = ((b, "mlp", "wo", "kernel"), LINEAR)
+        out[f"{h}output.dense.bias"] = ((b, "mlp", "wo", "bias"), SAME)
+        out[f"{h}output.LayerNorm.weight"] = ((b, "ln_mlp", "LayerNorm_0", "scale"), SAME)
+        out[f"{h}output.LayerNorm.bias"] = ((b, "ln_mlp", "LayerNorm_0", "bias"), SAME)
     return out
 
 
-def mlm_head_mapping(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], Callable]]:
-    """HF names of BertForMaskedLM's head -> paths beside `encoder` (the decoder is tied)."""
+def head_mapping(cfg: ModelConfig, vocab: int) -> Mapping:
+    """HF names of the heads beside `encoder`: BertForMaskedLM's (decoder tied) and the classifier."""
     p = "cls.predictions."
     return {
-        p + "transform.dense.weight": (("mlm_transform", "kernel"), _linear),
-        p + "transform.dense.bias": (("mlm_transform", "bias"), np.asarray),
-        p + "transform.LayerNorm.weight": (("mlm_ln", "LayerNorm_0", "scale"), np.asarray),
-        p + "transform.LayerNorm.bias": (("mlm_ln", "LayerNorm_0", "bias"), np.asarray),
-        p + "bias": (("mlm_bias",), _pad_rows(cfg.vocab_size)),
+        p + "transform.dense.weight": (("mlm_transform", "kernel"), LINEAR),
+        p + "transform.dense.bias": (("mlm_transform", "bias"), SAME),
+        p + "transform.LayerNorm.weight": (("mlm_ln", "LayerNorm_0", "scale"), SAME),
+        p + "transform.LayerNorm.bias": (("mlm_ln", "LayerNorm_0", "bias"), SAME),
+        p + "bias": (("mlm_bias",), _rows(cfg.vocab_size, vocab)),
+        "classifier.weight": (("classifier", "kernel"), LINEAR),
+        "classifier.bias": (("classifier", "bias"), SAME),
     }
 
 
-def classifier_mapping() -> dict[str, tuple[tuple[str, ...], Callable]]:
-    return {"classifier.weight": (("classifier", "kernel"), _linear),
-            "classifier.bias": (("classifier", "bias"), np.asarray)}
+def mapping_for(cfg: ModelConfig, params: dict, prefix: str, vocab: int) -> Mapping:
+    """Every HF name that maps onto these params (heads only where the model has them)."""
+    out = {k: (("encoder", *p), c) for k, (p, c) in encoder_mapping(cfg, prefix, vocab).items()}
+    out.update({k: v for k, v in head_mapping(cfg, vocab).items() if _get(params, v[0]) is not None})
+    return out
 
 
 def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
@@ -131,16 +147,15 @@ def _prefix(tensors: dict[str, np.ndarray]) -> str:
     return "bert." if any(k.startswith("bert.") for k in tensors) else ""
 
 
-def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, source: str) -> dict:
+def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, source: str,
+              vocab: int) -> dict:
     """Fills a copy of `target` (the jaxlm params, numpy) with the HF tensors that map onto it.
 
     The encoder must be complete; heads the checkpoint lacks (a fresh classifier, the MLM head
     of a `BertModel`) keep their values from `target`. Shape mismatches and missing encoder
     tensors are one error naming them.
     """
-    mapping = {k: (("encoder", *p), f) for k, (p, f) in encoder_mapping(cfg, _prefix(tensors)).items()}
-    heads = {**mlm_head_mapping(cfg), **classifier_mapping()}
-    mapping.update({k: v for k, v in heads.items() if _get(target, v[0]) is not None})
+    mapping = mapping_for(cfg, target, _prefix(tensors), vocab)
     params = jax.tree_util.tree_map(np.asarray, target)
     missing = [k for k, (p, _) in mapping.items() if k not in tensors and p[0] == "encoder"
                and not k.endswith(("pooler.dense.weight", "pooler.dense.bias"))]
@@ -148,7 +163,7 @@ def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, so
         raise UserError(f"{source} lacks {len(missing)} encoder tensor(s), e.g. {', '.join(missing[:3])}; "
                         "is it a BERT checkpoint of this config?")
     wrong = []
-    for name, (path, convert) in mapping.items():
+    for name, (path, (convert, _)) in mapping.items():
         if name not in tensors:
             continue
         value = convert(np.asarray(tensors[name], np.float32))
@@ -161,6 +176,16 @@ def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, so
     if wrong:
         raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
     return params
+
+
+def from_params(params: dict, cfg: ModelConfig, vocab: int) -> dict[str, np.ndarray]:
+    """HF tensors (`bert.`-prefixed, as BertFor* models name them) of jaxlm params."""
+    out = {}
+    for name, (path, (_, convert)) in mapping_for(cfg, params, "bert.", vocab).items():
+        out[name] = np.ascontiguousarray(convert(np.asarray(_get(params, path), np.float32)))
+    if "cls.predictions.bias" in out:  # transformers ties these two to one tensor
+        out["cls.predictions.decoder.bias"] = out["cls.predictions.bias"]
+    return out
 
 
 def load_tokenizer(hf_dir: Path) -> tokenizer_lib.TextTokenizer:
@@ -213,12 +238,47 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     c = run.compiled
     state = c.init_state(config.seed)
     params = to_params(load_file(str(hf_dir / "model.safetensors")), config.model,
-                       jax.device_get(state.params), str(hf_dir / "model.safetensors"))
+                       jax.device_get(state.params), str(hf_dir / "model.safetensors"), hf["vocab_size"])
     state = state.replace(params=jax.device_put(params, c.state_sharding.params))
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
     ckpt.save(0, c.saveable(state), {"next_row": 0}, {"step": 0, "imported_from": str(hf_dir), "architecture": arch})
     ckpt.close()
     return config
+
+
+def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
+    """Writes a transformers directory (config.json, model.safetensors, tokenizer.json) of a
+    masked-LM or classification run; returns the architecture written."""
+    run, ckpt = open_run(workdir)
+    cfg, m = run.config, run.config.model
+    if cfg.task not in ("mlm", "classify"):
+        raise UserError(f"only encoder runs export to BERT; '{workdir}' trains task={cfg.task}")
+    if m.positions != "learned" or m.norm != "layernorm" or not m.use_bias:
+        raise UserError("BERT needs learned positions, LayerNorm and biases; this model differs")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
+    vocab = run.tokenizer.vocab_size
+    tensors = from_params(jax.device_get(params), m, vocab)
+    arch = "BertForMaskedLM" if cfg.task == "mlm" else "BertForSequenceClassification"
+    if arch == "BertForMaskedLM":  # it has no pooler
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("bert.pooler.")}
+    hf = {"architectures": [arch], "model_type": "bert", "vocab_size": vocab, "hidden_size": m.embed_dim,
+          "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+          "intermediate_size": m.mlp_dim or 4 * m.embed_dim,
+          "hidden_act": {v: k for k, v in ACTIVATIONS.items() if k != "gelu_pytorch_tanh"}[m.activation],
+          "max_position_embeddings": m.max_len, "type_vocab_size": m.type_vocab_size,
+          "layer_norm_eps": m.norm_eps, "hidden_dropout_prob": m.dropout,
+          "attention_probs_dropout_prob": 0.0, "pad_token_id": run.tokenizer.pad_id,
+          "position_embedding_type": "absolute"}
+    if cfg.task == "classify":
+        names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]
+        hf["id2label"] = dict(enumerate(names))
+        hf["label2id"] = {n: i for i, n in enumerate(names)}
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    run.tokenizer.save(hf_dir / "tokenizer.json")
+    print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)
+    return arch
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -228,6 +288,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
     imp.add_argument("--workdir", required=True, help="new jaxlm workdir")
     imp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the workdir")
+    exp = sub.add_parser("export", help="a jaxlm masked-LM or classification workdir -> a transformers directory")
+    exp.add_argument("--workdir", required=True, help="a training run's directory")
+    exp.add_argument("--hf-dir", required=True, help="directory to write")
+    exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     return parser.parse_args(argv)
 
 
@@ -239,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         m = config.model
         print(f"imported {args.hf_dir} into {args.workdir}: task={config.task}, {m.num_layers} layers, "
               f"width {m.embed_dim}, vocabulary {m.vocab_size}", file=sys.stderr)
+    else:
+        export_hf(Path(args.workdir), Path(args.hf_dir), args.step)
 
 
 if __name__ == "__main__":

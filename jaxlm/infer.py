@@ -2,10 +2,13 @@
 
     python -m jaxlm.infer generate --workdir DIR [TEXT ...] [--prompt TEXT] [--input FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
+    python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
+    python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
 
-Prompts come from positional TEXT, repeated --prompt, and --input FILE (one prompt per line);
-they are decoded together in batches with a KV cache. --temperature 0 is greedy and
-deterministic.
+Texts come from positional TEXT, repeated --prompt, and --input FILE (one per line) and are
+run together in batches. generate decodes with a KV cache (--temperature 0 is greedy and
+deterministic); fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
+classify prints the label and its probability for a classification run.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm import decoding
+from jaxlm import decoding, encoder_infer
 from jaxlm.errors import UserError, cli
 from jaxlm.workdir import Run, open_run
 
@@ -41,6 +44,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    for name, what in (("fill-mask", "predict the mask tokens of texts with a masked-LM run"),
+                       ("classify", "label texts with a classification run")):
+        cmd = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        cmd.add_argument("--workdir", required=True, help="a training run's directory")
+        cmd.add_argument("text", nargs="*", help="texts")
+        cmd.add_argument("--prompt", action="append", default=[], help="a text (repeatable)")
+        cmd.add_argument("--input", help="file with one text per line")
+        cmd.add_argument("--batch-size", type=int, default=64, help="texts run together")
+        cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+        if name == "fill-mask":
+            cmd.add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
     return parser.parse_args(argv)
 
 
@@ -52,7 +66,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise UserError(f"--input '{args.input}' not found; give a file with one prompt per line")
         prompts += [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise UserError("no prompt given; pass TEXT, --prompt TEXT or --input FILE")
+        raise UserError("no text given; pass TEXT, --prompt TEXT or --input FILE")
     return prompts
 
 
@@ -120,10 +134,37 @@ class Generator:
         return texts
 
 
+def encoder_command(args: argparse.Namespace, texts: list[str]) -> None:
+    """fill-mask and classify: batches of texts through an encoder run."""
+    task = {"fill-mask": "mlm", "classify": "classify"}[args.command]
+    if args.batch_size < 1 or getattr(args, "top_k", 1) < 1:
+        raise UserError("--batch-size and --top-k must be at least 1")
+    run, ckpt = open_run(args.workdir)
+    if run.config.task != task:
+        raise UserError(f"{args.command} needs a task={task} run; '{args.workdir}' trains task={run.config.task}")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
+    start = time.time()
+    for first in range(0, len(texts), args.batch_size):
+        chunk = texts[first:first + args.batch_size]
+        if args.command == "classify":
+            for text, (label, p) in zip(chunk, encoder_infer.classify(run, params, chunk)):
+                print(f"{label}\t{p:.4f}\t{text}", flush=True)
+            continue
+        for text, masks in zip(chunk, encoder_infer.fill_mask(run, params, chunk, args.top_k)):
+            print(text)
+            for j, options in enumerate(masks):
+                shown = "  ".join(f"{t} {p:.3f}" for t, p in options)
+                print(f"  mask {j + 1}: {shown}", flush=True)
+    print(f"checkpoint step {step}: {len(texts)} texts in {time.time() - start:.1f}s", file=sys.stderr)
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     prompts = read_prompts(args)
+    if args.command != "generate":
+        encoder_command(args, prompts)
+        return
     check_sampling(args)
     run, ckpt = open_run(args.workdir)
     if run.config.task != "clm":

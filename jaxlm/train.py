@@ -92,13 +92,21 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
     return build(config, tok, mode), rows
 
 
+def packer(run: Run, rows: Any) -> labeled.Packer | None:
+    """Packs labeled examples several to a row (none for language-model rows)."""
+    if not isinstance(rows, labeled.ExampleRows):
+        return None
+    host = run.config.train.batch_size // jax.process_count()
+    return labeled.Packer(rows.packed_rows(host, jax.local_device_count()))
+
+
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
     """Metrics over eval rows (or their first `train.eval_batches` batches)."""
     cfg = run.config
     total = None
     with run.compiled.context():
         for batch in pipeline.eval_batches(rows, cfg.train.batch_size, cfg.train.eval_batches,
-                                           jax.process_index(), jax.process_count()):
+                                           jax.process_index(), jax.process_count(), packer(run, rows)):
             total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(batch)))
     if total is None:
         raise UserError("the eval split yields no batch; give more eval data")
@@ -115,7 +123,8 @@ def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
         print("the checkpoint's data position is in an older format; the data restarts at the "
               "beginning of an epoch", file=sys.stderr)
     return pipeline.TrainBatches(rows, run.config.train.batch_size, run.config.seed,
-                                 saved.get("next_row", 0), jax.process_index(), jax.process_count())
+                                 saved.get("next_row", 0), jax.process_index(), jax.process_count(),
+                                 packer(run, rows))
 
 
 def initial_params(run: Run, params: Any) -> Any:

@@ -77,3 +77,18 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(UserError, match=r"intermediate.dense.weight \(32, 36\) vs encoder/block_0/mlp/wi/kernel \(32, 37\)"):
         hf.import_hf(broken, tmp_path / "b", [])
+
+
+def test_export_then_import_gives_identical_params(tmp_path):
+    from safetensors.numpy import load_file
+    _, params = imported(GOLDEN / "tiny_bert_mlm", tmp_path / "a")
+    hf.main(["export", "--workdir", str(tmp_path / "a"), "--hf-dir", str(tmp_path / "exported")])
+    original = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
+    written = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    for name, value in original.items():  # every tensor transformers saved comes back unchanged
+        if name in written:
+            np.testing.assert_array_equal(written[name], value, err_msg=name)
+    assert set(original) - set(written) <= {"bert.embeddings.position_ids"}
+    _, again = imported(tmp_path / "exported", tmp_path / "b")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))

@@ -22,7 +22,7 @@ from jaxlm.data.sources import Splits, _fingerprint, _is_eval, expand_paths
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
-KEYS = ("inputs", "token_types", "segment_ids", "positions", "labels")
+KEYS = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
 
 
 def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
@@ -124,13 +124,30 @@ class ExampleRows:
         real = np.arange(self.seq_len) < self.lengths[i]
         return {"inputs": self.inputs[i], "token_types": self.types[i],
                 "segment_ids": real.astype(np.int32), "positions": np.arange(self.seq_len, dtype=np.int32),
-                "labels": self.labels[i]}
+                "pool_at": np.int32(0), "labels": self.labels[i]}
+
+    def packed_rows(self, examples: int, multiple: int = 1) -> tuple[int, ...]:
+        """Row counts to pack `examples` random examples into: a common size, then a roomy one.
+
+        Measured by packing 1,000 random batches of this split: the first size fits about 60%
+        of batches, the second all of them; each size is one compiled shape, and a batch that
+        fits neither gets one example a row. Sizes are rounded up to `multiple` (the devices
+        on the batch axis) and never exceed `examples`.
+        """
+        rng = np.random.default_rng(0)
+        need = []
+        for _ in range(1000):
+            lengths = self.lengths[rng.integers(0, len(self.lengths), examples)]
+            least = max(1, -(-int(lengths.sum()) // self.seq_len))  # no packing beats this
+            need.append(next(r for r in range(least, examples + 1) if _first_fit(lengths, r, self.seq_len)))
+        sizes = (int(np.percentile(need, 60)), max(need))
+        return tuple(sorted({min(-(-r // multiple) * multiple, examples) for r in sizes}))
 
     def empty(self) -> dict[str, np.ndarray]:
         """A padding example (no tokens; weight zero)."""
         zeros = np.zeros(self.seq_len, np.int32)
         return {"inputs": zeros, "token_types": zeros, "segment_ids": zeros, "positions": zeros,
-                "labels": np.int32(-1)}
+                "pool_at": np.int32(0), "labels": np.int32(-1)}
 
 
 def _str(value: Any) -> str:
@@ -143,3 +160,55 @@ def _truncate(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[
     while len(a) + len(b) > budget:
         (a if len(a) >= len(b) else b).pop()
     return a, b
+
+
+class Packer:
+    """Packs a batch of encoded examples into as few rows as it can (first fit, longest first).
+
+    Several examples share a row apart by segment ids (attention never crosses them) with
+    positions restarting at 0, so every example computes exactly what it would alone in a
+    padded row, on far fewer padding tokens. `pool_at` gives each example's first token
+    (flat index row * seq_len + offset). Batches take the first of `sizes` (row counts) they
+    fit in, else one example a row, so only a few shapes are ever compiled.
+    """
+
+    def __init__(self, sizes: tuple[int, ...]):
+        self.sizes = sizes
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        count, seq_len = batch["inputs"].shape
+        lengths = batch["segment_ids"].sum(1)
+        for rows in (*self.sizes, count):  # one example a row always fits
+            places = _first_fit(lengths, rows, seq_len)
+            if places:
+                break
+        out = {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "token_types", "segment_ids", "positions")}
+        pool_at = np.zeros(count, np.int32)
+        used = np.zeros(rows, np.int32)  # examples per row so far
+        for i, (row, offset) in enumerate(places):
+            n = lengths[i]
+            if n == 0:
+                continue
+            span = slice(offset, offset + n)
+            out["inputs"][row, span] = batch["inputs"][i, :n]
+            out["token_types"][row, span] = batch["token_types"][i, :n]
+            used[row] += 1
+            out["segment_ids"][row, span] = used[row]
+            out["positions"][row, span] = np.arange(n)
+            pool_at[i] = row * seq_len + offset
+        return {**out, "pool_at": pool_at, "labels": batch["labels"]}
+
+
+def _first_fit(lengths: np.ndarray, rows: int, seq_len: int) -> list[tuple[int, int]]:
+    """(row, offset) of each example, longest placed first; [] if they do not fit in `rows`."""
+    fill = np.zeros(rows, np.int64)
+    places = [(0, 0)] * len(lengths)
+    for i in np.argsort(-lengths, kind="stable"):
+        if lengths[i] == 0:
+            continue
+        free = np.nonzero(fill + lengths[i] <= seq_len)[0]
+        if not len(free):
+            return []
+        places[i] = (int(free[0]), int(fill[free[0]]))
+        fill[free[0]] += lengths[i]
+    return places

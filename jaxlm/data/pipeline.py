@@ -26,7 +26,7 @@ import math
 import os
 import shutil
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +132,9 @@ class TrainBatches:
     """
 
     def __init__(self, rows: Any, global_batch: int, seed: int, next_row: int = 0,
-                 process_index: int = 0, process_count: int = 1):
+                 process_index: int = 0, process_count: int = 1,
+                 transform: Callable[[Batch], Batch] | None = None):
+        """transform: applied to each host batch (e.g. packing examples into rows)."""
         if len(rows) == 0:
             raise UserError(f"the training split has {rows.tokens:,} tokens, fewer than one row of "
                             f"data.seq_len={rows.seq_len}; give more text or shorten data.seq_len")
@@ -143,6 +145,8 @@ class TrainBatches:
         stream = order.map_with_index(lambda g, r: {**rows[r], "row_ids": np.int32(g % 2**31)})
         # batch k of this process holds global rows next_row + k * global_batch + index * host ...
         mine = stream[next_row:].batch(host)[process_index::process_count]
+        if transform is not None:
+            mine = mine.map(transform)
         self._batches = iter(mine.to_iter_dataset())
 
     def __iter__(self) -> Iterator[Batch]:
@@ -158,7 +162,8 @@ class TrainBatches:
 
 
 def eval_batches(rows: Any, global_batch: int, max_batches: int = 0, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[Batch]:
+                 process_count: int = 1, transform: Callable[[Batch], Batch] | None = None
+                 ) -> Iterator[Batch]:
     """The eval split in order, one pass, as this process's part of each global batch.
 
     Every process yields the same number of batches; rows past the end are padding.
@@ -175,4 +180,4 @@ def eval_batches(rows: Any, global_batch: int, max_batches: int = 0, process_ind
         picked = [rows[r] if r < len(rows) else rows.empty() for r in range(first, first + host)]
         batch = {k: np.stack([row[k] for row in picked]) for k in picked[0]}
         batch["row_ids"] = np.arange(first, first + host, dtype=np.int32)
-        yield batch
+        yield batch if transform is None else transform(batch)

@@ -55,7 +55,9 @@ class Encoder(nn.Module):
 
     @nn.compact
     def __call__(self, tokens: Array, token_types: Array, segment_ids: Array, positions: Array,
-                 deterministic: bool = True) -> tuple[Array, Array]:
+                 deterministic: bool = True, pool_at: Array | None = None) -> tuple[Array, Array]:
+        """pool_at: [examples] flat indices (row * length + position) of the tokens to pool, for
+        rows that pack several examples; default: the first token of every row."""
         cfg = self.cfg
         x = embed(cfg.vocab_size, cfg, ("vocab", "embed"), "token_embed")(tokens)
         x = x + embed(cfg.type_vocab_size, cfg, (None, "embed"), "type_embed")(token_types)
@@ -65,8 +67,9 @@ class Encoder(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ("batch", "length", "act_embed"))  # [batch, length, embed]
         x = stack(EncoderBlock, cfg, x, segment_ids, positions, deterministic=deterministic)
-        pooled = jnp.tanh(Dense((cfg.embed_dim,), ("embed", None), cfg, name="pooler")(x[:, 0]))
-        return x, pooled  # [batch, length, embed], [batch, embed]
+        first = x[:, 0] if pool_at is None else x.reshape(-1, x.shape[-1])[pool_at]
+        pooled = jnp.tanh(Dense((cfg.embed_dim,), ("embed", None), cfg, name="pooler")(first))
+        return x, pooled  # [batch, length, embed], [batch or examples, embed]
 
 
 def token_table(encoder: Encoder) -> Array:
@@ -109,16 +112,20 @@ class EncoderMLM(nn.Module):
 
 
 class EncoderClassifier(nn.Module):
-    """Sequence classification: dropout + dense over the pooled first token."""
+    """Sequence classification: dropout + dense over the pooled first token of each example.
+
+    Rows may pack several examples (apart by segment ids); `pool_at` then says where each
+    example's first token is.
+    """
 
     cfg: ModelConfig
     num_labels: int
 
     @nn.compact
     def __call__(self, tokens: Array, token_types: Array, segment_ids: Array, positions: Array,
-                 deterministic: bool = True) -> Array:
-        """Returns float32 logits [batch, num_labels]."""
+                 deterministic: bool = True, pool_at: Array | None = None) -> Array:
+        """Returns float32 logits [batch (or examples), num_labels]."""
         _, pooled = Encoder(self.cfg, name="encoder")(tokens, token_types, segment_ids, positions,
-                                                       deterministic)
+                                                       deterministic, pool_at)
         pooled = nn.Dropout(self.cfg.dropout)(pooled, deterministic=deterministic)
         return Dense((self.num_labels,), ("embed", None), self.cfg, name="classifier")(pooled).astype(jnp.float32)

@@ -20,7 +20,7 @@ class ClassifyTask:
     Padding examples (label -1) count nowhere.
     """
 
-    batch_keys = ("inputs", "token_types", "segment_ids", "positions", "labels")
+    batch_keys = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
     weight_key = "examples"
 
     def __init__(self, model_cfg: ModelConfig, num_labels: int):
@@ -30,18 +30,19 @@ class ClassifyTask:
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
         batch["labels"] = np.zeros(batch_size, np.int32)
+        batch["pool_at"] = np.arange(batch_size, dtype=np.int32) * seq_len
         return batch
 
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         return self.model.init(rng, batch["inputs"], batch["token_types"], batch["segment_ids"],
-                               batch["positions"])
+                               batch["positions"], pool_at=batch["pool_at"])
 
     def logits(self, params: dict, batch: dict[str, Array], rng: Array | None = None,
                train: bool = False) -> Array:
-        """[batch, num_labels] float32."""
+        """[examples, num_labels] float32."""
         return self.model.apply({"params": params}, batch["inputs"], batch["token_types"],
                                 batch["segment_ids"], batch["positions"], deterministic=not train,
-                                rngs={"dropout": rng} if train else {})
+                                pool_at=batch["pool_at"], rngs={"dropout": rng} if train else {})
 
     def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
              ) -> tuple[Array, dict[str, Array]]:

@@ -1,0 +1,74 @@
+"""Inference with encoders: fill-mask (masked-LM runs) and classify (classification runs)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.data import labeled
+from jaxlm.errors import UserError
+from jaxlm.workdir import Run
+
+
+def _rows(run: Run, count: int) -> int:
+    """`count` rounded up so the batch fills the mesh's batch axes."""
+    mesh = run.compiled.mesh.shape
+    per = mesh["data"] * mesh["fsdp"]
+    return -(-count // per) * per
+
+
+def fill_mask(run: Run, params, texts: list[str], top_k: int) -> list[list[list[tuple[str, float]]]]:
+    """For each text, for each mask token in it, the top_k (token, probability) pairs."""
+    tok = run.tokenizer
+    if tok.mask_id is None:
+        raise UserError("this run's tokenizer has no mask token; fill-mask needs a masked-LM run")
+    mask_text = tok.tokenizer.id_to_token(tok.mask_id)
+    encoded = [[tok.bos_id, *tok.encode(t), tok.eos_id] for t in texts]
+    for text, ids in zip(texts, encoded):
+        if tok.mask_id not in ids:
+            raise UserError(f"no {mask_text} in {text!r}; put {mask_text} where a word should be predicted")
+    length = max(len(ids) for ids in encoded)
+    if length > run.config.model.max_len:
+        raise UserError(f"a text of {length} tokens exceeds model.max_len={run.config.model.max_len}")
+    masks = [[i for i, t in enumerate(ids) if t == tok.mask_id] for ids in encoded]
+    predictions = max(len(m) for m in masks)
+    batch = _rows(run, len(texts))
+    inputs = np.full((batch, length), tok.pad_id, np.int32)
+    segments = np.zeros((batch, length), np.int32)
+    picked = np.zeros((batch, predictions), np.int32)
+    for i, (ids, m) in enumerate(zip(encoded, masks)):
+        inputs[i, :len(ids)], segments[i, :len(ids)] = ids, 1
+        picked[i, :len(m)] = m
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), inputs.shape)
+
+    @jax.jit
+    def probabilities(params, inputs, segments, positions, picked):
+        logits, _ = run.task.model.apply({"params": params}, inputs, jnp.zeros_like(inputs), segments,
+                                         positions, picked)
+        logits = logits[..., : tok.vocab_size]  # never the table's padding rows
+        return jax.lax.top_k(jax.nn.softmax(logits), top_k)
+
+    with run.compiled.context():
+        probs, ids = jax.device_get(probabilities(params, inputs, segments, positions, picked))
+    return [[[(tok.tokenizer.id_to_token(int(t)), float(p)) for t, p in zip(ids[i, j], probs[i, j])]
+             for j in range(len(m))] for i, m in enumerate(masks)]
+
+
+def classify(run: Run, params, texts: list[str]) -> list[tuple[str, float]]:
+    """(label, probability) of the most likely label of each text."""
+    cfg = run.config
+    examples = [{"text": t, "label": 0} for t in texts]
+    examples += [{"text": "", "label": 0}] * (_rows(run, len(texts)) - len(texts))
+    rows = labeled.ExampleRows(examples, run.tokenizer, cfg.data.seq_len)
+    batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in labeled.KEYS}
+    batch = labeled.Packer(())(batch)  # one text a row
+
+    @jax.jit
+    def probabilities(params, batch):
+        return jax.nn.softmax(run.task.logits(params, batch))
+
+    with run.compiled.context():
+        probs = np.asarray(probabilities(params, batch))[: len(texts)]
+    names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]
+    return [(names[int(p.argmax())], float(p.max())) for p in probs]
