@@ -65,6 +65,7 @@ class DataConfig:
     paths: list[str] = field(default_factory=list)
     eval_paths: list[str] = field(default_factory=list)
     name: str = ""  # TFDS catalog name, for source=tfds
+    tfds_dir: str = ""  # where catalog datasets are kept; empty: $TFDS_DATA_DIR, else <cache_dir>/tfds
     text_key: str = "text"
     train_split: str = "train"
     eval_split: str = "validation"
@@ -82,6 +83,7 @@ class MlmConfig:
 
     mask_rate: float = 0.15  # share of non-special tokens selected in each row
     whole_word: bool = False  # select all pieces of a word together
+    nsp: bool = False  # also next-sentence prediction: rows are [CLS] A [SEP] B [SEP] pairs, half of them B from another document
 
 
 @dataclass
@@ -316,8 +318,11 @@ def validate(c: Config) -> None:
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
     _require(d.source not in ("text", "labeled") or bool(d.paths),
              f"data.source={d.source} needs data.paths, e.g. data.paths=[corpus/*.txt]")
-    _require((c.task == "classify") == (d.source == "labeled"),
-             "task=classify reads labeled files (data.source=labeled, TSV/CSV/JSONL), and only it does")
+    _require(c.task == "classify" or d.source != "labeled",
+             f"data.source=labeled (TSV/CSV/JSONL examples) is for task=classify, not task={c.task}")
+    _require(c.task != "classify" or d.source in ("labeled", "tfds"),
+             f"task=classify reads labeled files (data.source=labeled) or a TFDS catalog dataset "
+             f"(data.source=tfds data.name=glue/sst2), not data.source={d.source}")
     _require(c.task != "classify" or (t.grad_accum_steps == 1 and mesh.mode == "jit"),
              "task=classify packs examples across the whole batch: use train.grad_accum_steps=1 and mesh.mode=jit")
     _require(c.classify.num_labels >= 2, f"classify.num_labels={c.classify.num_labels} must be at least 2")

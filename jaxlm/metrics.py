@@ -1,4 +1,4 @@
-"""Metric writers: console (a progress bar on a terminal), metrics.jsonl and TensorBoard."""
+"""Metric sums and the loss made of them; writers: console (a progress bar on a terminal), metrics.jsonl, TensorBoard."""
 
 from __future__ import annotations
 
@@ -9,9 +9,18 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
+
+
+def objective(sums: dict[str, Any], terms: tuple[tuple[str, str], ...],
+              totals: dict[str, Any] | None = None) -> Any:
+    """The loss to differentiate: the sum over `terms` (sum key, denominator key) of each sum
+    divided by its denominator, taken from `totals` (the whole batch's) when given, else `sums`."""
+    counts = sums if totals is None else totals
+    return sum(sums[s] / jnp.maximum(counts[d], 1.0) for s, d in terms)
 
 
 def add_sums(total: dict[str, Any] | None, sums: dict[str, Any]) -> dict[str, float]:

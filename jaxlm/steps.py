@@ -29,43 +29,47 @@ class TrainState:
     opt_state: Any
 
 
-def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum_steps: int = 1
-              ) -> tuple[Any, dict[str, Array]]:
-    """Gradient of the batch's mean loss and its metric sums, in `accum_steps` microbatches.
+def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum_steps: int = 1,
+              axis_name: str | None = None) -> tuple[Any, dict[str, Array]]:
+    """Gradient of the batch's loss and its metric sums, in `accum_steps` microbatches.
 
-    Each microbatch's gradient is weighted by its share of the denominator
-    (`task.weight_key`, e.g. tokens), so k microbatches of b rows give the gradient of one
-    batch of k*b rows.
+    The loss is a sum of terms, each a sum over examples divided by its denominator
+    (`task.terms`, e.g. token loss over tokens, NSP loss over pairs). With microbatches or
+    under `jax.pmap` (`axis_name`), the denominators are counted over the whole batch up front
+    (`task.denominators`, summed over devices), so the microbatches' and devices' gradients
+    simply add up to the gradient of one batch, for any number of terms.
     """
+    totals = None
+    if accum_steps > 1 or axis_name is not None:
+        totals = task.denominators(batch)
+        if axis_name is not None:
+            totals = jax.lax.psum(totals, axis_name)
+
     def one(mb: dict[str, Array], mb_rng: Array):
         (_, sums), grads = jax.value_and_grad(
-            lambda p: task.loss(p, mb, mb_rng, train=True), has_aux=True)(params)
+            lambda p: task.loss(p, mb, mb_rng, train=True, totals=totals), has_aux=True)(params)
         return grads, sums
 
     if accum_steps == 1:
-        return one(batch, rng)
+        grads, sums = one(batch, rng)
+    else:
+        def split(x: Array) -> Array:  # [batch, ...] -> [k, batch / k, ...]
+            # microbatch i takes rows i, i + k, ...: each device's rows stay on it, spread over all k
+            x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+            return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
-    def split(x: Array) -> Array:  # [batch, ...] -> [k, batch / k, ...]
-        # microbatch i takes rows i, i + k, ...: each device's rows stay on it, spread over all k
-        x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
-        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+        def body(carry, xs):
+            mb, i = xs
+            return jax.tree_util.tree_map(jnp.add, carry, one(mb, jax.random.fold_in(rng, i))), None
 
-    def body(carry, xs):
-        grad_sum, sums_total = carry
-        mb, i = xs
-        grads, sums = one(mb, jax.random.fold_in(rng, i))
-        weight = sums[task.weight_key]
-        grad_sum = jax.tree_util.tree_map(lambda a, g: a + weight * g, grad_sum, grads)
-        return (grad_sum, jax.tree_util.tree_map(jnp.add, sums_total, sums)), None
-
-    micro = jax.tree_util.tree_map(split, batch)
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    sums_shape = jax.eval_shape(lambda: one(first, rng)[1])
-    zeros = (jax.tree_util.tree_map(jnp.zeros_like, params),
-             jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), sums_shape))
-    (grad_sum, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
-    total = jnp.maximum(sums[task.weight_key], 1.0)
-    return jax.tree_util.tree_map(lambda g: g / total, grad_sum), sums
+        micro = jax.tree_util.tree_map(split, batch)
+        first = jax.tree_util.tree_map(lambda x: x[0], micro)
+        zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype),
+                                       jax.eval_shape(lambda: one(first, rng)))
+        (grads, sums), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum_steps)))
+    if axis_name is not None:
+        grads, sums = jax.lax.psum((grads, sums), axis_name)
+    return grads, sums
 
 
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: Any,
@@ -73,20 +77,15 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: 
                ) -> tuple[TrainState, dict[str, Array]]:
     """One optimizer update. Pure: the randomness is `rng` folded with the step number.
 
-    Under `jax.pmap`, `axis_name` names the device axis: gradients are averaged over devices
-    weighted by each device's denominator (as one big batch would be) and metric sums summed.
+    Under `jax.pmap`, `axis_name` names the device axis: gradients and metric sums are summed
+    over devices, each device's loss already divided by the whole batch's denominators.
 
     Returns the new state and metric sums (plus the gradient norm before clipping).
     """
     step_rng = jax.random.fold_in(rng, state.step)
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
-    grads, sums = gradients(state.params, batch, step_rng, task, accum_steps)
-    if axis_name is not None:
-        weight = sums[task.weight_key]
-        total = jnp.maximum(jax.lax.psum(weight, axis_name), 1.0)
-        grads = jax.tree_util.tree_map(lambda g: jax.lax.psum(g * weight, axis_name) / total, grads)
-        sums = jax.lax.psum(sums, axis_name)
+    grads, sums = gradients(state.params, batch, step_rng, task, accum_steps, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {**sums, "grad_norm": optax.global_norm(grads)}

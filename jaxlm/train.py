@@ -24,7 +24,7 @@ from jaxlm import config as config_lib
 from jaxlm import optim, sharding
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
-from jaxlm.data import labeled, pipeline, sources
+from jaxlm.data import labeled, pairs, pipeline, sources
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def load_splits(config: Config) -> sources.Splits:
     """The train and eval examples the config names (documents, or labeled examples)."""
     if config.task == "classify":
+        if config.data.source == "tfds":
+            return labeled.load_catalog(config.data, config.classify)
         return labeled.load_splits(config.data, config.classify)
     return sources.load_splits(config.data)
 
@@ -61,6 +63,10 @@ def data_rows(config: Config, splits: sources.Splits, tok: TextTokenizer) -> dic
     if config.task == "classify":
         return {name: labeled.ExampleRows(getattr(splits, name), tok, seq_len) for name in ("train", "eval")}
     dirs = pipeline.tokenize_splits(splits, tok, config.data)
+    if config.task == "mlm" and config.mlm.nsp:  # eval pairs are the same whatever the seed
+        return {name: pairs.PairRows(dirs[name], seq_len, config.seed if name == "train" else 0,
+                                     tok.bos_id, tok.eos_id, tok.ends_sentence(), name)
+                for name in ("train", "eval")}
     return {"train": pipeline.TokenRows(dirs["train"], seq_len, whole_rows=True),
             "eval": pipeline.TokenRows(dirs["eval"], seq_len, whole_rows=False)}
 
@@ -68,6 +74,9 @@ def data_rows(config: Config, splits: sources.Splits, tok: TextTokenizer) -> dic
 def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Any]]:
     """Compiled steps for training and the data rows; saves the resolved config."""
     config = inherit_model(config)
+    if config.task == "classify" and config.data.source == "tfds":  # label names from the dataset
+        names = labeled.catalog_labels(config.data, config.classify)
+        config = dataclasses.replace(config, classify=dataclasses.replace(config.classify, labels=names))
     if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
         vocab = config.model.vocab_size or saved.model.vocab_size
@@ -266,8 +275,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         nonlocal clock, clock_step
         sums = add_sums(None, device_metrics)  # waits for that step only
         now = time.time()
-        values = {"loss": sums["loss_sum"] / max(sums[run.task.weight_key], 1.0),
-                  "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
+        values = {**run.task.summarize(sums), "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
                   "tokens_per_s": tokens_per_step * (step - clock_step) / max(now - clock, 1e-9),
                   "eta_s": writers.eta(step)}
         clock, clock_step = now, step

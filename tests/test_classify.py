@@ -71,3 +71,64 @@ def test_labeled_files_and_their_errors(tmp_path):
     (tmp_path / "train.tsv").write_text("label\ttext\n")
     with pytest.raises(UserError, match="holds no examples"):
         labeled.load_splits(data, ClassifyConfig())
+
+
+def prepare_catalog(catalog_name: str, data_dir, splits: dict) -> None:
+    """Writes `splits` (lists of feature dicts) as the TFDS catalog dataset `catalog_name`, with the
+    catalog's own builder (features, version, file layout), so it loads by name with no network."""
+    import tensorflow_datasets as tfds
+
+    from jaxlm.data import sources
+    dataset, _, config = catalog_name.partition("/")
+    real = type(sources.catalog_builder(DataConfig(name=catalog_name, tfds_dir=str(data_dir))))
+    with tfds.core.registered.skip_registration():
+        class Local(real):
+            name = real.name
+
+            def _split_generators(self, dl_manager):
+                return {split: enumerate(examples) for split, examples in splits.items()}
+    Local(config=config or None, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
+
+
+def test_tfds_catalog_datasets_by_name(tmp_path):
+    from jaxlm import config as config_lib
+    from jaxlm import train
+    rng = np.random.default_rng(0)
+    texts = [" ".join(f"w{i}" for i in rng.integers(5, 90, rng.integers(2, 9))) for _ in range(60)]
+    labels = [int(int(t.split()[0][1:]) < 45) for t in texts]
+    tfds_dir = tmp_path / "tfds"
+    prepare_catalog("glue/sst2", tfds_dir, {
+        "train": [{"sentence": t, "label": y, "idx": i} for i, (t, y) in enumerate(zip(texts[:40], labels))],
+        "validation": [{"sentence": t, "label": y, "idx": i} for i, (t, y) in enumerate(zip(texts[40:], labels[40:]))],
+        "test": [{"sentence": t, "label": -1, "idx": i} for i, t in enumerate(texts[40:])]})
+    prepare_catalog("imdb_reviews/plain_text", tfds_dir, {
+        "train": [{"text": t, "label": y} for t, y in zip(texts[:50], labels)],
+        "test": [{"text": t, "label": y} for t, y in zip(texts[50:], labels[50:])]})
+    common = ["task=classify", "data.source=tfds", f"data.tfds_dir={tfds_dir}", f"data.cache_dir={tmp_path}",
+              "data.vocab_size=300", "data.seq_len=16", "model.num_layers=1", "model.embed_dim=16",
+              "model.num_heads=2", "model.positions=learned", "train.batch_size=8"]
+
+    run, rows = train.prepare(config_lib.load(None, [*common, "data.name=glue/sst2"]), tmp_path / "sst2")
+    assert run.config.classify.labels == ["negative", "positive"]  # names from the ClassLabel
+    assert config_lib.load_workdir(tmp_path / "sst2").classify.labels == ["negative", "positive"]
+    assert (len(rows["train"]), len(rows["eval"])) == (40, 20)  # eval: the validation split
+    splits = labeled.load_catalog(run.config.data, run.config.classify)  # TFDS stores examples shuffled
+    assert sorted((e["text"], e["label"]) for e in splits.train) == sorted(zip(texts[:40], labels[:40]))
+    assert sorted(e["text"] for e in splits.eval) == sorted(texts[40:])
+    first = rows["train"][0]
+    assert run.tokenizer.decode(first["inputs"][1:rows["train"].lengths[0] - 1].tolist()) == splits.train[0]["text"]
+
+    run, rows = train.prepare(config_lib.load(None, [*common, "data.name=imdb_reviews"]), tmp_path / "imdb")
+    assert run.config.classify.labels == ["neg", "pos"]
+    assert (len(rows["train"]), len(rows["eval"])) == (50, 10)  # no validation split: test
+    assert sorted(rows["eval"].labels.tolist()) == sorted(labels[50:])
+
+    def fails(overrides, match):
+        with pytest.raises(UserError, match=match):
+            train.prepare(config_lib.load(None, [*common, *overrides]), tmp_path / "bad")
+    fails(["data.name=glue/sst2", "data.eval_split=test"], "split 'test' is unlabeled .* data.eval_split=validation")
+    fails(["data.name=glue/mnli"], r"has 3 labels \(entailment, neutral, contradiction\) but classify.num_labels=2")
+    fails(["data.name=glue/stsb"], "no class-label feature 'label'")
+    fails(["data.name=glue/sst2", "classify.labels=[bad,good]"], "differ from glue/sst2's labels")
+    fails(["data.name=imdb_reviews", "data.text_key=review", "classify.pair_key=summary"],
+          "name the text with data.text_key")

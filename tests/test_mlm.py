@@ -94,3 +94,17 @@ def test_encoder_padding_never_changes_real_positions():
     cparams = classifier.init(jax.random.key(0), ids, types, seg, pos)["params"]
     np.testing.assert_array_equal(classifier.apply({"params": cparams}, ids, types, seg, pos),
                                   classifier.apply({"params": cparams}, ids.at[0, 15:].set(7), types, seg, pos))
+
+
+def test_nsp_pretraining_end_to_end(tiny, tmp_path):
+    import json
+
+    from jaxlm import config as config_lib
+    from jaxlm import train
+    overrides = [*tiny, "task=mlm", "mlm.nsp=true", "model.positions=learned", "train.steps=4",
+                 "train.eval_every=4", "train.log_every=4", "checkpoint.every=4", "data.eval_fraction=0.3"]
+    final = train.train(config_lib.load(None, overrides), tmp_path)
+    assert 0 <= final["nsp_accuracy"] <= 1 and 0 < final["nsp_loss"] < 5 and 0 <= final["accuracy"] <= 1
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_line = next(r for r in logged if r["kind"] == "train")
+    assert {"loss", "nsp_loss", "nsp_accuracy", "grad_norm"} <= set(train_line)

@@ -21,7 +21,9 @@ ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, m
 # every model family, as (task factory); the mesh and accumulation checks run for each
 FAMILIES = {
     "decoder": lambda: ClmTask(MODEL, np.ones(128, np.int32)),
-    "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3), 16, 0, np.arange(4), np.zeros(128, bool), 3),
+    # masked-LM + next-sentence: two loss terms with different denominators (tokens, pairs)
+    "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3, nsp=True), 16, 0, np.arange(4),
+                               np.zeros(128, bool), 3),
 }
 # Golden values: loss of the first step and of the step after one update, for MODEL, seed 0 and
 # the batch below. Regenerate with `python tests/test_steps.py` and paste the printed numbers.
@@ -35,8 +37,11 @@ def batch(seed=0, rows=8, length=16):
     seg[:, 10:] = 2
     seg[0, 14:] = 0  # a padded tail
     pos = np.concatenate([np.arange(10), np.arange(length - 10)])[None].repeat(rows, 0).astype(np.int32)
+    nsp = rng.integers(0, 2, rows).astype(np.int32)
+    nsp[1] = -1  # a padding pair
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos,
-            "row_ids": np.arange(rows, dtype=np.int32) + seed * rows}
+            "row_ids": np.arange(rows, dtype=np.int32) + seed * rows, "token_types": (seg == 2).astype(np.int32),
+            "nsp_labels": nsp}
 
 
 def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1, family="decoder"):
@@ -53,7 +58,7 @@ def losses(c, steps=3, rows=8):
     with c.context():
         for i in range(steps):
             state, m = c.train_step(state, c.put_batch(batch(i % 2, rows)), rng)
-            out.append(float(m["loss_sum"] / m[c.task.weight_key]))
+            out.append(c.task.summarize(m)["loss"])
     return out
 
 

@@ -1,10 +1,15 @@
-"""Labeled examples for classification: TSV / CSV / JSONL files, and their encoding into rows.
+"""Labeled examples for classification: TSV / CSV / JSONL files or a TFDS catalog dataset, and
+their encoding into rows.
 
 A file holds one example a line (TSV and CSV with a header row naming the columns; JSONL one
 object a line). `data.text_key` names the text column, `classify.pair_key` an optional second
 text, `classify.label_key` the label: a name from `classify.labels`, or an integer id when no
 names are given. A bad label, a missing column or an empty file is one error naming the file
 and line. Held-out examples come from `data.eval_paths`, or a stable hashed share of the rest.
+
+A TFDS catalog dataset (`data.source=tfds`, e.g. `glue/sst2`, `imdb_reviews`) gives its label
+names through its ClassLabel feature; its eval split is `data.eval_split` (else `test`, else a
+share of train).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tensorflow_datasets as tfds
 
 from jaxlm.config import ClassifyConfig, DataConfig
-from jaxlm.data.sources import Splits, _fingerprint, _is_eval, expand_paths
+from jaxlm.data.sources import Splits, _fingerprint, _is_eval, catalog_builder, expand_paths, open_catalog
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
@@ -90,6 +96,54 @@ def load_splits(data: DataConfig, cfg: ClassifyConfig) -> Splits:
     fp = _fingerprint(["labeled", stat, len(train_files), data.eval_fraction, data.text_key,
                        cfg.label_key, cfg.pair_key, cfg.labels])
     return Splits(train, held, "text", fp)
+
+
+def catalog_labels(data: DataConfig, cfg: ClassifyConfig) -> list[str]:
+    """The label names of a TFDS catalog dataset (from its ClassLabel feature, before any download).
+
+    They must agree with `classify.num_labels` and, where given, `classify.labels`.
+    """
+    features = catalog_builder(data).info.features
+    feature = features[cfg.label_key] if cfg.label_key in features else None
+    if not isinstance(feature, tfds.features.ClassLabel):
+        raise UserError(f"{data.name} has no class-label feature '{cfg.label_key}' (its features: "
+                        f"{', '.join(features)}); set classify.label_key")
+    names = list(feature.names)
+    if len(names) != cfg.num_labels:
+        raise UserError(f"{data.name} has {len(names)} labels ({', '.join(names)}) but classify.num_labels="
+                        f"{cfg.num_labels}; set classify.num_labels={len(names)}")
+    if cfg.labels and list(cfg.labels) != names:
+        raise UserError(f"classify.labels={cfg.labels} differ from {data.name}'s labels {names}; "
+                        "leave classify.labels empty to use the dataset's")
+    return names
+
+
+def load_catalog(data: DataConfig, cfg: ClassifyConfig) -> Splits:
+    """Train and eval examples of a TFDS catalog classification dataset (read in full)."""
+    builder, train, held = open_catalog(data)
+    features = builder.info.features
+    catalog_labels(data, cfg)
+    texts = [k for k, f in features.items() if isinstance(f, tfds.features.Text) and k != cfg.pair_key]
+    text_key = data.text_key if data.text_key in features else (texts[0] if len(texts) == 1 else None)
+    if text_key is None or (cfg.pair_key and cfg.pair_key not in features):
+        raise UserError(f"{data.name} has features {', '.join(features)}: name the text with data.text_key "
+                        "(and a second text with classify.pair_key)")
+
+    def read(source: Sequence[Any], split: str) -> list[dict[str, Any]]:
+        out = []
+        for i in range(len(source)):
+            record = source[i]
+            label = int(record[cfg.label_key])
+            if label < 0:
+                raise UserError(f"{data.name} split '{split}' is unlabeled (example {i} has label {label}); "
+                                "evaluate on a labeled split, e.g. data.eval_split=validation")
+            out.append({"text": _str(record[text_key]), "label": label,
+                        "pair": _str(record[cfg.pair_key]) if cfg.pair_key else ""})
+        return out
+
+    fp = _fingerprint(["tfds-labeled", data.name, data.train_split, data.eval_split, data.eval_fraction,
+                       text_key, cfg.pair_key, cfg.label_key])
+    return Splits(read(train, data.train_split), read(held, data.eval_split), "text", fp)
 
 
 class ExampleRows:

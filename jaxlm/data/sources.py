@@ -16,6 +16,7 @@ from __future__ import annotations
 import ast
 import glob
 import hashlib
+import importlib
 import json
 import os
 import sys
@@ -227,20 +228,61 @@ def load_splits(cfg: DataConfig) -> Splits:
     return _catalog(cfg)
 
 
-def _catalog(cfg: DataConfig) -> Splits:
-    """A TFDS catalog dataset, downloaded and prepared as array_record on first use."""
-    data_dir = cache_dir(cfg) / "tfds"
+def catalog_dir(cfg: DataConfig) -> Path:
+    """Where TFDS catalog datasets are kept: data.tfds_dir, $TFDS_DATA_DIR, or the jaxlm cache."""
+    if cfg.tfds_dir:
+        return Path(cfg.tfds_dir).expanduser()
+    if os.environ.get("TFDS_DATA_DIR"):
+        return Path(os.environ["TFDS_DATA_DIR"]).expanduser()
+    return cache_dir(cfg) / "tfds"
+
+
+def _import_legacy_module(dataset: str) -> None:
+    """Imports the module of a catalog dataset kept in TFDS's older layout
+    (`tensorflow_datasets/<category>/<dataset>.py`, e.g. glue). TFDS registers those when the
+    category is imported, which fails as a whole without TensorFlow; the one module does not."""
+    root = Path(tfds.__file__).parent
+    for path in sorted(root.glob(f"*/{dataset}.py")):
+        try:
+            importlib.import_module(f"tensorflow_datasets.{path.parent.name}.{dataset}")
+        except ImportError:  # this one needs TensorFlow after all
+            pass
+
+
+def catalog_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `data.name` (its features are known before any download)."""
+    def builder() -> tfds.core.DatasetBuilder:
+        return tfds.builder(cfg.name, data_dir=str(catalog_dir(cfg)), file_format="array_record")
+
     try:
-        builder = tfds.builder(cfg.name, data_dir=str(data_dir), file_format="array_record")
+        return builder()
+    except tfds.core.registered.DatasetNotFoundError:
+        _import_legacy_module(cfg.name.split("/")[0].split(":")[0])
+    except Exception:
+        pass
+    try:
+        return builder()
     except Exception as e:  # unknown name or config
         raise UserError(f"data.name={cfg.name!r} is not a TFDS catalog dataset: {str(e).splitlines()[0]}") from None
+
+
+def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[Any], Sequence[Any]]:
+    """(builder, train split, eval split) of a TFDS catalog dataset, downloaded and prepared as
+    array_record on first use. Without an eval split, the held-out share comes off the end of
+    the train split."""
+    builder = catalog_builder(cfg)
+    where = catalog_dir(cfg)
     if not builder.is_prepared():
         try:
             builder.download_and_prepare()
         except Exception as e:
-            raise UserError(f"could not download TFDS dataset '{cfg.name}' ({type(e).__name__}); "
-                            "catalog datasets need a network, or use data.source=text") from None
-    def open_split(split: str) -> Sequence[dict[str, Any]] | None:
+            raise UserError(
+                f"could not download TFDS dataset '{cfg.name}' ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                f"catalog datasets need a network the first time: prepare it where one exists with "
+                f"tfds.builder('{cfg.name}', data_dir=D, file_format='array_record').download_and_prepare(), "
+                "copy D here and set data.tfds_dir=D (or use data.source=text / labeled)") from None
+
+    def open_split(split: str) -> Sequence[Any] | None:
         try:
             return builder.as_data_source(split=split)
         except Exception:  # TFDS raises several types for an unknown split
@@ -248,8 +290,9 @@ def _catalog(cfg: DataConfig) -> Splits:
 
     train = open_split(cfg.train_split)
     if train is None:
-        raise UserError(f"data.train_split={cfg.train_split!r} is not a split of {cfg.name}; "
-                        f"it has {', '.join(builder.info.splits) or 'none prepared'}")
+        raise UserError(f"data.train_split={cfg.train_split!r} is not a split of {cfg.name} in {where} "
+                        f"(it has {', '.join(builder.info.splits) or 'none prepared'}; a dataset prepared "
+                        "as tfrecord must be prepared again with file_format='array_record')")
     held = open_split(cfg.eval_split)
     if held is None and cfg.eval_split != "test":
         held = open_split("test")
@@ -257,8 +300,15 @@ def _catalog(cfg: DataConfig) -> Splits:
         pct = max(1, round(100 * cfg.eval_fraction))
         train = open_split(f"{cfg.train_split}[:{100 - pct}%]")
         held = open_split(f"{cfg.train_split}[{100 - pct}%:]")
+    return builder, train, held
+
+
+def _catalog(cfg: DataConfig) -> Splits:
+    """The documents of a TFDS catalog dataset."""
+    builder, train, held = open_catalog(cfg)
     features = builder.info.features
     if cfg.text_key not in features:
         raise UserError(f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; "
                         f"it has {', '.join(features)}")
-    return Splits(train, held, cfg.text_key, _fingerprint(["tfds", cfg.name, cfg.train_split]))
+    return Splits(train, held, cfg.text_key, _fingerprint(["tfds", cfg.name, cfg.train_split, cfg.eval_split,
+                                                          cfg.eval_fraction, cfg.text_key]))

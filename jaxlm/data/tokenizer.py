@@ -84,6 +84,19 @@ class TextTokenizer:
         out[self.special_ids()] = False
         return out
 
+    def ends_sentence(self) -> np.ndarray:
+        """[vocab] bool: the token ends a sentence (`.`, `!` or `?` last, or a blank line).
+
+        Where next-sentence pairs may be cut.
+        """
+        out = np.zeros(self.vocab_size, bool)
+        byte_level = isinstance(self.tokenizer.pre_tokenizer, pre_tokenizers.ByteLevel)
+        for token, i in self.tokenizer.get_vocab().items():
+            text = token.replace("Ġ", " ").replace("Ċ", "\n") if byte_level else token
+            out[i] = "\n\n" in text or text.rstrip().rstrip("\"')").endswith((".", "!", "?"))
+        out[self.special_ids()] = False
+        return out
+
     def save(self, path: str | Path) -> None:
         self.tokenizer.save(str(path))
 

@@ -8,6 +8,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import ModelConfig
+from jaxlm.metrics import objective
 from jaxlm.models.encoder import EncoderClassifier
 
 Array = jax.Array
@@ -21,7 +22,7 @@ class ClassifyTask:
     """
 
     batch_keys = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
-    weight_key = "examples"
+    terms = (("loss_sum", "examples"),)
 
     def __init__(self, model_cfg: ModelConfig, num_labels: int):
         self.model = EncoderClassifier(model_cfg, num_labels)
@@ -44,8 +45,11 @@ class ClassifyTask:
                                 batch["segment_ids"], batch["positions"], deterministic=not train,
                                 pool_at=batch["pool_at"], rngs={"dropout": rng} if train else {})
 
-    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
-             ) -> tuple[Array, dict[str, Array]]:
+    def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
+        return {"examples": (batch["labels"] >= 0).sum().astype(jnp.float32)}
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
+             totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
         logits = self.logits(params, batch, rng, train)
         labels = batch["labels"]  # [batch]
         weights = (labels >= 0).astype(jnp.float32)
@@ -57,7 +61,7 @@ class ClassifyTask:
             sums[f"tp_{k}"] = ((predicted == k) & (labels == k)).sum().astype(jnp.float32)
             sums[f"fp_{k}"] = ((predicted == k) & (labels != k) & (labels >= 0)).sum().astype(jnp.float32)
             sums[f"fn_{k}"] = ((predicted != k) & (labels == k)).sum().astype(jnp.float32)
-        return sums["loss_sum"] / jnp.maximum(sums["examples"], 1.0), sums
+        return objective(sums, self.terms, totals), sums
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         count = max(float(sums["examples"]), 1.0)

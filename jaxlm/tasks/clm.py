@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import ModelConfig
+from jaxlm.metrics import objective
 from jaxlm.models.decoder import DecoderLM
 
 Array = jax.Array
@@ -26,7 +27,7 @@ class ClmTask:
     """
 
     batch_keys = ("inputs", "targets", "segment_ids", "positions")
-    weight_key = "tokens"  # the denominator of the loss: weights microbatches in accumulation
+    terms = (("loss_sum", "tokens"),)  # the loss: summed token loss over tokens
 
     def __init__(self, model_cfg: ModelConfig, byte_lengths: np.ndarray):
         self.model = DecoderLM(model_cfg)
@@ -42,9 +43,13 @@ class ClmTask:
         """Boxed (logically annotated) variables of the model."""
         return self.model.init(rng, batch["inputs"], batch["segment_ids"], batch["positions"])
 
-    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
-             ) -> tuple[Array, dict[str, Array]]:
-        """Mean token loss (for the gradient) and metric sums."""
+    def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
+        """The loss's denominators over `batch`."""
+        return {"tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32)}
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
+             totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+        """Mean token loss (for the gradient; over `totals` when given) and metric sums."""
         logits = self.model.apply(
             {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
             deterministic=not train, rngs={"dropout": rng})  # [batch, length, vocab]
@@ -55,7 +60,7 @@ class ClmTask:
         correct = ((logits.argmax(-1) == batch["targets"]) * weights).sum()
         nbytes = (jnp.asarray(self._byte_lengths)[batch["targets"]] * weights).sum()
         sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct, "bytes": nbytes}
-        return loss_sum / jnp.maximum(tokens, 1.0), sums
+        return objective(sums, self.terms, totals), sums
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:

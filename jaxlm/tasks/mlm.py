@@ -10,6 +10,10 @@ Of the non-special tokens of a row, `round(mask_rate * n)` are selected (whole w
 with `whole_word`); of those, 80% become the mask token, 10% a random token and 10% stay.
 Loss and accuracy count only selected positions, and the vocabulary projection runs only for
 them: at most `ceil(mask_rate * seq_len)` positions a row are gathered before the output layer.
+
+With `mlm.nsp` each row is a `[CLS] A [SEP] B [SEP]` pair (token types 0 and 1) with
+`nsp_labels` (0: B continues A, 1: B comes from another document; -1: padding), and the loss
+adds next-sentence cross-entropy over pairs to the masked-token loss over masked tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import MlmConfig, ModelConfig
+from jaxlm.metrics import objective
 from jaxlm.models.encoder import EncoderMLM
 
 Array = jax.Array
@@ -63,15 +68,18 @@ def _word_last(values: Array, start_at: Array) -> Array:
 class MlmTask:
     """Loss and metric sums for an encoder pretrained with masked-LM.
 
-    Metric sums: loss_sum (nats over predicted positions), predictions, correct.
+    Metric sums: loss_sum (nats over predicted positions), predictions, correct; with NSP also
+    nsp_loss_sum, nsp_examples, nsp_correct.
     """
-
-    batch_keys = ("inputs", "segment_ids", "positions", "row_ids")
-    weight_key = "predictions"
 
     def __init__(self, model_cfg: ModelConfig, mlm: MlmConfig, seq_len: int, seed: int,
                  special_ids: np.ndarray, continues_word: np.ndarray, mask_id: int):
-        self.model = EncoderMLM(model_cfg)
+        self.model = EncoderMLM(model_cfg, nsp=mlm.nsp)
+        self.batch_keys = ("inputs", "segment_ids", "positions", "row_ids")
+        self.terms = (("loss_sum", "predictions"),)
+        if mlm.nsp:
+            self.batch_keys += ("token_types", "nsp_labels")
+            self.terms += (("nsp_loss_sum", "nsp_examples"),)
         self.cfg, self.seq_len, self.seed = mlm, seq_len, seed
         self.predictions = max_predictions(mlm.mask_rate, seq_len)
         self._special = np.zeros(model_cfg.vocab_size, bool)
@@ -85,13 +93,14 @@ class MlmTask:
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
         batch["row_ids"] = np.arange(batch_size, dtype=np.int32)
+        if self.cfg.nsp:
+            batch["nsp_labels"] = np.zeros(batch_size, np.int32)
         return batch
 
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         tokens = batch["inputs"]
         masked = jnp.zeros((tokens.shape[0], self.predictions), jnp.int32)
-        return self.model.init(rng, tokens, jnp.zeros_like(tokens), batch["segment_ids"],
-                               batch["positions"], masked)
+        return self.model.init(rng, tokens, _types(batch), batch["segment_ids"], batch["positions"], masked)
 
     def corrupt(self, batch: dict[str, Array]) -> tuple[Array, Array, Array, Array]:
         """(inputs with masks applied, gathered positions [batch, P], their targets, their weights)."""
@@ -116,22 +125,43 @@ class MlmTask:
         targets = jnp.take_along_axis(tokens, picked, axis=1)
         return corrupted, picked, targets, weights
 
-    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool
-             ) -> tuple[Array, dict[str, Array]]:
+    def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
+        """The loss's denominators over `batch` (the masks are a function of the rows)."""
+        out = {"predictions": self.corrupt(batch)[3].sum()}
+        if self.cfg.nsp:
+            out["nsp_examples"] = (batch["nsp_labels"] >= 0).sum().astype(jnp.float32)
+        return out
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
+             totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
         inputs, picked, targets, weights = self.corrupt(batch)
-        logits, _ = self.model.apply(
-            {"params": params}, inputs, jnp.zeros_like(inputs), batch["segment_ids"], batch["positions"],
-            picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab]
+        logits, nsp_logits = self.model.apply(
+            {"params": params}, inputs, _types(batch), batch["segment_ids"], batch["positions"],
+            picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab], [batch, 2]
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        count = weights.sum()
-        loss_sum = (losses * weights).sum()
-        correct = ((logits.argmax(-1) == targets) * weights).sum()
-        sums = {"loss_sum": loss_sum, "predictions": count, "correct": correct}
-        return loss_sum / jnp.maximum(count, 1.0), sums
+        sums = {"loss_sum": (losses * weights).sum(), "predictions": weights.sum(),
+                "correct": ((logits.argmax(-1) == targets) * weights).sum()}
+        if self.cfg.nsp:
+            labels = batch["nsp_labels"]  # [batch]
+            real = (labels >= 0).astype(jnp.float32)
+            nsp = optax.softmax_cross_entropy_with_integer_labels(nsp_logits, jnp.maximum(labels, 0))
+            sums.update(nsp_loss_sum=(nsp * real).sum(), nsp_examples=real.sum(),
+                        nsp_correct=((nsp_logits.argmax(-1) == labels) * real).sum())
+        return objective(sums, self.terms, totals), sums
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
         count = max(float(sums["predictions"]), 1.0)
         loss = float(sums["loss_sum"]) / count
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-                "accuracy": float(sums["correct"]) / count}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
+               "accuracy": float(sums["correct"]) / count}
+        if "nsp_examples" in sums:
+            pairs = max(float(sums["nsp_examples"]), 1.0)
+            out.update(nsp_loss=float(sums["nsp_loss_sum"]) / pairs,
+                       nsp_accuracy=float(sums["nsp_correct"]) / pairs)
+        return out
+
+
+def _types(batch: dict[str, Array]) -> Array:
+    """Token types: 0 for A and 1 for B of a pair; all 0 for packed MLM-only rows."""
+    return batch["token_types"] if "token_types" in batch else jnp.zeros_like(batch["inputs"])
