@@ -24,7 +24,14 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.config import ClassifyConfig, DataConfig
-from jaxlm.data.sources import Splits, _fingerprint, _is_eval, catalog_builder, expand_paths, open_catalog
+from jaxlm.data.sources import (
+    Splits,
+    _fingerprint,
+    _is_eval,
+    catalog_builder,
+    expand_paths,
+    open_catalog,
+)
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
