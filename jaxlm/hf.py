@@ -3,12 +3,14 @@
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
     python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N]
 
-`import` turns a `BertModel`, `BertForMaskedLM` or `BertForSequenceClassification` directory
-(config.json, model.safetensors, and tokenizer.json or vocab.txt) into a jaxlm workdir: the
-resolved config, the tokenizer and a step-0 checkpoint. `train`, `evaluate` and `infer` accept
-it, and a fine-tuning run initialises its encoder from it (`init.from_workdir=W`). `export`
-writes a masked-LM or classification run as `BertForMaskedLM` / `BertForSequenceClassification`
-(config.json, model.safetensors, tokenizer.json) that `from_pretrained` loads.
+`import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining` or
+`BertForSequenceClassification` directory (config.json, model.safetensors, and tokenizer.json
+or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
+`train`, `evaluate` and `infer` accept it, and a fine-tuning run initialises its encoder from
+it (`init.from_workdir=W`). `export` writes a masked-LM run as `BertForMaskedLM` (with
+next-sentence prediction: `BertForPreTraining`) and a classification run as
+`BertForSequenceClassification` (config.json, model.safetensors, tokenizer.json) that
+`from_pretrained` loads.
 
 This is the only module that knows Hugging Face names.
 """
@@ -109,7 +111,7 @@ def encoder_mapping(cfg: ModelConfig, prefix: str, vocab: int) -> Mapping:
 
 
 def head_mapping(cfg: ModelConfig, vocab: int) -> Mapping:
-    """HF names of the heads beside `encoder`: BertForMaskedLM's (decoder tied) and the classifier."""
+    """HF names of the heads beside `encoder`: masked-LM (decoder tied), NSP and the classifier."""
     p = "cls.predictions."
     return {
         p + "transform.dense.weight": (("mlm_transform", "kernel"), LINEAR),
@@ -117,6 +119,8 @@ def head_mapping(cfg: ModelConfig, vocab: int) -> Mapping:
         p + "transform.LayerNorm.weight": (("mlm_ln", "LayerNorm_0", "scale"), SAME),
         p + "transform.LayerNorm.bias": (("mlm_ln", "LayerNorm_0", "bias"), SAME),
         p + "bias": (("mlm_bias",), _rows(cfg.vocab_size, vocab)),
+        "cls.seq_relationship.weight": (("nsp", "kernel"), LINEAR),  # BertForPreTraining's NSP head
+        "cls.seq_relationship.bias": (("nsp", "bias"), SAME),
         "classifier.weight": (("classifier", "kernel"), LINEAR),
         "classifier.bias": (("classifier", "bias"), SAME),
     }
@@ -222,7 +226,8 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     hf = json.loads((hf_dir / "config.json").read_text())
     arch = (hf.get("architectures") or ["BertModel"])[0]
     defaults = {"BertForSequenceClassification": ["task=classify",
-                                                  f"classify.num_labels={len(hf.get('id2label', {})) or 2}"]}
+                                                  f"classify.num_labels={len(hf.get('id2label', {})) or 2}"],
+                "BertForPreTraining": ["task=mlm", "mlm.nsp=true"]}
     config = config_lib.load(None, [*defaults.get(arch, ["task=mlm"]), *overrides])
     if config.task not in ("mlm", "classify"):
         raise UserError(f"task={config.task} cannot start from a BERT checkpoint; use task=mlm or task=classify")
@@ -258,7 +263,8 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
     vocab = run.tokenizer.vocab_size
     tensors = from_params(jax.device_get(params), m, vocab)
-    arch = "BertForMaskedLM" if cfg.task == "mlm" else "BertForSequenceClassification"
+    arch = ("BertForSequenceClassification" if cfg.task == "classify"
+            else "BertForPreTraining" if cfg.mlm.nsp else "BertForMaskedLM")
     if arch == "BertForMaskedLM":  # it has no pooler
         tensors = {k: v for k, v in tensors.items() if not k.startswith("bert.pooler.")}
     hf = {"architectures": [arch], "model_type": "bert", "vocab_size": vocab, "hidden_size": m.embed_dim,

@@ -48,17 +48,21 @@ def test_minilm_hidden_states_match_transformers(tmp_path):
         assert ids == row[mask == 1].tolist()
 
 
-def test_random_bert_mlm_logits_match_transformers(tmp_path):
-    run, params = imported(GOLDEN / "tiny_bert_mlm", tmp_path / "w")
+@pytest.mark.parametrize("name", ["tiny_bert_mlm", "tiny_bert_pretraining"])
+def test_random_bert_logits_match_transformers(name, tmp_path):
+    run, params = imported(GOLDEN / name, tmp_path / "w")
     assert run.config.task == "mlm" and run.config.model.norm_eps == 1e-12
-    golden = np.load(GOLDEN / "tiny_bert_mlm" / "logits.npz")
+    assert run.config.mlm.nsp == (name == "tiny_bert_pretraining")  # BertForPreTraining has the NSP head
+    golden = np.load(GOLDEN / name / "logits.npz")
     ids, types, seg, pos = inputs(golden)
     every = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)  # predict at every position
-    logits, _ = run.task.model.apply({"params": params}, ids, types, seg, pos, every)
+    logits, nsp_logits = run.task.model.apply({"params": params}, ids, types, seg, pos, every)
     vocab = golden["logits"].shape[-1]
     real = golden["attention_mask"] == 1
     diff = np.abs(np.asarray(logits)[..., :vocab] - golden["logits"])[real]
     assert diff.max() <= 1e-4, diff.max()
+    if "nsp_logits" in golden:
+        np.testing.assert_allclose(np.asarray(nsp_logits), golden["nsp_logits"], atol=1e-4)
 
 
 def test_missing_or_misshapen_tensors_are_named(tmp_path):
@@ -79,11 +83,16 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
         hf.import_hf(broken, tmp_path / "b", [])
 
 
-def test_export_then_import_gives_identical_params(tmp_path):
+@pytest.mark.parametrize("name,arch", [("tiny_bert_mlm", "BertForMaskedLM"),
+                                       ("tiny_bert_pretraining", "BertForPreTraining")])
+def test_export_then_import_gives_identical_params(name, arch, tmp_path):
+    import json
+
     from safetensors.numpy import load_file
-    _, params = imported(GOLDEN / "tiny_bert_mlm", tmp_path / "a")
+    _, params = imported(GOLDEN / name, tmp_path / "a")
     hf.main(["export", "--workdir", str(tmp_path / "a"), "--hf-dir", str(tmp_path / "exported")])
-    original = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
+    assert json.loads((tmp_path / "exported" / "config.json").read_text())["architectures"] == [arch]
+    original = load_file(str(GOLDEN / name / "model.safetensors"))
     written = load_file(str(tmp_path / "exported" / "model.safetensors"))
     for name, value in original.items():  # every tensor transformers saved comes back unchanged
         if name in written:

@@ -8,6 +8,8 @@ Writes:
   minilm_hidden.npz    all-MiniLM-L6-v2's last hidden state for a padded batch (BertModel)
   tiny_bert_mlm/       a random BertForMaskedLM (seed 0): config.json, model.safetensors,
                        vocab.txt, and logits.npz (its MLM logits for a padded batch)
+  tiny_bert_pretraining/  the same for a random BertForPreTraining (seed 1): logits.npz holds
+                       its MLM logits and NSP logits for a padded batch of sentence pairs
 """
 
 import os
@@ -35,23 +37,26 @@ def minilm() -> None:
              last_hidden_state=hidden.numpy())
 
 
-def tiny_mlm() -> None:
-    out = HERE / "tiny_bert_mlm"
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(90)] + ["##s", "##ed", "##ing", "the"]
+
+
+def tiny(name: str, model_cls, seed: int):
+    """A random tiny BERT of `model_cls` saved under `name`, and its outputs on a padded batch."""
+    out = HERE / name
     out.mkdir(exist_ok=True)
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(90)] + ["##s", "##ed", "##ing", "the"]
-    (out / "vocab.txt").write_text("\n".join(words) + "\n")
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2,
+    (out / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=37, max_position_embeddings=64,
                                   hidden_act="gelu", layer_norm_eps=1e-12)
-    model = transformers.BertForMaskedLM(cfg).eval()
+    model = model_cls(cfg).eval()
     with torch.no_grad():  # nonzero biases and LayerNorms, so the test sees every tensor
         for name, p in model.named_parameters():
             if name.endswith("bias") or "LayerNorm" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     model.save_pretrained(out, safe_serialization=True)
     rng = np.random.default_rng(0)
-    ids = rng.integers(5, len(words), (2, 12))
+    ids = rng.integers(5, len(VOCAB), (2, 12))
     ids[:, 0], ids[0, 7], ids[1, 11] = 2, 3, 3
     mask = np.ones_like(ids)
     mask[0, 8:] = 0
@@ -59,11 +64,23 @@ def tiny_mlm() -> None:
     types = np.zeros_like(ids)
     types[1, 6:] = 1
     with torch.no_grad():
-        logits = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       token_type_ids=torch.tensor(types)).logits
-    np.savez(out / "logits.npz", input_ids=ids, attention_mask=mask, token_type_ids=types, logits=logits.numpy())
+        result = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                       token_type_ids=torch.tensor(types))
+    return out, dict(input_ids=ids, attention_mask=mask, token_type_ids=types), result
+
+
+def tiny_mlm() -> None:
+    out, batch, result = tiny("tiny_bert_mlm", transformers.BertForMaskedLM, 0)
+    np.savez(out / "logits.npz", **batch, logits=result.logits.numpy())
+
+
+def tiny_pretraining() -> None:
+    out, batch, result = tiny("tiny_bert_pretraining", transformers.BertForPreTraining, 1)
+    np.savez(out / "logits.npz", **batch, logits=result.prediction_logits.numpy(),
+             nsp_logits=result.seq_relationship_logits.numpy())
 
 
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
+    tiny_pretraining()
