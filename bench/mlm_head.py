@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=30592, help="vocabulary rows (BERT's, padded)")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    cfg = config_lib.load(args.config, [f"model.vocab_size={args.vocab}"])
+    # the masked-LM head alone: packed rows, no next-sentence pairs
+    cfg = config_lib.load(args.config, [f"model.vocab_size={args.vocab}", "mlm.nsp=false"])
     specials, continues = np.arange(5), np.zeros(args.vocab, bool)
     gathered = MlmTask(cfg.model, cfg.mlm, cfg.data.seq_len, 0, specials, continues, 4)
     full = MlmTask(cfg.model, cfg.mlm, cfg.data.seq_len, 0, specials, continues, 4)
