@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,13 @@ def objective(sums: dict[str, Any], terms: tuple[tuple[str, str], ...],
     divided by its denominator, taken from `totals` (the whole batch's) when given, else `sums`."""
     counts = sums if totals is None else totals
     return sum(sums[s] / jnp.maximum(counts[d], 1.0) for s, d in terms)
+
+
+def token_metrics(sums: dict[str, float], count_key: str) -> dict[str, float]:
+    """Mean loss, perplexity and accuracy over the `count_key` predictions of summed metrics."""
+    count = max(float(sums[count_key]), 1.0)
+    loss = float(sums["loss_sum"]) / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "accuracy": float(sums["correct"]) / count}
 
 
 def add_sums(total: dict[str, Any] | None, sums: dict[str, Any]) -> dict[str, float]:

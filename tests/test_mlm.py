@@ -96,13 +96,16 @@ def test_encoder_padding_never_changes_real_positions():
                                   classifier.apply({"params": cparams}, ids.at[0, 15:].set(7), types, seg, pos))
 
 
-def test_nsp_pretraining_end_to_end(tiny, tmp_path):
+def test_nsp_pretraining_end_to_end(tiny, corpus_dir, tmp_path):
     import json
 
     from jaxlm import config as config_lib
     from jaxlm import train
+    held = [str(corpus_dir / "json.txt"), str(corpus_dir / "string.txt")]  # two documents or more
+    trained = [str(p) for p in sorted(corpus_dir.glob("*.txt")) if str(p) not in held]
     overrides = [*tiny, "task=mlm", "mlm.nsp=true", "model.positions=learned", "train.steps=4",
-                 "train.eval_every=4", "train.log_every=4", "checkpoint.every=4", "data.eval_fraction=0.3"]
+                 "train.eval_every=4", "train.log_every=4", "checkpoint.every=4",
+                 f"data.paths=[{','.join(trained)}]", f"data.eval_paths=[{','.join(held)}]"]
     final = train.train(config_lib.load(None, overrides), tmp_path)
     assert 0 <= final["nsp_accuracy"] <= 1 and 0 < final["nsp_loss"] < 5 and 0 <= final["accuracy"] <= 1
     logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import ModelConfig
-from jaxlm.metrics import objective
+from jaxlm.metrics import objective, token_metrics
 from jaxlm.models.decoder import DecoderLM
 
 Array = jax.Array
@@ -65,10 +65,7 @@ class ClmTask:
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
         """Host-side metrics from summed device metrics."""
-        tokens = max(float(sums["tokens"]), 1.0)
-        loss = float(sums["loss_sum"]) / tokens
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-               "accuracy": float(sums["correct"]) / tokens}
+        out = token_metrics(sums, "tokens")
         if float(sums.get("bytes", 0)) > 0:
             out["bits_per_byte"] = float(sums["loss_sum"]) / (math.log(2) * float(sums["bytes"]))
         return out

@@ -26,7 +26,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import MlmConfig, ModelConfig
-from jaxlm.metrics import objective
+from jaxlm.metrics import objective, token_metrics
 from jaxlm.models.encoder import EncoderMLM
 
 Array = jax.Array
@@ -151,10 +151,7 @@ class MlmTask:
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
-        count = max(float(sums["predictions"]), 1.0)
-        loss = float(sums["loss_sum"]) / count
-        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)),
-               "accuracy": float(sums["correct"]) / count}
+        out = token_metrics(sums, "predictions")
         if "nsp_examples" in sums:
             pairs = max(float(sums["nsp_examples"]), 1.0)
             out.update(nsp_loss=float(sums["nsp_loss_sum"]) / pairs,
