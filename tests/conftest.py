@@ -66,3 +66,21 @@ def prepared(corpus_dir, cache_dir, tmp_path_factory):
                       "data.vocab_size=400"]).data
     splits = sources.load_splits(cfg)
     return cfg, splits, tokenizer.obtain(cfg, splits, tmp_path_factory.mktemp("wd"))
+
+
+def prepare_catalog(catalog_name: str, data_dir, splits: dict) -> None:
+    """Writes `splits` (lists of feature dicts) as the TFDS catalog dataset `catalog_name`, with the
+    catalog's own builder (features, version, file layout), so it loads by name with no network."""
+    import tensorflow_datasets as tfds
+
+    from jaxlm.config import DataConfig
+    from jaxlm.data import sources
+    dataset, _, config = catalog_name.partition("/")
+    real = type(sources.catalog_builder(DataConfig(name=catalog_name, tfds_dir=str(data_dir))))
+    with tfds.core.registered.skip_registration():
+        class Local(real):
+            name = real.name
+
+            def _split_generators(self, dl_manager):
+                return {split: enumerate(examples) for split, examples in splits.items()}
+    Local(config=config or None, data_dir=str(data_dir), file_format="array_record").download_and_prepare()

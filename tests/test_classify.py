@@ -73,24 +73,9 @@ def test_labeled_files_and_their_errors(tmp_path):
         labeled.load_splits(data, ClassifyConfig())
 
 
-def prepare_catalog(catalog_name: str, data_dir, splits: dict) -> None:
-    """Writes `splits` (lists of feature dicts) as the TFDS catalog dataset `catalog_name`, with the
-    catalog's own builder (features, version, file layout), so it loads by name with no network."""
-    import tensorflow_datasets as tfds
-
-    from jaxlm.data import sources
-    dataset, _, config = catalog_name.partition("/")
-    real = type(sources.catalog_builder(DataConfig(name=catalog_name, tfds_dir=str(data_dir))))
-    with tfds.core.registered.skip_registration():
-        class Local(real):
-            name = real.name
-
-            def _split_generators(self, dl_manager):
-                return {split: enumerate(examples) for split, examples in splits.items()}
-    Local(config=config or None, data_dir=str(data_dir), file_format="array_record").download_and_prepare()
-
-
 def test_tfds_catalog_datasets_by_name(tmp_path):
+    from conftest import prepare_catalog
+
     from jaxlm import config as config_lib
     from jaxlm import train
     rng = np.random.default_rng(0)

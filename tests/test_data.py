@@ -191,19 +191,36 @@ def test_cut_prefers_paragraph_breaks():
     assert sum(len(p.split()) for p in pieces) == 10_000
 
 
-def test_catalog_dataset_through_the_same_pipeline(cache_dir, tmp_path):
-    """TFDS catalog names load by name (mocked here: the real ones need a network)."""
-    import tensorflow_datasets as tfds
-    cfg = load(None, ["data.source=tfds", "data.name=imdb_reviews", f"data.cache_dir={cache_dir}",
-                      "data.vocab_size=300"]).data
-    with tfds.testing.mock_data(num_examples=40, policy=tfds.testing.MockPolicy.USE_CODE):
-        splits = sources.load_splits(cfg)  # no "validation" split: falls back to "test"
-        assert len(splits.train) == 40 and len(splits.eval) == 40
-        tok = tokenizer.obtain(cfg, splits, tmp_path)
-        rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 16, whole_rows=True)
-        batch = next(pipeline.TrainBatches(rows, 2, seed=0))
-        assert batch["inputs"].shape == (2, 16)
-        bad = load(None, ["data.source=tfds", "data.name=imdb_reviews", "data.text_key=body",
-                          f"data.cache_dir={cache_dir}"]).data
-        with pytest.raises(UserError, match="data.text_key='body' is not a feature of imdb_reviews"):
-            sources.load_splits(bad)
+def test_catalog_dataset_through_the_same_pipeline(corpus_dir, cache_dir, tmp_path):
+    """A TFDS catalog name loads by name from a prepared data directory (no network needed then)."""
+    from conftest import prepare_catalog
+    texts = [p.read_text() for p in sorted(corpus_dir.glob("*.txt"))]
+    prepare_catalog("imdb_reviews/plain_text", tmp_path / "tfds", {
+        "train": [{"text": t, "label": 0} for t in texts[:5]], "test": [{"text": t, "label": 1} for t in texts[5:]]})
+    common = ["data.source=tfds", "data.name=imdb_reviews", f"data.tfds_dir={tmp_path / 'tfds'}",
+              f"data.cache_dir={cache_dir}", "data.vocab_size=300"]
+    cfg = load(None, common).data
+    splits = sources.load_splits(cfg)  # no "validation" split: falls back to "test"
+    assert len(splits.train) == 5 and len(splits.eval) == len(texts) - 5
+    assert sorted(splits.eval[i]["text"].decode() for i in range(len(splits.eval))) == sorted(texts[5:])
+    tok = tokenizer.obtain(cfg, splits, tmp_path)
+    rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 16, whole_rows=True)
+    batch = next(pipeline.TrainBatches(rows, 2, seed=0))
+    assert batch["inputs"].shape == (2, 16)
+    with pytest.raises(UserError, match="data.text_key='body' is not a feature of imdb_reviews"):
+        sources.load_splits(load(None, [*common, "data.text_key=body"]).data)
+    with pytest.raises(UserError, match="'no_such_set' is not a TFDS catalog dataset"):
+        sources.load_splits(load(None, [*common, "data.name=no_such_set"]).data)
+
+
+def test_held_out_documents_do_not_depend_on_where_the_corpus_lives(corpus_dir, tmp_path):
+    import shutil
+    held = []
+    for where in ("a", "b/c"):
+        copy = tmp_path / where / "corpus"
+        shutil.copytree(corpus_dir, copy)
+        cfg = load(None, ["data.source=text", f"data.paths=[{copy}/*.txt]", "data.eval_fraction=0.5",
+                          f"data.cache_dir={tmp_path / where / 'cache'}"]).data
+        splits = sources.load_splits(cfg)
+        held.append(sorted(splits.eval[i]["text"] for i in range(len(splits.eval))))
+    assert held[0] == held[1] and len(held[0]) >= 2

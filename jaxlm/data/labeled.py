@@ -31,6 +31,7 @@ from jaxlm.data.sources import (
     catalog_builder,
     expand_paths,
     open_catalog,
+    relative_names,
 )
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
@@ -73,7 +74,8 @@ def _label(value: Any, cfg: ClassifyConfig, where: str) -> int:
     return label
 
 
-def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig) -> list[dict[str, Any]]:
+def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig, name: str) -> list[dict[str, Any]]:
+    """The file's examples; `name` (its path below the files' common folder) keys the held-out share."""
     records = _records(path)
     if not records:
         raise UserError(f"'{path}' holds no examples")
@@ -86,7 +88,7 @@ def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig) -> list[dict[st
                 raise UserError(f"{where}: no '{key}' column/field (it has {', '.join(map(str, record))}); "
                                 "set data.text_key, classify.label_key or classify.pair_key")
         out.append({"text": str(record[data.text_key]), "pair": str(record.get(cfg.pair_key, "")),
-                    "label": _label(record[cfg.label_key], cfg, where), "key": where})
+                    "label": _label(record[cfg.label_key], cfg, where), "key": f"{name}:{number}"})
     return out
 
 
@@ -94,8 +96,9 @@ def load_splits(data: DataConfig, cfg: ClassifyConfig) -> Splits:
     """Train and eval examples from labeled files (read in full: labeled sets are small)."""
     train_files = expand_paths(data.paths, "data.paths")
     eval_files = expand_paths(data.eval_paths, "data.eval_paths") if data.eval_paths else []
-    train = [e for p in train_files for e in _examples(p, data, cfg)]
-    held = [e for p in eval_files for e in _examples(p, data, cfg)]
+    names = relative_names(train_files + eval_files)
+    train = [e for p in train_files for e in _examples(p, data, cfg, names[p])]
+    held = [e for p in eval_files for e in _examples(p, data, cfg, names[p])]
     if not eval_files:
         held = [e for e in train if _is_eval(e["key"], data.eval_fraction)]
         train = [e for e in train if not _is_eval(e["key"], data.eval_fraction)]

@@ -32,7 +32,7 @@ from jaxlm.config import DataConfig
 from jaxlm.errors import UserError
 
 MAX_DOC_CHARS = 16_000
-_FORMAT_VERSION = "1"  # bump when the way documents are cut changes
+_FORMAT_VERSION = "2"  # bump when the way documents are cut or held out changes
 
 
 @dataclass
@@ -168,12 +168,22 @@ def read_text(path: Path, errors: str) -> str:
             "convert it to UTF-8 or set data.encoding_errors=replace") from None
 
 
+def relative_names(files: list[Path]) -> dict[Path, str]:
+    """Each file's path below the files' common folder: keys the held-out share, so the eval
+    split does not depend on where the corpus lives."""
+    if not files:
+        return {}
+    root = Path(os.path.commonpath([p.parent for p in files]))
+    return {p: p.relative_to(root).as_posix() for p in files}
+
+
 def _file_documents(train_files: list[Path], eval_files: list[Path], cfg: DataConfig
                     ) -> Iterator[tuple[str, str, bool]]:
+    names = relative_names(train_files + eval_files)
     for files, held_out in ((train_files, False), (eval_files, True)):
         for path in files:
             for i, chunk in enumerate(_cut(read_text(path, cfg.encoding_errors))):
-                key = f"{path}:{i}"
+                key = f"{names[path]}:{i}"
                 yield key, chunk, held_out or (not eval_files and _is_eval(key, cfg.eval_fraction))
 
 
