@@ -323,8 +323,6 @@ def validate(c: Config) -> None:
     _require(c.task != "classify" or d.source in ("labeled", "tfds"),
              f"task=classify reads labeled files (data.source=labeled) or a TFDS catalog dataset "
              f"(data.source=tfds data.name=glue/sst2), not data.source={d.source}")
-    _require(c.task != "classify" or (t.grad_accum_steps == 1 and mesh.mode == "jit"),
-             "task=classify packs examples across the whole batch: use train.grad_accum_steps=1 and mesh.mode=jit")
     _require(c.classify.num_labels >= 2, f"classify.num_labels={c.classify.num_labels} must be at least 2")
     _require(not c.classify.labels or len(c.classify.labels) == c.classify.num_labels,
              f"classify.labels has {len(c.classify.labels)} names but classify.num_labels={c.classify.num_labels}")

@@ -29,6 +29,7 @@ from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
 from jaxlm.metrics import Writers, add_sums
+from jaxlm.steps import PmapCompiled
 from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
 
 
@@ -101,12 +102,17 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
     return build(config, tok, mode), rows
 
 
-def packer(run: Run, rows: Any) -> labeled.Packer | None:
-    """Packs labeled examples several to a row (none for language-model rows)."""
+def packer(run: Run, rows: Any, microbatches: int = 1) -> labeled.Packer | None:
+    """Packs labeled examples several to a row, in the groups the step sees whole (one per
+    microbatch of each pmap device); none for language-model rows."""
     if not isinstance(rows, labeled.ExampleRows):
         return None
-    host = run.config.train.batch_size // jax.process_count()
-    return labeled.Packer(rows.packed_rows(host, jax.local_device_count()))
+    host, devices = run.config.train.batch_size // jax.process_count(), jax.local_device_count()
+    blocks = devices if isinstance(run.compiled, PmapCompiled) else 1
+    # under jit the batch's rows (rows per group x microbatches) split over the devices
+    multiple = 1 if blocks > 1 else devices // math.gcd(devices, microbatches)
+    sizes = rows.packed_rows(host // (blocks * microbatches), multiple, blocks * microbatches)
+    return labeled.Packer(sizes, blocks, microbatches)
 
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
@@ -133,7 +139,7 @@ def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
               "beginning of an epoch", file=sys.stderr)
     return pipeline.TrainBatches(rows, run.config.train.batch_size, run.config.seed,
                                  saved.get("next_row", 0), jax.process_index(), jax.process_count(),
-                                 packer(run, rows))
+                                 packer(run, rows, run.config.train.grad_accum_steps))
 
 
 def initial_params(run: Run, params: Any) -> Any:

@@ -43,6 +43,32 @@ def test_packed_rows_give_each_example_its_unpacked_logits(examples):
     assert labeled.Packer((1,))(batch)["inputs"].shape[0] == 16
 
 
+def test_packing_in_groups_keeps_each_group_whole(examples):
+    # 2 pmap devices x 2 microbatches: the step slices device blocks, then rows/examples i::2
+    tok, rows = examples
+    batch = {k: np.stack([rows[i][k] for i in range(32)]) for k in labeled.KEYS}
+    packer = labeled.Packer(rows.packed_rows(8, groups=4), blocks=2, microbatches=2)
+    packed = packer(batch)
+    total = packed["inputs"].shape[0]
+    assert total < 32 and total % 4 == 0
+    task = ClassifyTask(MODEL, 3)
+    one_a_row = labeled.Packer(())(batch)
+    params = task.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in one_a_row.items()})["params"]
+    want = np.asarray(task.logits(params, one_a_row))
+    seen = []
+    for block in range(2):
+        block_rows = {k: v[block * total // 2:(block + 1) * total // 2] for k, v in packed.items()
+                      if k not in ("pool_at", "labels")}
+        for i in range(2):
+            group = block * 16 + np.arange(i, 16, 2)  # the examples this microbatch holds
+            sub = {k: v[i::2] for k, v in block_rows.items()}
+            sub.update(pool_at=packed["pool_at"][group], labels=packed["labels"][group])
+            assert (sub["pool_at"] < sub["inputs"].size).all()
+            np.testing.assert_allclose(task.logits(params, sub), want[group], rtol=1e-5, atol=1e-6)
+            seen.extend(group)
+    assert sorted(seen) == list(range(32))
+
+
 def test_text_pairs_get_token_types_and_truncation(examples):
     tok, _ = examples
     rows = labeled.ExampleRows([{"text": "one two three " * 20, "pair": "four five", "label": 0}], tok, 16)
@@ -117,3 +143,36 @@ def test_tfds_catalog_datasets_by_name(tmp_path):
     fails(["data.name=glue/sst2", "classify.labels=[bad,good]"], "differ from glue/sst2's labels")
     fails(["data.name=imdb_reviews", "data.text_key=review", "classify.pair_key=summary"],
           "name the text with data.text_key")
+
+
+def test_classifier_training_agrees_under_accumulation_and_pmap(examples):
+    from jaxlm import optim, sharding
+    from jaxlm.config import MeshConfig, OptimConfig
+    from jaxlm.steps import Compiled, PmapCompiled
+    _, rows = examples
+    batches = [{k: np.stack([rows[i][k] for i in range(start, start + 32)]) for k in labeled.KEYS}
+               for start in (0, 32)]
+    batches[0]["labels"][5] = -1  # a padding example
+    tx = optim.optimizer(OptimConfig(learning_rate=1e-2, warmup_steps=0, schedule="constant"), 10)
+
+    def losses(mesh_cfg, accum):
+        task = ClassifyTask(MODEL, 3)
+        if mesh_cfg.mode == "pmap":
+            c, blocks, multiple = PmapCompiled(task, tx, 32, 32, accum), 8, 1
+        else:
+            mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
+            c, blocks, multiple = Compiled(task, tx, mesh, sharding.rules(mesh_cfg), 32, 32, accum), 1, 2
+        groups = blocks * accum
+        packer = labeled.Packer(rows.packed_rows(32 // groups, multiple, groups), blocks, accum)
+        state, out = c.init_state(0), []
+        with c.context():
+            for step in range(3):
+                packed = packer(batches[step % 2])
+                assert packed["inputs"].shape[0] < 32  # really packed
+                state, m = c.train_step(state, c.put_batch(packed), jax.random.key(0))
+                out.append(task.summarize(m)["loss"])
+        return out
+
+    reference = losses(MeshConfig(data=1), 1)  # one device, one batch
+    np.testing.assert_allclose(losses(MeshConfig(data=2, fsdp=2, tensor=2), 4), reference, rtol=1e-5)
+    np.testing.assert_allclose(losses(MeshConfig(mode="pmap"), 2), reference, rtol=1e-5)

@@ -190,20 +190,24 @@ class ExampleRows:
                 "segment_ids": real.astype(np.int32), "positions": np.arange(self.seq_len, dtype=np.int32),
                 "pool_at": np.int32(0), "labels": self.labels[i]}
 
-    def packed_rows(self, examples: int, multiple: int = 1) -> tuple[int, ...]:
-        """Row counts to pack `examples` random examples into: a common size, then a roomy one.
+    def packed_rows(self, examples: int, multiple: int = 1, groups: int = 1) -> tuple[int, ...]:
+        """Rows per group to pack `groups` groups of `examples` random examples into: a common
+        size, then a roomy one (see `Packer`).
 
         Measured by packing 1,000 random batches of this split: the first size fits about 60%
         of batches, the second all of them; each size is one compiled shape, and a batch that
-        fits neither gets one example a row. Sizes are rounded up to `multiple` (the devices
-        on the batch axis) and never exceed `examples`.
+        fits neither gets one example a row. Sizes are rounded up to `multiple` (so the batch's
+        rows split over the devices) and never exceed `examples`.
         """
         rng = np.random.default_rng(0)
         need = []
         for _ in range(1000):
-            lengths = self.lengths[rng.integers(0, len(self.lengths), examples)]
-            least = max(1, -(-int(lengths.sum()) // self.seq_len))  # no packing beats this
-            need.append(next(r for r in range(least, examples + 1) if _first_fit(lengths, r, self.seq_len)))
+            most = 0
+            for _ in range(groups):  # a batch needs what its fullest group needs
+                lengths = self.lengths[rng.integers(0, len(self.lengths), examples)]
+                least = max(most, 1, -(-int(lengths.sum()) // self.seq_len))  # no packing beats this
+                most = next(r for r in range(least, examples + 1) if _first_fit(lengths, r, self.seq_len))
+            need.append(most)
         sizes = (int(np.percentile(need, 60)), max(need))
         return tuple(sorted({min(-(-r // multiple) * multiple, examples) for r in sizes}))
 
@@ -231,35 +235,51 @@ class Packer:
 
     Several examples share a row apart by segment ids (attention never crosses them) with
     positions restarting at 0, so every example computes exactly what it would alone in a
-    padded row, on far fewer padding tokens. `pool_at` gives each example's first token
-    (flat index row * seq_len + offset). Batches take the first of `sizes` (row counts) they
-    fit in, else one example a row, so only a few shapes are ever compiled.
+    padded row, on far fewer padding tokens. Batches take the first of `sizes` (rows per group)
+    they fit in, else one example a row, so only a few shapes are ever compiled.
+
+    Examples are packed in groups that the train step sees whole: `blocks` contiguous blocks
+    (one per device under pmap) of `microbatches` interleaved microbatches each (microbatch i
+    of a block holds its rows and examples i, i + k, ...). `pool_at` gives each example's first
+    token as a flat index (row * seq_len + offset) into its group's rows; with one group, into
+    the whole batch.
     """
 
-    def __init__(self, sizes: tuple[int, ...]):
-        self.sizes = sizes
+    def __init__(self, sizes: tuple[int, ...], blocks: int = 1, microbatches: int = 1):
+        self.sizes, self.blocks, self.k = sizes, blocks, microbatches
+
+    def _groups(self, count: int) -> list[np.ndarray]:
+        """Example indices of each group, in the order the step sees them."""
+        per_block = count // self.blocks
+        return [d * per_block + np.arange(i, per_block, self.k)
+                for d in range(self.blocks) for i in range(self.k)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count, seq_len = batch["inputs"].shape
         lengths = batch["segment_ids"].sum(1)
-        for rows in (*self.sizes, count):  # one example a row always fits
-            places = _first_fit(lengths, rows, seq_len)
-            if places:
+        groups = self._groups(count)
+        for rows in (*self.sizes, len(groups[0])):  # one example a row always fits
+            places = [_first_fit(lengths[g], rows, seq_len) for g in groups]
+            if all(places):
                 break
-        out = {k: np.zeros((rows, seq_len), np.int32) for k in ("inputs", "token_types", "segment_ids", "positions")}
+        keys = ("inputs", "token_types", "segment_ids", "positions")
+        out = {k: np.zeros((rows * len(groups), seq_len), np.int32) for k in keys}
         pool_at = np.zeros(count, np.int32)
-        used = np.zeros(rows, np.int32)  # examples per row so far
-        for i, (row, offset) in enumerate(places):
-            n = lengths[i]
-            if n == 0:
-                continue
-            span = slice(offset, offset + n)
-            out["inputs"][row, span] = batch["inputs"][i, :n]
-            out["token_types"][row, span] = batch["token_types"][i, :n]
-            used[row] += 1
-            out["segment_ids"][row, span] = used[row]
-            out["positions"][row, span] = np.arange(n)
-            pool_at[i] = row * seq_len + offset
+        for group_index, (g, group_places) in enumerate(zip(groups, places)):
+            block, i = divmod(group_index, self.k)
+            used = np.zeros(rows, np.int32)  # examples per row so far
+            for e, (row, offset) in zip(g, group_places):
+                n = lengths[e]
+                if n == 0:
+                    continue
+                at = block * rows * self.k + row * self.k + i  # the group's row `row` in the batch
+                span = slice(offset, offset + n)
+                out["inputs"][at, span] = batch["inputs"][e, :n]
+                out["token_types"][at, span] = batch["token_types"][e, :n]
+                used[row] += 1
+                out["segment_ids"][at, span] = used[row]
+                out["positions"][at, span] = np.arange(n)
+                pool_at[e] = row * seq_len + offset
         return {**out, "pool_at": pool_at, "labels": batch["labels"]}
 
 
