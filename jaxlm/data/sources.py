@@ -264,16 +264,19 @@ def catalog_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
     def builder() -> tfds.core.DatasetBuilder:
         return tfds.builder(cfg.name, data_dir=str(catalog_dir(cfg)), file_format="array_record")
 
+    def unknown(e: Exception) -> UserError:
+        return UserError(f"data.name={cfg.name!r} is not a TFDS catalog dataset: {str(e).splitlines()[0]}")
+
     try:
         return builder()
-    except tfds.core.registered.DatasetNotFoundError:
+    except tfds.core.registered.DatasetNotFoundError:  # perhaps one in TFDS's older layout
         _import_legacy_module(cfg.name.split("/")[0].split(":")[0])
-    except Exception:
-        pass
+    except Exception as e:  # an unknown config or version
+        raise unknown(e) from None
     try:
         return builder()
-    except Exception as e:  # unknown name or config
-        raise UserError(f"data.name={cfg.name!r} is not a TFDS catalog dataset: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        raise unknown(e) from None
 
 
 def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[Any], Sequence[Any]]:
