@@ -28,6 +28,7 @@ from jaxlm.data.sources import (
     Splits,
     _fingerprint,
     _is_eval,
+    as_text,
     catalog_builder,
     expand_paths,
     open_catalog,
@@ -147,8 +148,8 @@ def load_catalog(data: DataConfig, cfg: ClassifyConfig) -> Splits:
             if label < 0:
                 raise UserError(f"{data.name} split '{split}' is unlabeled (example {i} has label {label}); "
                                 "evaluate on a labeled split, e.g. data.eval_split=validation")
-            out.append({"text": _str(record[text_key]), "label": label,
-                        "pair": _str(record[cfg.pair_key]) if cfg.pair_key else ""})
+            out.append({"text": as_text(record[text_key]), "label": label,
+                        "pair": as_text(record[cfg.pair_key]) if cfg.pair_key else ""})
         return out
 
     fp = _fingerprint(["tfds-labeled", data.name, data.train_split, data.eval_split, data.eval_fraction,
@@ -166,8 +167,8 @@ class ExampleRows:
     def __init__(self, examples: Sequence[dict[str, Any]], tokenizer: TextTokenizer, seq_len: int):
         self.seq_len = seq_len
         n = len(examples)
-        texts = tokenizer.encode_batch([_str(examples[i]["text"]) for i in range(n)])
-        pairs = tokenizer.encode_batch([_str(examples[i].get("pair", "")) for i in range(n)])
+        texts = tokenizer.encode_batch([as_text(examples[i]["text"]) for i in range(n)])
+        pairs = tokenizer.encode_batch([as_text(examples[i].get("pair", "")) for i in range(n)])
         self.inputs = np.zeros((n, seq_len), np.int32)
         self.types = np.zeros((n, seq_len), np.int32)
         self.lengths = np.zeros(n, np.int32)
@@ -216,10 +217,6 @@ class ExampleRows:
         zeros = np.zeros(self.seq_len, np.int32)
         return {"inputs": zeros, "token_types": zeros, "segment_ids": zeros, "positions": zeros,
                 "pool_at": np.int32(0), "labels": np.int32(-1)}
-
-
-def _str(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _truncate(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:

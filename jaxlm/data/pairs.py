@@ -21,7 +21,6 @@ import numpy as np
 
 from jaxlm.errors import UserError
 
-KEYS = ("inputs", "token_types", "segment_ids", "positions", "nsp_labels")
 IS_NEXT, RANDOM = 0, 1  # Hugging Face's next_sentence_label convention
 
 
@@ -62,7 +61,7 @@ class PairRows:
         rng = np.random.default_rng([self.seed, int(r)])
         start, length, doc = int(self.chunk_start[r]), int(self.chunk_len[r]), int(self.chunk_doc[r])
         chunk = np.asarray(self.inputs[start:start + length])
-        cuts = np.nonzero(self._ends[chunk[:-1]])[0] + 1  # A may end after any sentence end but the last token
+        cuts = self._after_ends(chunk)  # A ends after a sentence end, never at the chunk's end
         a_len = int(rng.choice(cuts)) if len(cuts) else int(rng.integers(1, length))
         if rng.random() < 0.5:
             return chunk[:a_len], chunk[a_len:], IS_NEXT
@@ -70,10 +69,14 @@ class PairRows:
         other = int(self._texts[k + (k >= np.searchsorted(self._texts, doc))])
         text = np.asarray(self.inputs[self.doc_start[other]:self.doc_start[other] + self.doc_len[other]])
         want = length - a_len
-        starts = np.concatenate([[0], np.nonzero(self._ends[text[:-1]])[0] + 1])
+        starts = np.concatenate([[0], self._after_ends(text)])  # sentence starts
         fits = starts[starts + want <= len(text)]
         first = int(rng.choice(fits)) if len(fits) else max(0, len(text) - want)
         return chunk[:a_len], text[first:first + want], RANDOM
+
+    def _after_ends(self, tokens: np.ndarray) -> np.ndarray:
+        """Positions 1..len-1 of `tokens` that follow a sentence-ending token."""
+        return np.nonzero(self._ends[tokens[:-1]])[0] + 1
 
     def __getitem__(self, r: int) -> dict[str, np.ndarray]:
         a, b, label = self.pair(r)

@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import Splits, cache_dir
+from jaxlm.data.sources import Splits, as_text, cache_dir
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
@@ -44,16 +44,11 @@ _ARRAYS = ("inputs", "targets", "starts")
 _CHUNK = 1024  # documents tokenized per call
 
 
-def _text(example: dict[str, Any], key: str) -> str:
-    value = example[key]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
 def _tokenize(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, out: Path) -> None:
     inputs, targets, starts, offset = [], [], [], 0
     report = sys.stderr.isatty() and len(source) > 20 * _CHUNK
     for first in range(0, len(source), _CHUNK):
-        texts = [_text(source[i], text_key) for i in range(first, min(first + _CHUNK, len(source)))]
+        texts = [as_text(source[i][text_key]) for i in range(first, min(first + _CHUNK, len(source)))]
         for ids in tokenizer.encode_batch(texts):
             doc = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
             inputs.append(doc[:-1])

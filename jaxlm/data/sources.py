@@ -45,6 +45,11 @@ class Splits:
     fingerprint: str  # identifies the training text (keys the tokenizer cache)
 
 
+def as_text(value: Any) -> str:
+    """A text feature as str (TFDS data sources return UTF-8 bytes)."""
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
 def cache_dir(cfg: DataConfig) -> Path:
     """Where prepared datasets and trained tokenizers are kept."""
     if cfg.cache_dir:

@@ -12,7 +12,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import Splits, cache_dir
+from jaxlm.data.sources import Splits, as_text, cache_dir
 from jaxlm.errors import UserError
 
 PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
@@ -130,8 +130,7 @@ def from_file(path: str | Path) -> TextTokenizer:
 
 def _texts(splits: Splits) -> Iterator[str]:
     for i in range(len(splits.train)):
-        value = splits.train[i][splits.text_key]
-        yield value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+        yield as_text(splits.train[i][splits.text_key])
 
 
 def train_bpe(splits: Splits, vocab_size: int) -> TextTokenizer:
