@@ -18,6 +18,7 @@ import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import optim, sharding
+from jaxlm.data import pipeline
 from jaxlm.steps import Compiled
 from jaxlm.tasks.mlm import MlmTask
 
@@ -31,7 +32,7 @@ def seconds_per_step(task: MlmTask, cfg, batch_size: int, steps: int) -> tuple[f
     batch = {"inputs": rng.integers(5, 1000, (batch_size, cfg.data.seq_len)).astype(np.int32),
              "segment_ids": np.ones((batch_size, cfg.data.seq_len), np.int32),
              "positions": np.tile(np.arange(cfg.data.seq_len, dtype=np.int32), (batch_size, 1)),
-             "row_ids": np.arange(batch_size, dtype=np.int32)}
+             "row_ids": pipeline.row_ids(np.arange(batch_size))}
     state, key = c.init_state(0), jax.random.key(0)
     with c.context():
         b = c.put_batch(batch)

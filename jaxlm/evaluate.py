@@ -10,8 +10,9 @@ import json
 import sys
 import time
 
+from jaxlm import tasks
 from jaxlm.errors import cli
-from jaxlm.train import data_rows, evaluate, load_splits
+from jaxlm.train import evaluate
 from jaxlm.workdir import open_run
 
 
@@ -33,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     run, ckpt = open_run(args.workdir, args.overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    rows = data_rows(run.config, load_splits(run.config), run.tokenizer)[args.split]
+    task = tasks.task_class(run.config)
+    rows = task.rows(run.config, task.load_splits(run.config), run.tokenizer)[args.split]
     metrics = evaluate(run, params, rows)
     if args.json:
         print(json.dumps({"step": step, "split": args.split, **metrics}))

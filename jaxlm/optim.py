@@ -40,9 +40,18 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([warm, after], [warmup])
 
 
+# Parameters that get weight decay, by name: projection kernels and embedding tables. Biases
+# (`bias`, `mlm_bias`) and norm scales are not decayed, whatever their rank: attention biases are
+# [heads, head_dim], and under `model.scan_layers` every parameter gains a leading layer axis.
+DECAYED = frozenset({"kernel", "embedding"})
+
+
 def decay_mask(params) -> object:
-    """True for weights that get weight decay: matrices and tables, not biases or norm scales."""
-    return jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)
+    """True for the parameters that get weight decay (named in `DECAYED`), False for the rest."""
+    def decayed(path, _) -> bool:  # the last dict key: boxed (annotated) leaves add `.value`
+        names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        return names[-1] in DECAYED
+    return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:

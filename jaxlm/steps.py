@@ -15,7 +15,8 @@ import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh
 
-from jaxlm import sharding
+from jaxlm import rngs, sharding
+from jaxlm.microbatch import Layout
 
 Array = jax.Array
 
@@ -53,9 +54,8 @@ def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum
     if accum_steps == 1:
         grads, sums = one(batch, rng)
     else:
-        def split(x: Array) -> Array:  # [batch, ...] -> [k, batch / k, ...]
-            # microbatch i takes rows i, i + k, ...: each device's rows stay on it, spread over all k
-            x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
+        def split(x: Array) -> Array:  # [batch, ...] -> [k, batch / k, ...], as packers group rows
+            x = Layout(microbatches=accum_steps).split(x)
             return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
 
         def body(carry, xs):
@@ -75,14 +75,15 @@ def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum
 def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: Any,
                tx: optax.GradientTransformation, accum_steps: int = 1, axis_name: str | None = None
                ) -> tuple[TrainState, dict[str, Array]]:
-    """One optimizer update. Pure: the randomness is `rng` folded with the step number.
+    """One optimizer update. Pure: `rng` is the run's key; dropout draws from its dropout
+    stream at the step number (`jaxlm.rngs`), so a resumed run draws the same.
 
     Under `jax.pmap`, `axis_name` names the device axis: gradients and metric sums are summed
     over devices, each device's loss already divided by the whole batch's denominators.
 
     Returns the new state and metric sums (plus the gradient norm before clipping).
     """
-    step_rng = jax.random.fold_in(rng, state.step)
+    step_rng = rngs.stream(rng, rngs.DROPOUT, state.step)
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     grads, sums = gradients(state.params, batch, step_rng, task, accum_steps, axis_name)
@@ -105,6 +106,7 @@ class Compiled:
     def __init__(self, task: Any, tx: optax.GradientTransformation, mesh: Mesh, axis_rules: tuple,
                  batch_size: int, seq_len: int, accum_steps: int = 1):
         self.task, self.tx, self.mesh, self.rules = task, tx, mesh, axis_rules
+        self.blocks = 1  # the step sees the batch as one block (see jaxlm.microbatch)
         dummy = task.dummy_batch(batch_size, seq_len)
 
         def init(rng: Array) -> TrainState:
@@ -136,9 +138,9 @@ class Compiled:
             yield
 
     def init_state(self, seed: int) -> TrainState:
-        """Fresh state, created directly in its sharded layout."""
+        """Fresh state from the seed's init stream, created directly in its sharded layout."""
         with self.context():
-            return self._init(jax.random.key(seed))
+            return self._init(rngs.stream(jax.random.key(seed), rngs.INIT))
 
     def put_batch(self, local: dict) -> dict[str, Array]:
         """This host's rows -> global batch arrays."""
@@ -169,7 +171,7 @@ class PmapCompiled(Compiled):
         one = Mesh(np.asarray(self.devices[:1]).reshape(1, 1, 1), sharding.AXES,
                    axis_types=(AxisType.Auto,) * 3)
         super().__init__(task, tx, one, (), batch_size, seq_len)  # one copy: init and restore target
-        n = len(self.devices)
+        n = self.blocks = len(self.devices)  # one block of the batch per device
         self._train = jax.pmap(
             partial(train_step, task=task, tx=tx, accum_steps=accum_steps, axis_name=self.AXIS),
             axis_name=self.AXIS, in_axes=(0, 0, None), donate_argnums=0, devices=self.devices)

@@ -15,22 +15,24 @@ import math
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import optim, sharding
+from jaxlm import optim, sharding, tasks
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
-from jaxlm.data import labeled, pairs, pipeline, sources
+from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
-from jaxlm.metrics import Writers, add_sums
-from jaxlm.steps import PmapCompiled
+from jaxlm.metrics import add_sums
+from jaxlm.microbatch import Layout
 from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
+from jaxlm.writers import Writers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,70 +51,40 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_splits(config: Config) -> sources.Splits:
-    """The train and eval examples the config names (documents, or labeled examples)."""
-    if config.task == "classify":
-        if config.data.source == "tfds":
-            return labeled.load_catalog(config.data, config.classify)
-        return labeled.load_splits(config.data, config.classify)
-    return sources.load_splits(config.data)
-
-
-def data_rows(config: Config, splits: sources.Splits, tok: TextTokenizer) -> dict[str, Any]:
-    """Random-access train and eval rows for the config's task (tokenized once, cached)."""
-    seq_len = config.data.seq_len
-    if config.task == "classify":
-        return {name: labeled.ExampleRows(getattr(splits, name), tok, seq_len) for name in ("train", "eval")}
-    dirs = pipeline.tokenize_splits(splits, tok, config.data)
-    if config.task == "mlm" and config.mlm.nsp:  # eval pairs are the same whatever the seed
-        return {name: pairs.PairRows(dirs[name], seq_len, config.seed if name == "train" else 0,
-                                     tok.bos_id, tok.eos_id, tok.ends_sentence(), name)
-                for name in ("train", "eval")}
-    return {"train": pipeline.TokenRows(dirs["train"], seq_len, whole_rows=True),
-            "eval": pipeline.TokenRows(dirs["eval"], seq_len, whole_rows=False)}
-
-
 def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Any]]:
-    """Compiled steps for training and the data rows; saves the resolved config."""
-    config = inherit_model(config)
-    if config.task == "classify" and config.data.source == "tfds":  # label names from the dataset
-        names = labeled.catalog_labels(config.data, config.classify)
-        config = dataclasses.replace(config, classify=dataclasses.replace(config.classify, labels=names))
+    """Compiled steps for training and the task's data rows; saves the resolved config."""
+    config = tasks.task_class(config).resolve(inherit_model(config))
     if (workdir / "config.yaml").is_file():  # a rerun: refuse a different run before any work
         saved = config_lib.load_workdir(workdir)
         vocab = config.model.vocab_size or saved.model.vocab_size
         check_same_run(saved, dataclasses.replace(
             config, model=dataclasses.replace(config.model, vocab_size=vocab)), workdir)
 
-    def data_and_tokenizer():
-        splits = load_splits(config)
-        tok = tokenizer_lib.obtain(config.data, splits, workdir)
-        return tok, data_rows(config, splits, tok)
-
     # process 0 prepares data and tokenizer first; the others then find them (shared disks)
     # or make identical copies of their own
     if jax.process_index() == 0:
-        tok, rows = data_and_tokenizer()
+        tok, rows = task_data(config, workdir)
     sharding.barrier("jaxlm: data prepared")
     if jax.process_index() != 0:
-        tok, rows = data_and_tokenizer()
+        tok, rows = task_data(config, workdir)
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
     return build(config, tok, mode), rows
 
 
-def packer(run: Run, rows: Any, microbatches: int = 1) -> labeled.Packer | None:
-    """Packs labeled examples several to a row, in the groups the step sees whole (one per
-    microbatch of each pmap device); none for language-model rows."""
-    if not isinstance(rows, labeled.ExampleRows):
-        return None
-    host, devices = run.config.train.batch_size // jax.process_count(), jax.local_device_count()
-    blocks = devices if isinstance(run.compiled, PmapCompiled) else 1
-    # under jit the batch's rows (rows per group x microbatches) split over the devices
-    multiple = 1 if blocks > 1 else devices // math.gcd(devices, microbatches)
-    sizes = rows.packed_rows(host // (blocks * microbatches), multiple, blocks * microbatches)
-    return labeled.Packer(sizes, blocks, microbatches)
+def task_data(config: Config, workdir: Path) -> tuple[TextTokenizer, dict[str, Any]]:
+    """The run's tokenizer (trained on the task's train split, or loaded) and the task's rows."""
+    task = tasks.task_class(config)
+    splits = task.load_splits(config)
+    tok = tokenizer_lib.obtain(config.data, splits, workdir)
+    return tok, task.rows(config, splits, tok)
+
+
+def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
+    """The task's packing of this process's batches, in the groups the step sees whole."""
+    host = run.config.train.batch_size // jax.process_count()
+    return run.task.packer(rows, Layout(run.compiled.blocks, microbatches), host)
 
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
@@ -137,9 +109,10 @@ def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
     if saved and "next_row" not in saved:
         print("the checkpoint's data position is in an older format; the data restarts at the "
               "beginning of an epoch", file=sys.stderr)
-    return pipeline.TrainBatches(rows, run.config.train.batch_size, run.config.seed,
-                                 saved.get("next_row", 0), jax.process_index(), jax.process_count(),
-                                 packer(run, rows, run.config.train.grad_accum_steps))
+    cfg = run.config
+    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, saved.get("next_row", 0),
+                                 jax.process_index(), jax.process_count(),
+                                 packer(run, rows, cfg.train.grad_accum_steps), cfg.data.prefetch)
 
 
 def initial_params(run: Run, params: Any) -> Any:
@@ -165,11 +138,13 @@ def initial_params(run: Run, params: Any) -> Any:
 class Best:
     """Keeps the checkpoint with the best eval `metric` in its own directory (off when empty).
 
-    Loss is better lower, every other metric higher. A resumed run knows the best so far.
+    Metrics in `lower_is_better` (the task says which) are better lower, every other metric
+    higher. A resumed run knows the best so far.
     """
 
-    def __init__(self, directory: Path, metric: str, async_save: bool):
+    def __init__(self, directory: Path, metric: str, async_save: bool, lower_is_better: frozenset[str]):
         self.metric = metric
+        self.lower = metric in lower_is_better
         self._ckpt = Checkpoints(directory, keep=1, async_save=async_save) if metric else None
         self.value = None
         if self._ckpt is not None and self._ckpt.latest_step() is not None:
@@ -182,8 +157,7 @@ class Best:
             raise UserError(f"checkpoint.best_metric={self.metric!r} is not an eval metric of this task "
                             f"({', '.join(metrics)})")
         value = metrics[self.metric]
-        lower = self.metric == "loss"
-        if self.value is None or (value < self.value if lower else value > self.value):
+        if self.value is None or (value < self.value if self.lower else value > self.value):
             self.value = value
             self._ckpt.save(step, state, data_state, {"step": step, self.metric: value})
 
@@ -250,7 +224,8 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     cfg, c = run.config, run.compiled
     tcfg = cfg.train
     ckpt = Checkpoints(workdir / "checkpoints", cfg.checkpoint.keep, cfg.checkpoint.async_save)
-    best = Best(workdir / "best", cfg.checkpoint.best_metric, cfg.checkpoint.async_save)
+    best = Best(workdir / "best", cfg.checkpoint.best_metric, cfg.checkpoint.async_save,
+                run.task.lower_is_better)
     start_step, saved_data = 0, None
     if ckpt.latest_step() is not None:
         state, saved_data, _ = ckpt.restore(c.abstract_state)
@@ -271,7 +246,11 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
 
     writers = Writers(workdir, tcfg.steps, start_step, enabled=jax.process_index() == 0)
     lr_at = optim.schedule(cfg.optim, tcfg.steps)
-    rng = jax.random.key(cfg.seed)
+    if cfg.optim.warmup_steps >= tcfg.steps:
+        print(f"note: optim.warmup_steps={cfg.optim.warmup_steps} is not below train.steps={tcfg.steps}, "
+              f"so the learning rate rises to {float(lr_at(tcfg.steps - 1)):.2e} and never reaches its "
+              f"peak {cfg.optim.learning_rate:.2e}", file=sys.stderr)
+    rng = jax.random.key(cfg.seed)  # the run's key; the step draws from its streams (jaxlm.rngs)
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     last_eval: dict[str, float] = {}
     pending = None  # (step, device metrics) fetched after the next step is dispatched

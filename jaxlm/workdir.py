@@ -30,7 +30,7 @@ from jaxlm.steps import Compiled, PmapCompiled
 # computed); any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
-                     "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "model.remat", "model.dtype",
+                     "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "data.prefetch", "model.remat", "model.dtype",
                      "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
                      "mesh.slices", "mesh.slice_axis", "mesh.rules", "distributed.coordinator", "distributed.num_processes",
                      "distributed.process_id", "distributed.timeout_s", "distributed.cpu_collectives")
@@ -103,6 +103,9 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     if batch % jax.process_count():
         raise UserError(f"train.batch_size={batch} does not divide over {jax.process_count()} processes")
     if (mode or config.mesh.mode) == "pmap":
+        if jax.process_count() > 1:  # pmap's multi-process contract needs every process's devices
+            raise UserError(f"mesh.mode=pmap runs in one process, not {jax.process_count()}; use "
+                            "mesh.mode=jit, whose default mesh is the same data parallelism over all processes")
         if batch % (jax.local_device_count() * jax.process_count() * accum):
             raise UserError(f"train.batch_size={batch} does not split over {jax.device_count()} devices "
                             f"x {accum} microbatches in pmap mode; use a multiple of {jax.device_count() * accum}")

@@ -8,6 +8,7 @@ import pytest
 from jaxlm.config import ClassifyConfig, DataConfig, ModelConfig
 from jaxlm.data import labeled
 from jaxlm.errors import UserError
+from jaxlm.microbatch import Layout
 from jaxlm.tasks.classify import ClassifyTask
 
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=512, max_len=64,
@@ -47,7 +48,7 @@ def test_packing_in_groups_keeps_each_group_whole(examples):
     # 2 pmap devices x 2 microbatches: the step slices device blocks, then rows/examples i::2
     tok, rows = examples
     batch = {k: np.stack([rows[i][k] for i in range(32)]) for k in labeled.KEYS}
-    packer = labeled.Packer(rows.packed_rows(8, groups=4), blocks=2, microbatches=2)
+    packer = labeled.Packer(rows.packed_rows(8, groups=4), Layout(blocks=2, microbatches=2))
     packed = packer(batch)
     total = packed["inputs"].shape[0]
     assert total < 32 and total % 4 == 0
@@ -163,7 +164,7 @@ def test_classifier_training_agrees_under_accumulation_and_pmap(examples):
             mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
             c, blocks, multiple = Compiled(task, tx, mesh, sharding.rules(mesh_cfg), 32, 32, accum), 1, 2
         groups = blocks * accum
-        packer = labeled.Packer(rows.packed_rows(32 // groups, multiple, groups), blocks, accum)
+        packer = labeled.Packer(rows.packed_rows(32 // groups, multiple, groups), Layout(blocks, accum))
         state, out = c.init_state(0), []
         with c.context():
             for step in range(3):

@@ -88,7 +88,7 @@ def test_train_batches_keys_shapes_and_packing(prepared, tokens):
     rows = pipeline.TokenRows(tokens["train"], 64, whole_rows=True)
     batch = next(pipeline.TrainBatches(rows, 4, seed=0))
     assert set(batch) == {*pipeline.KEYS, "row_ids"}
-    assert batch.pop("row_ids").tolist() == [0, 1, 2, 3]  # global positions in the stream
+    assert batch.pop("row_ids").tolist() == [[0, 0], [0, 1], [0, 2], [0, 3]]  # global positions (high, low)
     for v in batch.values():
         assert v.shape == (4, 64) and v.dtype == np.int32
     seg, pos = batch["segment_ids"], batch["positions"]
@@ -112,7 +112,7 @@ def test_position_resumes_at_the_same_batch(tokens):
     state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
     assert state == {"next_row": 28}
     expected = [next(it) for _ in range(3)]
-    assert expected[0]["row_ids"].tolist() == [28, 29, 30, 31]
+    assert expected[0]["row_ids"][:, 1].tolist() == [28, 29, 30, 31]
     resumed = pipeline.TrainBatches(rows, 4, seed=3, next_row=state["next_row"])
     for want in expected:
         got = next(resumed)
@@ -121,6 +121,34 @@ def test_position_resumes_at_the_same_batch(tokens):
     other_seed = next(pipeline.TrainBatches(rows, 4, seed=4))
     first = next(pipeline.TrainBatches(rows, 4, seed=3))
     assert not np.array_equal(first["inputs"], other_seed["inputs"])
+
+
+def test_row_ids_do_not_wrap_in_long_runs(tokens):
+    rows = pipeline.TokenRows(tokens["train"], 32, whole_rows=True)
+    start = 2**32 - 2  # rows ~4e9 into a run
+    ids = next(pipeline.TrainBatches(rows, 4, seed=3, next_row=start))["row_ids"]
+    assert ids.tolist() == [[0, 2**32 - 2], [0, 2**32 - 1], [1, 0], [1, 1]]
+    wrapped = next(pipeline.TrainBatches(rows, 4, seed=3, next_row=start - 2**31))["row_ids"]
+    assert not np.array_equal(ids, wrapped)
+
+
+def test_prefetch_reads_a_bounded_number_of_batches_ahead(tokens):
+    """Host memory holds `data.prefetch` batches ahead, not hundreds."""
+    import time
+
+    class Counted(pipeline.TokenRows):
+        reads = 0
+
+        def __getitem__(self, r):
+            Counted.reads += 1
+            return super().__getitem__(r)
+
+    rows = Counted(tokens["train"], 32, whole_rows=True)
+    assert len(rows) > 200
+    batches = pipeline.TrainBatches(rows, 4, seed=0)  # data.prefetch=2 by default
+    next(batches)
+    time.sleep(1.0)  # let background threads read as far ahead as they may
+    assert Counted.reads <= 4 * (1 + 2 + 2)  # the batch taken, the buffer, one in flight per thread
 
 
 def test_position_carries_over_process_count_and_batch_size(tokens):

@@ -1,6 +1,7 @@
 import json
 
-from jaxlm.metrics import add_sums, format_line, truncate_jsonl
+from jaxlm.metrics import add_sums
+from jaxlm.writers import format_line, truncate_jsonl
 
 
 def test_truncate_keeps_history_up_to_the_restored_step_and_drops_a_cut_line(tmp_path):

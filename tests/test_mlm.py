@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm import rngs
 from jaxlm.config import MlmConfig, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.models.encoder import EncoderClassifier, EncoderMLM
@@ -21,13 +22,13 @@ def real(prepared):
     rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 64, whole_rows=True)
     batch = {k: np.stack([rows[r][k] for r in range(256)]) for k in pipeline.KEYS}
     batch["segment_ids"][:8, 40:] = 0  # some padding
-    batch["row_ids"] = np.arange(256, dtype=np.int32)
+    batch["row_ids"] = pipeline.row_ids(np.arange(256))
     return tok, batch
 
 
-def corrupt(tok, batch, **mlm):
-    task = MlmTask(MODEL, MlmConfig(**mlm), 64, 0, tok.special_ids(), tok.continues_word(), tok.mask_id)
-    out = jax.jit(task.corrupt)({k: jnp.asarray(v) for k, v in batch.items()})
+def corrupt(tok, batch, seed=0, train=True, **mlm):
+    task = MlmTask(MODEL, MlmConfig(**mlm), 64, seed, tok.special_ids(), tok.continues_word(), tok.mask_id)
+    out = jax.jit(task.corrupt, static_argnums=1)({k: jnp.asarray(v) for k, v in batch.items()}, train)
     return task, [np.asarray(x) for x in out]
 
 
@@ -72,9 +73,35 @@ def test_masks_follow_the_row_not_the_batch(real):
     shuffled = {k: v[::-1] for k, v in batch.items()}  # the same rows in another order / place
     _, (b, *_) = corrupt(tok, shuffled)
     np.testing.assert_array_equal(a, b[::-1])
-    other = dict(batch, row_ids=batch["row_ids"] + 256)  # the same text seen at another position
+    other = dict(batch, row_ids=pipeline.row_ids(np.arange(256) + 256))  # the same text seen at another position
     _, (c, *_) = corrupt(tok, other)
     assert (a != c).mean() > 0.05
+
+
+def test_eval_masks_do_not_depend_on_the_training_seed(real):
+    tok, batch = real
+    picked = {(seed, train): corrupt(tok, batch, seed, train)[1][1] for seed in (1, 2) for train in (True, False)}
+    np.testing.assert_array_equal(picked[1, False], picked[2, False])
+    assert (picked[1, True] != picked[2, True]).mean() > 0.05
+
+
+def test_masks_of_rows_past_2_to_the_31_are_new(real):
+    tok, batch = real
+    rows = np.arange(256) + 5
+    _, (a, *_) = corrupt(tok, dict(batch, row_ids=pipeline.row_ids(rows)))
+    _, (b, *_) = corrupt(tok, dict(batch, row_ids=pipeline.row_ids(rows + 2**31)))
+    _, (c, *_) = corrupt(tok, dict(batch, row_ids=pipeline.row_ids(rows + 2**32)))
+    assert (a != b).mean() > 0.05 and (a != c).mean() > 0.05
+
+
+def test_each_purpose_has_its_own_random_stream():
+    """Dropout at step s, the masks of row s and initialisation never share a key."""
+    root = jax.random.key(0)
+    for s in range(4):
+        keys = [rngs.stream(root, rngs.DROPOUT, s), rngs.stream(root, rngs.MASKS, 0, s),
+                rngs.stream(root, rngs.INIT)]
+        data = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in keys}
+        assert len(data) == len(keys)
 
 
 def test_encoder_padding_never_changes_real_positions():

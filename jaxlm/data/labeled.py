@@ -36,6 +36,7 @@ from jaxlm.data.sources import (
 )
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
+from jaxlm.microbatch import Layout
 
 KEYS = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
 
@@ -235,26 +236,19 @@ class Packer:
     padded row, on far fewer padding tokens. Batches take the first of `sizes` (rows per group)
     they fit in, else one example a row, so only a few shapes are ever compiled.
 
-    Examples are packed in groups that the train step sees whole: `blocks` contiguous blocks
-    (one per device under pmap) of `microbatches` interleaved microbatches each (microbatch i
-    of a block holds its rows and examples i, i + k, ...). `pool_at` gives each example's first
-    token as a flat index (row * seq_len + offset) into its group's rows; with one group, into
-    the whole batch.
+    Examples are packed in the groups of `layout` (`jaxlm.microbatch`), the groups the train
+    step sees whole (one per microbatch of each pmap device). `pool_at` gives each example's
+    first token as a flat index (row * seq_len + offset) into its group's rows; with one group,
+    into the whole batch.
     """
 
-    def __init__(self, sizes: tuple[int, ...], blocks: int = 1, microbatches: int = 1):
-        self.sizes, self.blocks, self.k = sizes, blocks, microbatches
-
-    def _groups(self, count: int) -> list[np.ndarray]:
-        """Example indices of each group, in the order the step sees them."""
-        per_block = count // self.blocks
-        return [d * per_block + np.arange(i, per_block, self.k)
-                for d in range(self.blocks) for i in range(self.k)]
+    def __init__(self, sizes: tuple[int, ...], layout: Layout = Layout()):
+        self.sizes, self.layout = sizes, layout
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count, seq_len = batch["inputs"].shape
         lengths = batch["segment_ids"].sum(1)
-        groups = self._groups(count)
+        groups = self.layout.groups(count)
         for rows in (*self.sizes, len(groups[0])):  # one example a row always fits
             places = [_first_fit(lengths[g], rows, seq_len) for g in groups]
             if all(places):
@@ -262,14 +256,13 @@ class Packer:
         keys = ("inputs", "token_types", "segment_ids", "positions")
         out = {k: np.zeros((rows * len(groups), seq_len), np.int32) for k in keys}
         pool_at = np.zeros(count, np.int32)
-        for group_index, (g, group_places) in enumerate(zip(groups, places)):
-            block, i = divmod(group_index, self.k)
+        for group, (g, group_places) in enumerate(zip(groups, places)):
             used = np.zeros(rows, np.int32)  # examples per row so far
             for e, (row, offset) in zip(g, group_places):
                 n = lengths[e]
                 if n == 0:
                     continue
-                at = block * rows * self.k + row * self.k + i  # the group's row `row` in the batch
+                at = self.layout.row(group, row, rows)
                 span = slice(offset, offset + n)
                 out["inputs"][at, span] = batch["inputs"][e, :n]
                 out["token_types"][at, span] = batch["token_types"][e, :n]

@@ -9,8 +9,8 @@ of int32 arrays [batch, seq_len]:
   targets      the next token at each position (each document ends with EOS)
   segment_ids  1, 2, ... per document piece in the row; 0 is padding
   positions    index of each token within its document piece
-and `row_ids` [batch], each row's global index in the stream (keys per-row randomness, e.g.
-masked-LM masks). A document cut at a row's end continues in the next row as a new segment.
+and `row_ids` [batch, 2] uint32, each row's global index in the stream as (high, low) 32-bit
+words (keys per-row randomness, e.g. masked-LM masks, and never wraps in a long run). A document cut at a row's end continues in the next row as a new segment.
 
 Training reads an endless sequence of rows (every epoch a fresh permutation) by *global* row
 index: process `i` of `n` takes rows `[next_row + i * b, next_row + (i + 1) * b)` of each step's
@@ -115,6 +115,19 @@ def tokenize_splits(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -
             for name in ("train", "eval")}
 
 
+def token_rows(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, TokenRows]:
+    """Language-model rows of the train split (whole rows only) and the eval split (all of it)."""
+    dirs = tokenize_splits(splits, tokenizer, cfg)
+    return {"train": TokenRows(dirs["train"], cfg.seq_len, whole_rows=True),
+            "eval": TokenRows(dirs["eval"], cfg.seq_len, whole_rows=False)}
+
+
+def row_ids(index: np.ndarray | int) -> np.ndarray:
+    """Global row indices as [..., 2] uint32 (high, low) words: exact up to 2**64 rows."""
+    index = np.asarray(index, np.uint64)
+    return np.stack([index >> np.uint64(32), index & np.uint64(0xFFFFFFFF)], -1).astype(np.uint32)
+
+
 class TrainBatches:
     """This process's endless training batches, at a global row position.
 
@@ -128,8 +141,9 @@ class TrainBatches:
 
     def __init__(self, rows: Any, global_batch: int, seed: int, next_row: int = 0,
                  process_index: int = 0, process_count: int = 1,
-                 transform: Callable[[Batch], Batch] | None = None):
-        """transform: applied to each host batch (e.g. packing examples into rows)."""
+                 transform: Callable[[Batch], Batch] | None = None, prefetch: int = 2):
+        """transform: applied to each host batch (e.g. packing examples into rows).
+        prefetch: host batches read ahead in background threads (bounds host memory)."""
         if len(rows) == 0:
             raise UserError(f"the training split has {rows.tokens:,} tokens, fewer than one row of "
                             f"data.seq_len={rows.seq_len}; give more text or shorten data.seq_len")
@@ -137,12 +151,14 @@ class TrainBatches:
         self.next_row = next_row
         host = global_batch // process_count
         order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None)
-        stream = order.map_with_index(lambda g, r: {**rows[r], "row_ids": np.int32(g % 2**31)})
+        stream = order.map_with_index(lambda g, r: {**rows[r], "row_ids": row_ids(g)})
         # batch k of this process holds global rows next_row + k * global_batch + index * host ...
         mine = stream[next_row:].batch(host)[process_index::process_count]
         if transform is not None:
             mine = mine.map(transform)
-        self._batches = iter(mine.to_iter_dataset())
+        # grain's default reads hundreds of batches ahead; a few keep the device fed
+        options = grain.ReadOptions(num_threads=prefetch, prefetch_buffer_size=prefetch)
+        self._batches = iter(mine.to_iter_dataset(options))
 
     def __iter__(self) -> Iterator[Batch]:
         return self
@@ -174,5 +190,5 @@ def eval_batches(rows: Any, global_batch: int, max_batches: int = 0, process_ind
         first = b * global_batch + process_index * host
         picked = [rows[r] if r < len(rows) else rows.empty() for r in range(first, first + host)]
         batch = {k: np.stack([row[k] for row in picked]) for k in picked[0]}
-        batch["row_ids"] = np.arange(first, first + host, dtype=np.int32)
+        batch["row_ids"] = row_ids(np.arange(first, first + host))
         yield batch if transform is None else transform(batch)

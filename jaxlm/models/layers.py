@@ -18,7 +18,7 @@ from jaxlm.config import ModelConfig
 
 Array = jax.Array
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 ACTIVATIONS = {

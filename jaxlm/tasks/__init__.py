@@ -1,31 +1,27 @@
-"""Objectives. A task declares its batch keys and turns (params, batch, rng) into loss and sums."""
+"""Objectives, each behind the Task protocol (`tasks.base`): its model, its data, its loss."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from jaxlm.config import Config
-from jaxlm.errors import UserError
+from jaxlm.config import TASKS, Config
+from jaxlm.tasks.base import Task
 from jaxlm.tasks.classify import ClassifyTask
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
 
-if TYPE_CHECKING:  # tasks take a tokenizer's tables, not the data package
+if TYPE_CHECKING:
     from jaxlm.data.tokenizer import TextTokenizer
 
-Task = ClmTask | MlmTask | ClassifyTask
+REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask}
+assert set(REGISTRY) == set(TASKS), "config.TASKS and the registry must name the same tasks"
+
+
+def task_class(config: Config) -> type[Task]:
+    """The class of the task the config names (its data methods need no instance)."""
+    return REGISTRY[config.task]
 
 
 def build(config: Config, tok: TextTokenizer) -> Task:
     """The task the config names, with its model."""
-    if config.task == "clm":
-        return ClmTask(config.model, tok.byte_lengths())
-    if config.task == "mlm":
-        if tok.mask_id is None:
-            raise UserError("task=mlm needs a mask token ([MASK] or <mask>) in the tokenizer; "
-                            "train one (leave data.tokenizer empty) or load one that has it")
-        return MlmTask(config.model, config.mlm, config.data.seq_len, config.seed, tok.special_ids(),
-                       tok.continues_word(), tok.mask_id)
-    if config.task == "classify":
-        return ClassifyTask(config.model, config.classify.num_labels)
-    raise ValueError(f"unknown task {config.task}")
+    return task_class(config).create(config, tok)

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import Config, ModelConfig
+from jaxlm.data import labeled
+from jaxlm.data.sources import Splits
+from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective
+from jaxlm.microbatch import Layout
 from jaxlm.models.encoder import EncoderClassifier
 
 Array = jax.Array
@@ -23,10 +30,43 @@ class ClassifyTask:
 
     batch_keys = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
     terms = (("loss_sum", "examples"),)
+    lower_is_better = frozenset({"loss"})
+
+    @staticmethod
+    def resolve(config: Config) -> Config:
+        """With a TFDS catalog dataset, the label names come from the dataset."""
+        if config.data.source != "tfds":
+            return config
+        names = labeled.catalog_labels(config.data, config.classify)
+        return dataclasses.replace(config, classify=dataclasses.replace(config.classify, labels=names))
+
+    @staticmethod
+    def load_splits(config: Config) -> Splits:
+        if config.data.source == "tfds":
+            return labeled.load_catalog(config.data, config.classify)
+        return labeled.load_splits(config.data, config.classify)
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, labeled.ExampleRows]:
+        return {name: labeled.ExampleRows(getattr(splits, name), tok, config.data.seq_len)
+                for name in ("train", "eval")}
+
+    @classmethod
+    def create(cls, config: Config, tok: TextTokenizer) -> ClassifyTask:
+        return cls(config.model, config.classify.num_labels)
 
     def __init__(self, model_cfg: ModelConfig, num_labels: int):
         self.model = EncoderClassifier(model_cfg, num_labels)
         self.num_labels = num_labels
+
+    def packer(self, rows: labeled.ExampleRows, layout: Layout, host_batch: int) -> labeled.Packer:
+        """Packs examples several to a row, in the groups of `layout`, at sizes measured on `rows`."""
+        devices = jax.local_device_count()
+        # under jit (one block) the batch's rows (rows per group x microbatches) split over the devices
+        k = layout.microbatches
+        multiple = 1 if layout.blocks > 1 else devices // math.gcd(devices, k)
+        sizes = rows.packed_rows(host_batch // layout.count, multiple, layout.count)
+        return labeled.Packer(sizes, layout)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}

@@ -9,14 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import ModelConfig
+from jaxlm.config import Config, ModelConfig
+from jaxlm.data import pipeline
+from jaxlm.data.sources import Splits
+from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective, token_metrics
 from jaxlm.models.decoder import DecoderLM
+from jaxlm.tasks.base import Documents
 
 Array = jax.Array
 
 
-class ClmTask:
+class ClmTask(Documents):
     """Loss and metric sums for a GPT-style decoder.
 
     Metric sums (divided on the host, after aggregation over devices and steps):
@@ -28,12 +32,21 @@ class ClmTask:
 
     batch_keys = ("inputs", "targets", "segment_ids", "positions")
     terms = (("loss_sum", "tokens"),)  # the loss: summed token loss over tokens
+    lower_is_better = frozenset({"loss", "perplexity", "bits_per_byte"})
 
     def __init__(self, model_cfg: ModelConfig, byte_lengths: np.ndarray):
         self.model = DecoderLM(model_cfg)
         table = np.zeros(model_cfg.vocab_size, np.float32)
         table[: len(byte_lengths)] = byte_lengths
         self._byte_lengths = table  # [vocab]
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, pipeline.TokenRows]:
+        return pipeline.token_rows(splits, tok, config.data)
+
+    @classmethod
+    def create(cls, config: Config, tok: TextTokenizer) -> ClmTask:
+        return cls(config.model, tok.byte_lengths())
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """A batch of the right shapes and dtypes, for initialisation and compilation."""

@@ -1,10 +1,11 @@
 """Masked-language modelling (BERT / RoBERTa style) over packed rows.
 
-Masks are drawn on device inside the loss, from a key made of the run's seed and each row's
-global index in the data stream (`row_ids`), so they depend neither on the step's device layout
-(mesh, pmap, microbatches) nor on restarts: a resumed run masks exactly as it would have.
-Each epoch visits a row at another global index, so the masks change every epoch (dynamic
-masking).
+Masks are drawn on device inside the loss, from the masks stream of the run's seed (see
+`jaxlm.rngs`) and each row's global index in the data stream (`row_ids`, 64-bit), so they depend
+neither on the step's device layout (mesh, pmap, microbatches) nor on restarts: a resumed run
+masks exactly as it would have. Each epoch visits a row at another global index, so the masks
+change every epoch (dynamic masking). Evaluation masks come from a fixed seed, so eval figures
+of runs with different seeds are comparable.
 
 Of the non-special tokens of a row, `round(mask_rate * n)` are selected (whole words together
 with `whole_word`); of those, 80% become the mask token, 10% a random token and 10% stay.
@@ -25,9 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxlm.config import MlmConfig, ModelConfig
+from jaxlm import rngs
+from jaxlm.config import Config, MlmConfig, ModelConfig
+from jaxlm.data import pairs, pipeline
+from jaxlm.data.sources import Splits
+from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.errors import UserError
 from jaxlm.metrics import objective, token_metrics
 from jaxlm.models.encoder import EncoderMLM
+from jaxlm.tasks.base import Documents
 
 Array = jax.Array
 
@@ -65,12 +72,33 @@ def _word_last(values: Array, start_at: Array) -> Array:
     return jnp.take_along_axis(best, start_at, axis=1)
 
 
-class MlmTask:
+class MlmTask(Documents):
     """Loss and metric sums for an encoder pretrained with masked-LM.
 
     Metric sums: loss_sum (nats over predicted positions), predictions, correct; with NSP also
     nsp_loss_sum, nsp_examples, nsp_correct.
     """
+
+    lower_is_better = frozenset({"loss", "perplexity", "nsp_loss"})
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict:
+        """Packed token rows, or with `mlm.nsp` one sentence pair a row (eval pairs drawn with
+        the eval seed, so they are the same whatever the run's seed)."""
+        if not config.mlm.nsp:
+            return pipeline.token_rows(splits, tok, config.data)
+        dirs = pipeline.tokenize_splits(splits, tok, config.data)
+        seeds = {"train": config.seed, "eval": rngs.EVAL_SEED}
+        return {name: pairs.PairRows(dirs[name], config.data.seq_len, seeds[name], tok.bos_id,
+                                     tok.eos_id, tok.ends_sentence(), name) for name in seeds}
+
+    @classmethod
+    def create(cls, config: Config, tok: TextTokenizer) -> MlmTask:
+        if tok.mask_id is None:
+            raise UserError("task=mlm needs a mask token ([MASK] or <mask>) in the tokenizer; "
+                            "train one (leave data.tokenizer empty) or load one that has it")
+        return cls(config.model, config.mlm, config.data.seq_len, config.seed, tok.special_ids(),
+                   tok.continues_word(), tok.mask_id)
 
     def __init__(self, model_cfg: ModelConfig, mlm: MlmConfig, seq_len: int, seed: int,
                  special_ids: np.ndarray, continues_word: np.ndarray, mask_id: int):
@@ -92,7 +120,7 @@ class MlmTask:
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
-        batch["row_ids"] = np.arange(batch_size, dtype=np.int32)
+        batch["row_ids"] = np.zeros((batch_size, 2), np.uint32)
         if self.cfg.nsp:
             batch["nsp_labels"] = np.zeros(batch_size, np.int32)
         return batch
@@ -102,10 +130,14 @@ class MlmTask:
         masked = jnp.zeros((tokens.shape[0], self.predictions), jnp.int32)
         return self.model.init(rng, tokens, _types(batch), batch["segment_ids"], batch["positions"], masked)
 
-    def corrupt(self, batch: dict[str, Array]) -> tuple[Array, Array, Array, Array]:
-        """(inputs with masks applied, gathered positions [batch, P], their targets, their weights)."""
+    def corrupt(self, batch: dict[str, Array], train: bool = True) -> tuple[Array, Array, Array, Array]:
+        """(inputs with masks applied, gathered positions [batch, P], their targets, their weights).
+
+        Training masks come from the run's seed, eval masks from the eval seed.
+        """
         tokens = batch["inputs"]  # [batch, length]
-        keys = jax.vmap(lambda r: jax.random.fold_in(jax.random.key(self.seed), r))(batch["row_ids"])
+        root = jax.random.key(self.seed if train else rngs.EVAL_SEED)
+        keys = jax.vmap(lambda r: rngs.stream(root, rngs.MASKS, r[0], r[1]))(batch["row_ids"])
         draws = jax.vmap(lambda k: jax.random.uniform(k, (3, tokens.shape[1])))(keys)  # [batch, 3, length]
         special = jnp.asarray(self._special)[tokens] | (batch["segment_ids"] == 0)
         if self.cfg.whole_word:
@@ -134,7 +166,7 @@ class MlmTask:
 
     def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
              totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
-        inputs, picked, targets, weights = self.corrupt(batch)
+        inputs, picked, targets, weights = self.corrupt(batch, train)
         logits, nsp_logits = self.model.apply(
             {"params": params}, inputs, _types(batch), batch["segment_ids"], batch["positions"],
             picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab], [batch, 2]

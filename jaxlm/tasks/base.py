@@ -1,0 +1,91 @@
+"""The Task protocol: everything the loop and the commands know about an objective.
+
+A task owns its objective and its data. Before a tokenizer exists it resolves its config
+(`resolve`) and loads its splits (`load_splits`, the text a tokenizer is trained on); with the
+tokenizer it builds random-access train and eval rows (`rows`). An instance (`create`) then
+declares its batch keys, packs host batches where that pays (`packer`), initialises its model,
+computes the loss and metric sums of `(params, batch, rng)`, and turns summed metrics into
+reported ones, saying which of them are better lower. The step, the loop and the commands call
+only this protocol and never name a task or a model family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Protocol
+
+import jax
+import numpy as np
+
+from jaxlm.config import Config
+from jaxlm.data import sources
+from jaxlm.data.sources import Splits
+from jaxlm.microbatch import Layout
+
+if TYPE_CHECKING:
+    from jaxlm.data.tokenizer import TextTokenizer
+
+Array = jax.Array
+Batch = dict[str, np.ndarray]
+
+
+class Task(Protocol):
+    """An objective with its model and its data (see the module docstring)."""
+
+    batch_keys: tuple[str, ...]  # the arrays of a batch the step takes
+    terms: tuple[tuple[str, str], ...]  # the loss: sum over (sum key, denominator key)
+    lower_is_better: frozenset[str]  # reported metrics that improve downward (losses, perplexity)
+
+    @staticmethod
+    def resolve(config: Config) -> Config:
+        """The config with anything the task reads from its dataset filled in (e.g. label names)."""
+
+    @staticmethod
+    def load_splits(config: Config) -> Splits:
+        """The train and eval examples the config names (documents or labeled examples)."""
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, Any]:
+        """Random-access "train" and "eval" rows (tokenized once, cached), each with `seq_len`,
+        `__len__`, `__getitem__` and `empty()` (a padding row that counts nowhere)."""
+
+    @classmethod
+    def create(cls, config: Config, tok: TextTokenizer) -> Task:
+        """The task with its model, for a config whose vocabulary size is resolved."""
+
+    def packer(self, rows: Any, layout: Layout, host_batch: int) -> Callable[[Batch], Batch] | None:
+        """A transform of host batches of `rows` (e.g. several examples to a row) that keeps every
+        group of `layout` whole; None when rows are used as they are."""
+
+    def dummy_batch(self, batch_size: int, seq_len: int) -> Batch:
+        """A batch of the right shapes and dtypes, for initialisation and compilation."""
+
+    def init(self, rng: Array, batch: dict[str, Array]) -> dict:
+        """Boxed (logically annotated) variables of the model."""
+
+    def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
+        """The loss's denominators over `batch` (counted up front under accumulation and pmap)."""
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
+             totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+        """(loss to differentiate, metric sums); `rng` keys dropout; `totals` are the whole
+        batch's denominators when the batch is a microbatch or one device's share."""
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        """Reported metrics from metric sums aggregated over devices and steps."""
+
+
+class Documents:
+    """Defaults for tasks trained on documents (language modelling): the config as it is, the
+    splits of `data.source`, rows used as they are."""
+
+    @staticmethod
+    def resolve(config: Config) -> Config:
+        return config
+
+    @staticmethod
+    def load_splits(config: Config) -> Splits:
+        return sources.load_splits(config.data)
+
+    def packer(self, rows: Any, layout: Layout, host_batch: int) -> None:
+        return None
