@@ -91,6 +91,10 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     `mode` overrides `mesh.mode` (evaluation and inference always use jit: checkpoints restore
     in either mode).
     """
+    pmap = (mode or config.mesh.mode) == "pmap"
+    if pmap and jax.process_count() > 1:  # pmap's multi-process contract needs every process's devices
+        raise UserError(f"mesh.mode=pmap runs in one process, not {jax.process_count()}; use "
+                        "mesh.mode=jit, whose default mesh is the same data parallelism over all processes")
     task = tasks.build(config, tok)
     tx = optim.optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
@@ -102,10 +106,7 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
                         f"microbatches over data x fsdp = {rows} devices; use a multiple of {rows * accum}")
     if batch % jax.process_count():
         raise UserError(f"train.batch_size={batch} does not divide over {jax.process_count()} processes")
-    if (mode or config.mesh.mode) == "pmap":
-        if jax.process_count() > 1:  # pmap's multi-process contract needs every process's devices
-            raise UserError(f"mesh.mode=pmap runs in one process, not {jax.process_count()}; use "
-                            "mesh.mode=jit, whose default mesh is the same data parallelism over all processes")
+    if pmap:
         if batch % (jax.local_device_count() * jax.process_count() * accum):
             raise UserError(f"train.batch_size={batch} does not split over {jax.device_count()} devices "
                             f"x {accum} microbatches in pmap mode; use a multiple of {jax.device_count() * accum}")

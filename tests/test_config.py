@@ -45,12 +45,19 @@ def test_overrides_apply_with_types():
     ("data.source=text", "data.source=text needs data.paths"),
     ("data.seq_len=4096", "exceeds model.max_len"),
     ("steps", "is not key=value"),
+    ("model.dtype=float16", "use model.dtype=bfloat16"),
+    ("data.prefetch=-1", "data.prefetch=-1 must be >= 0"),
 ])
 def test_bad_input_is_one_clear_error(override, expected):
     with pytest.raises(UserError, match=None) as info:
         config_lib.load(None, [override])
     assert expected in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_run_shorter_than_its_warmup_is_accepted():
+    """`python -m jaxlm.train train.steps=20` (default warmup 30) is a smoke test, not an error."""
+    assert config_lib.load(None, ["train.steps=20"]).optim.warmup_steps == 30
 
 
 def test_missing_and_bad_config_files(tmp_path):

@@ -145,6 +145,39 @@ def test_sigterm_checkpoints_then_stops(corpus_dir, cache_dir, tmp_path):
     assert steps == [stopped]
 
 
+@pytest.mark.parametrize("metric,values,kept", [
+    ("perplexity", [10.0, 5.0, 20.0], 2), ("bits_per_byte", [3.0, 2.5, 2.9], 2),
+    ("nsp_loss", [0.7, 0.6, 0.65], 2), ("accuracy", [0.5, 0.7, 0.6], 2), ("loss", [3.0, 3.5, 2.0], 3)])
+def test_best_checkpoint_follows_the_tasks_direction(tmp_path, metric, values, kept):
+    import jax.numpy as jnp
+
+    from jaxlm.steps import TrainState
+    from jaxlm.tasks.clm import ClmTask
+    from jaxlm.tasks.mlm import MlmTask
+    lower = ClmTask.lower_is_better | MlmTask.lower_is_better
+    best = train.Best(tmp_path / "best", metric, async_save=False, lower_is_better=lower)
+    state = TrainState(jnp.zeros((), jnp.int32), {"w": jnp.ones(2)}, {"m": jnp.zeros(2)})
+    for step, value in enumerate(values, 1):
+        best.offer(step, {metric: value}, state.replace(step=jnp.asarray(step)), {"next_row": step})
+    best.close()
+    assert Checkpoints(tmp_path / "best", read_only=True).all_steps() == [kept]
+
+
+def test_short_run_notes_that_warmup_is_not_reached(tiny, tmp_path, capsys):
+    train.train(config_lib.load(None, tiny + ["train.steps=2", "optim.warmup_steps=3",
+                                              "train.eval_every=2"]), tmp_path)
+    err = capsys.readouterr().err
+    assert err.count("never reaches its peak") == 1
+
+
+def test_pmap_over_several_processes_is_refused(tiny, monkeypatch):
+    import jax
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match="mesh.mode=pmap runs in one process, not 2; use mesh.mode=jit"):
+        from jaxlm import workdir
+        workdir.build(config_lib.load(None, tiny + ["mesh.mode=pmap", "model.vocab_size=512"]), None)
+
+
 def test_compile_only_reports_memory_and_flops(tiny, tmp_path, capsys):
     train.main(["--compile-only", "--workdir", str(tmp_path), *tiny, "mesh.data=2", "mesh.fsdp=4"])
     out = capsys.readouterr().out
