@@ -1,6 +1,13 @@
-"""Inference with encoders: fill-mask (masked-LM runs) and classify (classification runs)."""
+"""Inference with encoders: fill-mask (masked-LM runs) and classify (classification runs).
+
+The compiled functions live at module level with the model as a static argument, and batch
+shapes are rounded up (rows to the mesh, lengths to powers of two), so a command that runs
+many batches compiles each shape once.
+"""
 
 from __future__ import annotations
+
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +25,23 @@ def _rows(run: Run, count: int) -> int:
     return -(-count // per) * per
 
 
+def _bucket(n: int, limit: int) -> int:
+    """`n` rounded up to a power of two (at least 8), at most `limit`: few compiled shapes."""
+    return min(max(8, 1 << (n - 1).bit_length()), max(limit, n))
+
+
+@partial(jax.jit, static_argnames=("model", "vocab", "top_k"))
+def _top_k_tokens(params, inputs, segments, positions, picked, *, model, vocab: int, top_k: int):
+    logits, _ = model.apply({"params": params}, inputs, jnp.zeros_like(inputs), segments, positions, picked)
+    logits = logits[..., :vocab]  # never the table's padding rows
+    return jax.lax.top_k(jax.nn.softmax(logits), top_k)
+
+
+@partial(jax.jit, static_argnames=("task",))
+def _label_probabilities(params, batch, *, task):
+    return jax.nn.softmax(task.logits(params, batch))
+
+
 def fill_mask(run: Run, params, texts: list[str], top_k: int) -> list[list[list[tuple[str, float]]]]:
     """For each text, for each mask token in it, the top_k (token, probability) pairs."""
     tok = run.tokenizer
@@ -31,9 +55,10 @@ def fill_mask(run: Run, params, texts: list[str], top_k: int) -> list[list[list[
     length = max(len(ids) for ids in encoded)
     if length > run.config.model.max_len:
         raise UserError(f"a text of {length} tokens exceeds model.max_len={run.config.model.max_len}")
+    length = _bucket(length, run.config.model.max_len)
     masks = [[i for i, t in enumerate(ids) if t == tok.mask_id] for ids in encoded]
-    predictions = max(len(m) for m in masks)
-    batch = _rows(run, len(texts))
+    predictions = _bucket(max(len(m) for m in masks), length)
+    batch = _rows(run, 1 << (len(texts) - 1).bit_length())
     inputs = np.full((batch, length), tok.pad_id, np.int32)
     segments = np.zeros((batch, length), np.int32)
     picked = np.zeros((batch, predictions), np.int32)
@@ -41,16 +66,9 @@ def fill_mask(run: Run, params, texts: list[str], top_k: int) -> list[list[list[
         inputs[i, :len(ids)], segments[i, :len(ids)] = ids, 1
         picked[i, :len(m)] = m
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), inputs.shape)
-
-    @jax.jit
-    def probabilities(params, inputs, segments, positions, picked):
-        logits, _ = run.task.model.apply({"params": params}, inputs, jnp.zeros_like(inputs), segments,
-                                         positions, picked)
-        logits = logits[..., : tok.vocab_size]  # never the table's padding rows
-        return jax.lax.top_k(jax.nn.softmax(logits), top_k)
-
     with run.compiled.context():
-        probs, ids = jax.device_get(probabilities(params, inputs, segments, positions, picked))
+        probs, ids = jax.device_get(_top_k_tokens(params, inputs, segments, positions, picked,
+                                                  model=run.task.model, vocab=tok.vocab_size, top_k=top_k))
     return [[[(tok.tokenizer.id_to_token(int(t)), float(p)) for t, p in zip(ids[i, j], probs[i, j])]
              for j in range(len(m))] for i, m in enumerate(masks)]
 
@@ -59,16 +77,11 @@ def classify(run: Run, params, texts: list[str]) -> list[tuple[str, float]]:
     """(label, probability) of the most likely label of each text."""
     cfg = run.config
     examples = [{"text": t, "label": 0} for t in texts]
-    examples += [{"text": "", "label": 0}] * (_rows(run, len(texts)) - len(texts))
+    examples += [{"text": "", "label": 0}] * (_rows(run, 1 << (len(texts) - 1).bit_length()) - len(texts))
     rows = labeled.ExampleRows(examples, run.tokenizer, cfg.data.seq_len)
     batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in labeled.KEYS}
     batch = labeled.Packer(())(batch)  # one text a row
-
-    @jax.jit
-    def probabilities(params, batch):
-        return jax.nn.softmax(run.task.logits(params, batch))
-
     with run.compiled.context():
-        probs = np.asarray(probabilities(params, batch))[: len(texts)]
+        probs = np.asarray(_label_probabilities(params, batch, task=run.task))[: len(texts)]
     names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]
     return [(names[int(p.argmax())], float(p.max())) for p in probs]

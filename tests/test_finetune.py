@@ -77,6 +77,25 @@ def test_best_checkpoint_evaluate_and_classify(finetuned, capsys, tmp_path):
     assert all(0.5 <= float(line.split("\t")[1]) <= 1 for line in lines)
 
 
+def test_encoder_inference_compiles_once_per_shape(imported, finetuned, caplog):
+    """Batches after the first reuse the compiled function (it is not redefined per call)."""
+    import logging
+
+    from jaxlm import encoder_infer
+    for workdir, call in ((imported, lambda run, params, texts: encoder_infer.fill_mask(run, params, texts, 3)),
+                          (finetuned[0], encoder_infer.classify)):
+        run, ckpt = open_run(workdir)
+        params, _ = ckpt.restore_params(run.compiled.abstract_state.params)
+        texts = ["w1 [MASK] w3", "w4 w5 [MASK] w7"]
+        first = call(run, params, texts)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level(logging.WARNING):
+            again = call(run, params, texts)
+            call(run, params, ["w9 [MASK]", "[MASK] w2 w3 w4 w5"])  # other texts, same shapes
+        assert again == first
+        assert not [r for r in caplog.records if "Compiling" in r.getMessage()], caplog.text[:500]
+
+
 def test_fill_mask_prints_top_k_per_mask(imported, capsys):
     infer.main(["fill-mask", "--workdir", str(imported), "w1 [MASK] w3 [MASK]", "--top-k", "3"])
     out = capsys.readouterr().out.splitlines()
