@@ -25,6 +25,20 @@ def test_prepared_dataset_is_reused(prepared, capsys):
     assert "preparing" not in capsys.readouterr().err
 
 
+def test_first_preparation_keeps_the_console_to_what_matters(tmp_path, capfd, caplog):
+    import logging
+    (tmp_path / "a.txt").write_text("One text. " * 50)
+    (tmp_path / "b.txt").write_text("Another text. " * 50)
+    cfg = load(None, ["data.source=text", f"data.paths=[{tmp_path}/*.txt]",
+                      f"data.cache_dir={tmp_path / 'cache'}"]).data
+    with caplog.at_level(logging.INFO):
+        sources.load_splits(cfg)
+    out = capfd.readouterr()
+    assert "preparing dataset text" in out.err
+    logged = caplog.text + out.out + out.err
+    assert "dataset_info.json" not in logged, logged[:500]
+
+
 def test_tokenizer_round_trip_and_specials(prepared):
     _, _, tok = prepared
     text = "Return a new dict — with ünïcode & {braces}\n\ttabs."

@@ -18,6 +18,7 @@ import glob
 import hashlib
 import importlib
 import json
+import logging
 import os
 import sys
 import sysconfig
@@ -30,6 +31,17 @@ import tensorflow_datasets as tfds
 
 from jaxlm.config import DataConfig
 from jaxlm.errors import UserError
+
+
+class _Unactionable(logging.Filter):
+    """Drops TFDS's log lines a user cannot act on: before a dataset's first preparation its
+    folder has no dataset_info.json, which TFDS reports as a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "has no dataset_info.json" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_Unactionable())
 
 MAX_DOC_CHARS = 16_000
 _FORMAT_VERSION = "2"  # bump when the way documents are cut or held out changes
