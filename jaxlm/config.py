@@ -52,7 +52,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attention_impl: str = "xla"
+    attention_impl: str = "xla"  # xla | cudnn | auto (cuDNN on GPUs with bfloat16 and head dims <= 128, else XLA)
     remat: str = "none"  # recompute activations in the backward pass: none, full, save_dots, ...
     scan_layers: bool = False  # one compiled block under nn.scan (faster compiles for deep models)
 

@@ -123,3 +123,42 @@ def test_param_axis_names():
     assert flat["['block_0']['attention']['query']['kernel']"] == ("embed", "heads", "kv")
     assert flat["['block_0']['attention']['out']['kernel']"] == ("heads", "kv", "embed")
     assert flat["['block_0']['mlp']['wi']['kernel']"] == ("embed", "mlp")
+
+
+@pytest.mark.parametrize("impl,backend,dtype,head_dim,want", [
+    ("auto", "gpu", jnp.bfloat16, 64, "cudnn"), ("auto", "gpu", jnp.bfloat16, 128, "cudnn"),
+    ("auto", "cpu", jnp.bfloat16, 64, "xla"), ("auto", "tpu", jnp.bfloat16, 64, "xla"),
+    ("auto", "gpu", jnp.float32, 64, "xla"), ("auto", "gpu", jnp.bfloat16, 160, "xla"),
+    ("auto", "gpu", jnp.bfloat16, 36, "xla"), ("xla", "gpu", jnp.bfloat16, 64, "xla"),
+    ("cudnn", "cpu", jnp.float32, 64, "cudnn")])
+def test_auto_attention_picks_cudnn_where_it_applies(impl, backend, dtype, head_dim, want):
+    from jaxlm.models.layers import attention_backend
+    assert attention_backend(impl, dtype, head_dim, backend) == want
+
+
+def test_causal_attention_is_passed_as_is_causal(monkeypatch):
+    """Causal self-attention without a cache hands causality to the kernel (cuDNN's causal mask);
+    a cache step (queries at an offset) and the encoder keep it in the mask."""
+    from jaxlm.models.encoder import Encoder
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["is_causal"], kwargs["implementation"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    cfg = dataclasses.replace(CFG, attention_impl="auto")
+    model = DecoderLM(cfg)
+    variables = model.init(jax.random.key(0), tokens())
+    model.apply(variables, tokens())
+    assert calls[-2:] == [(True, "xla")] * 2  # two layers; auto is XLA on the CPU
+    cache = model.init(jax.random.key(0), tokens(length=4), decode=True)["cache"]
+    calls.clear()
+    model.apply({**variables, "cache": cache}, tokens(length=4), decode=True, mutable=["cache"])
+    assert calls == [(False, "xla")] * 2
+    enc = Encoder(cfg)
+    ones = jnp.ones((2, 16), jnp.int32)
+    calls.clear()
+    enc.init(jax.random.key(0), ones, ones * 0, ones, jnp.broadcast_to(jnp.arange(16), (2, 16)))
+    assert calls == [(False, "xla")] * 2

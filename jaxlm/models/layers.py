@@ -64,17 +64,35 @@ def make_attention_mask(
     return mask[:, None, :, :]
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, impl: str) -> Array:
+CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention: head dims up to 128 (256 on Hopper), multiples of 8
+
+
+def attention_backend(impl: str, dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> str:
+    """The attention kernel `model.attention_impl` names: "auto" is cuDNN's fused attention where
+    it applies (a GPU, bfloat16, a head dim it takes), else XLA.
+
+    Args:
+      backend: the JAX backend (default: `jax.default_backend()`).
+    """
+    if impl != "auto":
+        return impl
+    backend = backend or jax.default_backend()
+    fits = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    return "cudnn" if backend == "gpu" and dtype == jnp.bfloat16 and fits else "xla"
+
+
+def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: bool = False) -> Array:
     """Scaled dot-product attention through `jax.nn.dot_product_attention`.
 
     Args:
       q: [batch, q, heads, head_dim]; k, v: [batch, k, heads, head_dim].
       mask: [batch, 1, q, k] booleans. A query with no visible key gets a finite output.
-      impl: "xla", "cudnn" or "auto" (let JAX choose).
+      impl: "xla", "cudnn" or "auto" (see `attention_backend`).
+      is_causal: also mask keys after each query (queries and keys aligned at slot 0); cuDNN
+        then runs its causal kernel instead of reading the whole mask for it.
     """
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, implementation=None if impl == "auto" else impl
-    )
+    impl = attention_backend(impl, q.dtype, q.shape[-1])
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
 
 
 def rotary(x: Array, positions: Array, base: float) -> Array:
@@ -176,8 +194,10 @@ class SelfAttention(nn.Module):
                 q_index = i + jnp.arange(length)
                 k_index = jnp.arange(k.shape[1])
 
-        mask = make_attention_mask(segment_ids, k_segments, q_index, k_index, self.causal)
-        out = attention(q, k, v, mask, cfg.attention_impl)  # [batch, length, heads, head_dim]
+        # without a cache, queries and keys share slots: causality goes to the kernel (is_causal)
+        aligned = self.causal and not decode
+        mask = make_attention_mask(segment_ids, k_segments, q_index, k_index, self.causal and not aligned)
+        out = attention(q, k, v, mask, cfg.attention_impl, is_causal=aligned)  # [batch, length, heads, head_dim]
         out = Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, contract=2, std=proj_std,
                     name="out")(out)
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
