@@ -34,7 +34,7 @@ from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
-from jaxlm.models.layers import padded_vocab
+from jaxlm.models.layers import padded_vocab, restack
 from jaxlm.workdir import build, open_run
 
 ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
@@ -242,8 +242,10 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     run = build(config, tok, mode="jit")
     c = run.compiled
     state = c.init_state(config.seed)
-    params = to_params(load_file(str(hf_dir / "model.safetensors")), config.model,
-                       jax.device_get(state.params), str(hf_dir / "model.safetensors"), hf["vocab_size"])
+    target = restack(jax.device_get(state.params), scanned=False)  # HF names follow unrolled layers
+    params = to_params(load_file(str(hf_dir / "model.safetensors")), config.model, target,
+                       str(hf_dir / "model.safetensors"), hf["vocab_size"])
+    params = restack(params, config.model.scan_layers)
     state = state.replace(params=jax.device_put(params, c.state_sharding.params))
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
     ckpt.save(0, c.saveable(state), {"next_row": 0}, {"step": 0, "imported_from": str(hf_dir), "architecture": arch})
@@ -262,7 +264,7 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
         raise UserError("BERT needs learned positions, LayerNorm and biases; this model differs")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
     vocab = run.tokenizer.vocab_size
-    tensors = from_params(jax.device_get(params), m, vocab)
+    tensors = from_params(restack(jax.device_get(params), scanned=False), m, vocab)
     arch = ("BertForSequenceClassification" if cfg.task == "classify"
             else "BertForPreTraining" if cfg.mlm.nsp else "BertForMaskedLM")
     if arch == "BertForMaskedLM":  # it has no pooler

@@ -31,6 +31,7 @@ from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
 from jaxlm.metrics import add_sums
 from jaxlm.microbatch import Layout
+from jaxlm.models.layers import restack
 from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
 from jaxlm.writers import Writers
 
@@ -122,6 +123,7 @@ def initial_params(run: Run, params: Any) -> Any:
         return params
     source, ckpt = open_run(init.from_workdir)
     loaded, step = ckpt.restore_params(source.compiled.abstract_state.params)
+    loaded = restack(loaded, run.config.model.scan_layers)  # either layout fine-tunes the other
     if init.subtree not in loaded or init.subtree not in params:
         raise UserError(f"init.subtree={init.subtree!r} is not in both models' parameters "
                         f"(source has {', '.join(loaded)}; this run has {', '.join(params)})")

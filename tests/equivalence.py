@@ -13,8 +13,9 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
+
+from jaxlm.models.layers import restack
 
 
 @partial(jax.jit, static_argnums=0, static_argnames=("decode",))
@@ -48,28 +49,18 @@ def unboxed_init(model: nn.Module, batch: dict, init_args: Callable[[dict], tupl
     return nn.meta.unbox(params)
 
 
-def stack_blocks(params: dict, num_layers: int) -> dict:
-    """Unrolled params (block_0, block_1, ...) in the scanned layout (blocks, leading layer axis),
-    wherever in the tree the blocks are (e.g. under `encoder`)."""
-    if "block_0" not in params:
-        return {k: stack_blocks(v, num_layers) if isinstance(v, dict) else v for k, v in params.items()}
-    blocks = [params[f"block_{i}"] for i in range(num_layers)]
-    rest = {k: v for k, v in params.items() if not k.startswith("block_")}
-    return {**rest, "blocks": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)}
-
-
 def check_scan_matches_unrolled(model_cls, cfg, batch, init_args, loss_fn: LossFn) -> None:
     """Scanned layers give the same loss and gradients as unrolled ones (flag flipped)."""
     unrolled = model_cls(dataclasses.replace(cfg, scan_layers=False))
     scanned = model_cls(dataclasses.replace(cfg, scan_layers=True))
     params = unboxed_init(unrolled, batch, init_args)
     scanned_shapes = jax.eval_shape(scanned.init, jax.random.key(0), *init_args(batch))["params"]
-    stacked = stack_blocks(params, cfg.num_layers)
+    stacked = restack(params, scanned=True)
     assert jax.tree_util.tree_structure(nn.meta.unbox(scanned_shapes)) == jax.tree_util.tree_structure(stacked)
     loss_u, grads_u = jax.jit(jax.value_and_grad(lambda p: loss_fn(unrolled, p, batch)))(params)
     loss_s, grads_s = jax.jit(jax.value_and_grad(lambda p: loss_fn(scanned, p, batch)))(stacked)
     np.testing.assert_allclose(loss_s, loss_u, rtol=1e-5)
-    assert_grads_close(grads_s, stack_blocks(grads_u, cfg.num_layers), rtol=1e-5)
+    assert_grads_close(grads_s, restack(grads_u, scanned=True), rtol=1e-5)
 
 
 def check_remat_matches_none(model_cls, cfg, batch, init_args, loss_fn: LossFn, policy: str) -> None:

@@ -62,6 +62,29 @@ def test_finetuning_starts_from_the_imported_encoder(imported, finetuned):
     np.testing.assert_allclose(loaded_out, model.apply({"params": source["encoder"]}, *args)[0])
 
 
+@pytest.mark.parametrize("scan", [True, False], ids=["unrolled-to-scanned", "scanned-to-unrolled"])
+def test_finetuning_across_scan_layers(imported, finetuned, tmp_path, scan):
+    """A pretraining run of one layer layout fine-tunes a model of the other (restacked on load)."""
+    source_dir = imported
+    if not scan:  # a scanned source: import the same weights with scan_layers=true
+        source_dir = tmp_path / "scanned"
+        hf.main(["import", "--hf-dir", str(GOLDEN / "tiny_bert_mlm"), "--workdir", str(source_dir),
+                 "model.scan_layers=true"])
+    workdir, _, _ = finetuned
+    config = config_lib.load_workdir(workdir, [f"init.from_workdir={source_dir}", f"model.scan_layers={scan}"])
+    run, _ = train.prepare(config, tmp_path / "run")
+    state = run.compiled.init_state(0)
+    start = jax.device_get(train.initial_params(run, state.params))
+    assert ("blocks" in start["encoder"]) == scan
+    source_run, source_ckpt = open_run(imported)
+    source, _ = source_ckpt.restore_params(source_run.compiled.abstract_state.params)
+    ids = np.array([[2, 10, 11, 12, 3]], np.int32)
+    args = (ids, np.zeros_like(ids), np.ones_like(ids), np.arange(5)[None])
+    want = Encoder(source_run.config.model).apply({"params": source["encoder"]}, *args)[0]
+    got = Encoder(run.config.model).apply({"params": start["encoder"]}, *args)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_best_checkpoint_evaluate_and_classify(finetuned, capsys, tmp_path):
     workdir, final, _ = finetuned
     assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()]

@@ -101,3 +101,24 @@ def test_export_then_import_gives_identical_params(name, arch, tmp_path):
     _, again = imported(tmp_path / "exported", tmp_path / "b")
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(again)):
         np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_model_imports_and_exports_hf_weights(tmp_path):
+    """HF names follow unrolled layers; a model.scan_layers=true run stacks them on import and
+    unstacks them on export."""
+    from safetensors.numpy import load_file
+    name = "tiny_bert_pretraining"
+    run, params = imported(GOLDEN / name, tmp_path / "a", "model.scan_layers=true")
+    assert "blocks" in params["encoder"] and "block_0" not in params["encoder"]
+    golden = np.load(GOLDEN / name / "logits.npz")
+    ids, types, seg, pos = inputs(golden)
+    every = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    logits, _ = run.task.model.apply({"params": params}, ids, types, seg, pos, every)
+    real = golden["attention_mask"] == 1
+    vocab = golden["logits"].shape[-1]
+    assert np.abs(np.asarray(logits)[..., :vocab] - golden["logits"])[real].max() <= 1e-4
+    hf.main(["export", "--workdir", str(tmp_path / "a"), "--hf-dir", str(tmp_path / "exported")])
+    written = load_file(str(tmp_path / "exported" / "model.safetensors"))
+    for key, value in load_file(str(GOLDEN / name / "model.safetensors")).items():
+        if key in written:
+            np.testing.assert_array_equal(written[key], value, err_msg=key)

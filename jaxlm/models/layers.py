@@ -13,6 +13,7 @@ from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxlm.config import ModelConfig
 
@@ -236,6 +237,31 @@ REMAT_POLICIES = {
     "save_dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
     "save_dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep weight matmuls
 }
+
+
+def restack(params: dict, scanned: bool) -> dict:
+    """Parameters in the scanned layout (`blocks`, one leading `layers` axis) or the unrolled one
+    (`block_0`, `block_1`, ...), wherever in the tree the blocks are (e.g. under `encoder`).
+
+    A tree already in that layout comes back as it is, so checkpoints and Hugging Face weights
+    of either layout load into a model of the other (`model.scan_layers` is a compile-time
+    choice, not part of the weights).
+    """
+    if not isinstance(params, dict):
+        return params
+    if scanned and "block_0" in params:
+        count = sum(1 for k in params if k.startswith("block_"))
+        blocks = [params[f"block_{i}"] for i in range(count)]
+        rest = {k: v for k, v in params.items() if not k.startswith("block_")}
+        stacked = jax.tree_util.tree_map(
+            lambda *xs: jnp.stack(xs) if isinstance(xs[0], jax.Array) else np.stack(xs), *blocks)
+        return {**rest, "blocks": stacked}
+    if not scanned and "blocks" in params:
+        count = len(jax.tree_util.tree_leaves(params["blocks"])[0])
+        rest = {k: v for k, v in params.items() if k != "blocks"}
+        return {**rest, **{f"block_{i}": jax.tree_util.tree_map(lambda x, i=i: x[i], params["blocks"])
+                           for i in range(count)}}
+    return {k: restack(v, scanned) for k, v in params.items()}
 
 
 def stack(block: type[nn.Module], cfg: ModelConfig, x: Array, *args: Array, **kwargs) -> Array:
