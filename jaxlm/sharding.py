@@ -161,6 +161,35 @@ def bytes_per_device(abstract_tree: Any) -> int:
                for leaf in jax.tree_util.tree_leaves(abstract_tree))
 
 
+class StopVote:
+    """Agrees across processes on the step to stop at after a signal (SIGTERM/SIGINT).
+
+    A signal may reach one process only (a preemption notice, a user's Ctrl-C on one host), and
+    at a different step than the others: stopping alone would leave the rest waiting in the next
+    step's collectives. So after every step each process says whether it was signalled, through
+    the coordination service of `jax.distributed` (a host-side key-value store and barrier, no
+    device work), and every process stops at the first step where any of them was. In a single
+    process this is the local flag.
+    """
+
+    def __init__(self, timeout_s: int):
+        self._client = None
+        if jax.process_count() > 1:
+            from jax._src import distributed  # JAX's coordination client (no public handle)
+            self._client = distributed.global_state.client
+        self._timeout_ms = timeout_s * 1000
+
+    def __call__(self, step: int, signalled: bool) -> bool:
+        """Whether every process stops after `step`; `signalled`: this process was signalled."""
+        if self._client is None:
+            return signalled
+        key = f"jaxlm/stop/{step}"
+        if signalled:
+            self._client.key_value_set(f"{key}/{jax.process_index()}", "1", allow_overwrite=True)
+        self._client.wait_at_barrier(key, self._timeout_ms)  # every process has voted on `step`
+        return bool(self._client.key_value_dir_get(f"{key}/"))
+
+
 def barrier(name: str) -> None:
     """Waits until every process gets here (no-op in a single process)."""
     if jax.process_count() > 1:

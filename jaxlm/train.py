@@ -272,9 +272,11 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     if start_step >= tcfg.steps:
         print(f"'{workdir}' is already trained to step {start_step} (train.steps={tcfg.steps}); "
               "raise train.steps to train longer", file=sys.stderr)
+    vote = sharding.StopVote(cfg.distributed.timeout_s)
+    stopping = False  # every process agrees on it at each step (one signalled process stops all)
     try:
-        with c.context(), _StopFlag() as stop:
-            while step < tcfg.steps and not stop.stop:
+        with c.context(), _StopFlag() as signal_flag:
+            while step < tcfg.steps and not stopping:
                 batch = c.put_batch(next(data))
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
@@ -291,7 +293,11 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     last_eval = evaluate(run, state.params, rows["eval"])
                     writers.write(step, "eval", last_eval)
                     best.offer(step, last_eval, c.saveable(state), data.get_state())
-                if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stop.stop:
+                stopping = vote(step, signal_flag.stop)
+                if stopping and not signal_flag.stop:
+                    print(f"another process was signalled: saving a checkpoint at step {step}, then stopping",
+                          file=sys.stderr)
+                if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stopping:
                     ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             if pending is not None:
                 log_train(*pending)
@@ -299,7 +305,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         ckpt.close()
         best.close()
         writers.close()
-    if stop.stop:
+    if stopping:
         print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)
     return last_eval
 

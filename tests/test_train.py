@@ -262,3 +262,47 @@ def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_pa
     for step in (10, 12):
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)
+
+
+def _launch(tmp_path: Path, workdir: Path, overrides: list[str], log: Path) -> subprocess.Popen:
+    """`launch/local_multiprocess.sh 2` (gloo, 2 fake devices a process) in the background."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_XDIST_WORKER")}
+    env["PYTHON"] = sys.executable
+    script = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
+    return subprocess.Popen([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
+                             "2", "--workdir", str(workdir), *overrides],
+                            env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny, tmp_path):
+    """Only process 1 is sent SIGTERM; both save one checkpoint at the same step and exit 0
+    (without agreement, process 0 would wait in the next step's collectives)."""
+    workdir, log = tmp_path / "mp", tmp_path / "launch.log"
+    launcher = _launch(tmp_path, workdir, tiny + ["train.steps=5000", "train.log_every=1", "checkpoint.every=5000",
+                                                  "train.eval_every=5000"], log)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and launcher.poll() is None:
+            if (workdir / "metrics.jsonl").is_file() and max([0, *records(workdir, "train")]) >= 3:
+                break
+            time.sleep(0.1)
+        assert launcher.poll() is None, log.read_text()[-3000:]
+        children = subprocess.run(["pgrep", "-P", str(launcher.pid)], capture_output=True, text=True).stdout.split()
+        ids = {int(pid): Path(f"/proc/{pid}/environ").read_bytes().split(b"\0") for pid in children}
+        second = next(pid for pid, env in ids.items() if b"JAXLM_PROCESS_ID=1" in env)
+        os.kill(second, signal.SIGTERM)
+        assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    text = log.read_text()
+    stops = [int(line.split("stopped at step ")[1].split(";")[0]) for line in text.splitlines()
+             if "stopped at step " in line]
+    assert len(stops) == 2 and stops[0] == stops[1], text[-3000:]
+    assert "another process was signalled" in text
+    steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [stops[0]]
