@@ -57,6 +57,14 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
                         f"{jax.local_device_count()} here); give every process the same devices")
 
 
+def check_pmap_processes() -> None:
+    """`mesh.mode=pmap` runs in one process: across processes, pmap's contract needs every
+    process's devices in one program, which the jit mesh gives with the same data parallelism."""
+    if jax.process_count() > 1:
+        raise UserError(f"mesh.mode=pmap runs in one process, not {jax.process_count()}; use "
+                        "mesh.mode=jit, whose default mesh is the same data parallelism over all processes")
+
+
 def mesh_shape(cfg: MeshConfig, device_count: int) -> tuple[int, int, int]:
     """Sizes of (data, fsdp, tensor); a -1 takes the devices the others leave."""
     sizes = [cfg.data, cfg.fsdp, cfg.tensor]

@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
     sharding.initialize_distributed(config.distributed)
+    if config.mesh.mode == "pmap":  # refused before any data work
+        sharding.check_pmap_processes()
     workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     if args.compile_only:
         workdir.mkdir(parents=True, exist_ok=True)

@@ -92,9 +92,8 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     in either mode).
     """
     pmap = (mode or config.mesh.mode) == "pmap"
-    if pmap and jax.process_count() > 1:  # pmap's multi-process contract needs every process's devices
-        raise UserError(f"mesh.mode=pmap runs in one process, not {jax.process_count()}; use "
-                        "mesh.mode=jit, whose default mesh is the same data parallelism over all processes")
+    if pmap:
+        sharding.check_pmap_processes()
     task = tasks.build(config, tok)
     tx = optim.optimizer(config.optim, config.train.steps)
     mesh = sharding.make_mesh(config.mesh)
