@@ -278,7 +278,8 @@ def _launch(tmp_path: Path, workdir: Path, overrides: list[str], log: Path) -> s
     script = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
     return subprocess.Popen([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
                              "2", "--workdir", str(workdir), *overrides],
-                            env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT)
+                            env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # a process group: a failed test kills all of it
 
 
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny, tmp_path):
@@ -301,7 +302,7 @@ def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny, tmp_
         assert launcher.wait(timeout=120) == 0, log.read_text()[-3000:]
     finally:
         if launcher.poll() is None:
-            launcher.kill()
+            os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
     stops = [int(line.split("stopped at step ")[1].split(";")[0]) for line in text.splitlines()
              if "stopped at step " in line]
