@@ -15,6 +15,7 @@ import math
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ from jaxlm.microbatch import Layout
 from jaxlm.models.layers import restack
 from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
 from jaxlm.writers import Writers
+
+# Steps the host may dispatch beyond the one the device is finishing. One keeps input preparation
+# and dispatch overlapped with compute, and bounds what a stop or a checkpoint waits for (and
+# the batches held in device memory) to about two steps, whatever train.log_every is.
+RUN_AHEAD = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -255,8 +261,8 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     rng = jax.random.key(cfg.seed)  # the run's key; the step draws from its streams (jaxlm.rngs)
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     last_eval: dict[str, float] = {}
-    pending = None  # (step, device metrics) fetched after the next step is dispatched
     clock, clock_step = time.time(), start_step
+    inflight: deque = deque()  # (step, device metrics) of dispatched steps not yet seen finished
 
     def log_train(step: int, device_metrics) -> None:
         nonlocal clock, clock_step
@@ -267,6 +273,17 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                   "eta_s": writers.eta(step)}
         clock, clock_step = now, step
         writers.write(step, "train", values)
+
+    def finish(unfinished: int) -> None:
+        """Waits until at most `unfinished` dispatched steps are still running; logs and counts
+        the finished ones (so the console and TensorBoard show steps the device has done)."""
+        while len(inflight) > unfinished:
+            done, device_metrics = inflight.popleft()
+            if done % tcfg.log_every == 0 or done == tcfg.steps:
+                log_train(done, device_metrics)
+            else:
+                jax.block_until_ready(device_metrics)
+            writers.advance(done)
 
     step = start_step
     if start_step >= tcfg.steps:
@@ -280,16 +297,12 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 batch = c.put_batch(next(data))
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
-                if pending is not None:
-                    log_train(*pending)
-                    pending = None
-                if step % tcfg.log_every == 0 or step == tcfg.steps:
-                    pending = (step, metrics)
-                writers.advance(step)
+                inflight.append((step, metrics))
+                # wait for step N - 1 while step N runs: the next batch is prepared and dispatched
+                # in the meantime, and a stop (or a checkpoint) never waits for a queue of steps
+                finish(RUN_AHEAD)
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                    if pending is not None:
-                        log_train(*pending)
-                        pending = None
+                    finish(0)
                     last_eval = evaluate(run, state.params, rows["eval"])
                     writers.write(step, "eval", last_eval)
                     best.offer(step, last_eval, c.saveable(state), data.get_state())
@@ -299,8 +312,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                           file=sys.stderr)
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stopping:
                     ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
-            if pending is not None:
-                log_train(*pending)
+            finish(0)
     finally:  # finish writing checkpoints even when a step fails: no lost work
         ckpt.close()
         best.close()
