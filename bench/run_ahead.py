@@ -33,7 +33,8 @@ THROUGHPUT = {
                                      "train.log_every=25", "train.eval_every=100000"],
     "gpt2_small shapes, 8 x 128": ["--config", str(ROOT / "configs/gpt2_small.yaml"), "train.batch_size=8",
                                    "data.seq_len=128", "model.dtype=float32", "mesh.data=1", "train.steps=12",
-                                   "train.log_every=2", "train.eval_every=100000", "optim.warmup_steps=2",
+                                   "train.log_every=2", "train.eval_every=100000", "train.eval_batches=1",
+                                   "optim.warmup_steps=2",
                                    "checkpoint.every=100000"],
 }
 
