@@ -158,7 +158,9 @@ def test_sigterm_saves_within_a_few_steps_and_resumes_exactly(tiny, tmp_path):
     """SIGTERM with train.log_every far away: the run stops at the next step boundary and saves
     within a few step times (not after a queue of dispatched steps); the rerun continues with
     the losses of an uninterrupted run."""
-    overrides = tiny + SLOW + ["train.steps=100000", "train.log_every=100000", "checkpoint.every=100000"]
+    # a constant schedule: the rerun's shorter train.steps leaves the learning rates unchanged
+    overrides = tiny + SLOW + ["train.steps=100000", "train.log_every=100000", "checkpoint.every=100000",
+                               "optim.schedule=constant"]
     workdir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "jaxlm.train", "--workdir", str(workdir), *overrides],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=os.environ.copy())
