@@ -19,7 +19,8 @@ from jaxlm.workdir import Run
 
 
 def _rows(run: Run, count: int) -> int:
-    """`count` rounded up so the batch fills the mesh's batch axes."""
+    """`count` rounded up to a power of two, then so the batch fills the mesh's batch axes."""
+    count = 1 << (count - 1).bit_length()
     mesh = run.compiled.mesh.shape
     per = mesh["data"] * mesh["fsdp"]
     return -(-count // per) * per
@@ -58,7 +59,7 @@ def fill_mask(run: Run, params, texts: list[str], top_k: int) -> list[list[list[
     length = _bucket(length, run.config.model.max_len)
     masks = [[i for i, t in enumerate(ids) if t == tok.mask_id] for ids in encoded]
     predictions = _bucket(max(len(m) for m in masks), length)
-    batch = _rows(run, 1 << (len(texts) - 1).bit_length())
+    batch = _rows(run, len(texts))
     inputs = np.full((batch, length), tok.pad_id, np.int32)
     segments = np.zeros((batch, length), np.int32)
     picked = np.zeros((batch, predictions), np.int32)
@@ -77,7 +78,7 @@ def classify(run: Run, params, texts: list[str]) -> list[tuple[str, float]]:
     """(label, probability) of the most likely label of each text."""
     cfg = run.config
     examples = [{"text": t, "label": 0} for t in texts]
-    examples += [{"text": "", "label": 0}] * (_rows(run, 1 << (len(texts) - 1).bit_length()) - len(texts))
+    examples += [{"text": "", "label": 0}] * (_rows(run, len(texts)) - len(texts))
     rows = labeled.ExampleRows(examples, run.tokenizer, cfg.data.seq_len)
     batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in labeled.KEYS}
     batch = labeled.Packer(())(batch)  # one text a row

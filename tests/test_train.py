@@ -216,7 +216,7 @@ def test_short_run_notes_that_warmup_is_not_reached(tiny, tmp_path, capsys):
 
 def test_pmap_over_several_processes_is_refused(tiny, tmp_path):
     log = tmp_path / "launch.log"
-    launcher = _launch(tmp_path, tmp_path / "mp", tiny + ["mesh.mode=pmap"], log)
+    launcher = _launch(tmp_path / "mp", tiny + ["mesh.mode=pmap"], log)
     assert launcher.wait(timeout=300) != 0
     errors = [line for line in log.read_text().splitlines() if line.startswith("error:")]
     # (the launcher stops the other process once one exits, so it may not get to print)
@@ -270,28 +270,37 @@ def test_resume_on_another_mesh_continues_the_same_run(trained, tmp_path):
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)
 
 
-def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_path):
-    """`launch/local_multiprocess.sh 2` (gloo, 2 devices each, each process a slice of a
-    multi-slice mesh) sees the same global batches as one process on 8 devices, and its
-    checkpoint resumes in one process exactly as theirs."""
-    import shutil
+def _launch(workdir: Path, overrides: list[str], log: Path) -> subprocess.Popen:
+    """`launch/local_multiprocess.sh 2` (gloo, 2 fake devices a process) in the background."""
     import socket
-    workdir, overrides = trained
-    mp = tmp_path / "mp"
     with socket.socket() as s:
         s.bind(("localhost", 0))
         port = s.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_XDIST_WORKER")}
     env["PYTHON"] = sys.executable
     script = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
+    return subprocess.Popen([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
+                             "2", "--workdir", str(workdir), *overrides],
+                            env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)  # a process group: a failed test kills all of it
+
+
+def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_path):
+    """`launch/local_multiprocess.sh 2` (gloo, 2 devices each, each process a slice of a
+    multi-slice mesh) sees the same global batches as one process on 8 devices, and its
+    checkpoint resumes in one process exactly as theirs."""
+    import shutil
+    workdir, overrides = trained
+    mp = tmp_path / "mp"
     log = tmp_path / "launch.log"
-    with open(log, "w") as out:
-        done = subprocess.run([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
-                               "2", "--workdir", str(mp), *overrides, "mesh.slices=2"],
-                              env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                              timeout=400)
+    launcher = _launch(mp, overrides + ["mesh.slices=2"], log)
+    try:
+        returncode = launcher.wait(timeout=400)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
-    assert done.returncode == 0, text[-3000:]
+    assert returncode == 0, text[-3000:]
     assert "on 4 devices" in text
     want, got = records(workdir, "train"), records(mp, "train")
     assert sorted(got) == [2, 4, 6, 8]  # process 0 alone writes the log
@@ -311,26 +320,11 @@ def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_pa
         assert got[step]["grad_norm"] == pytest.approx(want[step]["grad_norm"], rel=1e-4)
 
 
-def _launch(tmp_path: Path, workdir: Path, overrides: list[str], log: Path) -> subprocess.Popen:
-    """`launch/local_multiprocess.sh 2` (gloo, 2 fake devices a process) in the background."""
-    import socket
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        port = s.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTEST_XDIST_WORKER")}
-    env["PYTHON"] = sys.executable
-    script = Path(__file__).resolve().parent.parent / "launch" / "local_multiprocess.sh"
-    return subprocess.Popen([str(script), "--port", str(port), "--devices-per-process", "2", "--grace", "5",
-                             "2", "--workdir", str(workdir), *overrides],
-                            env=env, stdin=subprocess.DEVNULL, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)  # a process group: a failed test kills all of it
-
-
 def test_a_signal_to_one_process_stops_every_process_at_the_same_step(tiny, tmp_path):
     """Only process 1 is sent SIGTERM; both save one checkpoint at the same step and exit 0
     (without agreement, process 0 would wait in the next step's collectives)."""
     workdir, log = tmp_path / "mp", tmp_path / "launch.log"
-    launcher = _launch(tmp_path, workdir, tiny + ["train.steps=5000", "train.log_every=1", "checkpoint.every=5000",
+    launcher = _launch(workdir, tiny + ["train.steps=5000", "train.log_every=1", "checkpoint.every=5000",
                                                   "train.eval_every=5000"], log)
     try:
         deadline = time.time() + 300
