@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -207,12 +208,11 @@ def load_tokenizer(hf_dir: Path) -> tokenizer_lib.TextTokenizer:
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece()
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
-    path = hf_dir / ".jaxlm-tokenizer.json"
-    tok.save(str(path))
-    try:
+    # a private temporary file: never in hf_dir, which other imports may be reading at once
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokenizer.json"
+        tok.save(str(path))
         return tokenizer_lib.from_file(path)
-    finally:
-        path.unlink()
 
 
 def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
