@@ -74,7 +74,10 @@ class DataConfig:
     tokenizer: str = ""  # a tokenizer.json to load; empty trains a byte-level BPE
     vocab_size: int = 1024  # size of the trained tokenizer
     encoding_errors: str = "strict"  # or "replace": undecodable bytes become U+FFFD
-    cache_dir: str = ""  # prepared datasets and tokenizers; empty: $JAXLM_CACHE or ~/.cache/jaxlm
+    tokenizer_sample_mb: float = 512.0  # at most this much text (millions of characters) trains the BPE; 0: all
+    cache_dir: str = ""  # token stores, tokenizers, catalog datasets; empty: $JAXLM_CACHE or ~/.cache/jaxlm
+    shard_mb: float = 16.0  # text per token-store shard (millions of characters); changes the store, not the rows
+    prepare_workers: int = 0  # processes that tokenize a token store; 0: one per CPU core
     prefetch: int = 2  # host batches read ahead in background threads (0: none); bounds host memory
 
 
@@ -298,7 +301,8 @@ def validate(c: Config) -> None:
         _require(value > 0, f"{name}={value} must be a positive integer")
     for name, value in [("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
                         ("optim.warmup_steps", o.warmup_steps), ("train.eval_batches", t.eval_batches),
-                        ("data.prefetch", d.prefetch)]:
+                        ("data.prefetch", d.prefetch), ("data.prepare_workers", d.prepare_workers),
+                        ("data.tokenizer_sample_mb", d.tokenizer_sample_mb)]:
         _require(value >= 0, f"{name}={value} must be >= 0")
     _require(m.embed_dim % m.num_heads == 0,
              f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
@@ -333,6 +337,7 @@ def validate(c: Config) -> None:
 
     _require(d.source != "tfds" or bool(d.name), "data.source=tfds needs data.name, e.g. data.name=lm1b")
     _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
+    _require(d.shard_mb > 0, f"data.shard_mb={d.shard_mb} must be positive")
     _require(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small; byte-level BPE needs at least 260")
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _require(o.learning_rate > 0 and math.isfinite(o.learning_rate), f"optim.learning_rate={o.learning_rate} must be positive")

@@ -84,7 +84,7 @@ def task_data(config: Config, workdir: Path) -> tuple[TextTokenizer, dict[str, A
     """The run's tokenizer (trained on the task's train split, or loaded) and the task's rows."""
     task = tasks.task_class(config)
     splits = task.load_splits(config)
-    tok = tokenizer_lib.obtain(config.data, splits, workdir)
+    tok = tokenizer_lib.obtain(config.data, splits, workdir, config.seed)
     return tok, task.rows(config, splits, tok)
 
 
@@ -116,6 +116,10 @@ def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
     if saved and "next_row" not in saved:
         print("the checkpoint's data position is in an older format; the data restarts at the "
               "beginning of an epoch", file=sys.stderr)
+    elif saved and saved.get("format") != pipeline.DATA_FORMAT and hasattr(rows, "store"):
+        print(f"note: the checkpoint's data position (row {saved['next_row']:,}) was saved before token "
+              "stores, whose documents are in file order: training continues at that row, but within "
+              "this epoch some rows may repeat or be skipped", file=sys.stderr)
     cfg = run.config
     return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, saved.get("next_row", 0),
                                  jax.process_index(), jax.process_count(),

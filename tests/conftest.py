@@ -59,12 +59,13 @@ def tiny(corpus_dir, cache_dir) -> list[str]:
 
 @pytest.fixture(scope="session")
 def prepared(corpus_dir, cache_dir, tmp_path_factory):
-    """(data config, splits, trained 400-token tokenizer) over the corpus: real data for unit tests."""
+    """(data config, corpus, trained 400-token tokenizer) over the corpus: real data for unit tests
+    (token stores of ~10,000-character shards)."""
     from jaxlm.config import load
     from jaxlm.data import sources, tokenizer
     cfg = load(None, ["data.source=text", f"data.paths=[{corpus_dir}/*.txt]", f"data.cache_dir={cache_dir}",
-                      "data.vocab_size=400"]).data
-    splits = sources.load_splits(cfg)
+                      "data.vocab_size=400", "data.shard_mb=0.01"]).data
+    splits = sources.load_corpus(cfg)
     return cfg, splits, tokenizer.obtain(cfg, splits, tmp_path_factory.mktemp("wd"))
 
 

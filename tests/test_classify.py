@@ -18,8 +18,8 @@ MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=512, max
 @pytest.fixture(scope="module")
 def examples(prepared):
     _, splits, tok = prepared
-    texts = [splits.train[i]["text"].decode()[j:j + 10 + 6 * (i % 9)]
-             for i in range(len(splits.train)) for j in range(0, 2000, 97)][:64]
+    joined = " ".join(splits.texts("train"))
+    texts = [joined[j:j + 8 + 2 * (k // 21)] for k, j in enumerate(range(0, 64 * 97, 97))]  # 8 to 14 characters
     rows = labeled.ExampleRows([{"text": t, "label": k % 3} for k, t in enumerate(texts)], tok, 32)
     return tok, rows
 

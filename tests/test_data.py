@@ -10,33 +10,26 @@ from jaxlm.errors import UserError
 
 def test_splits_hold_all_documents_once(prepared, corpus_dir):
     _, splits, _ = prepared
-    assert len(splits.train) > 0 and len(splits.eval) > 0
-    texts = [splits.train[i]["text"].decode() for i in range(len(splits.train))]
-    texts += [splits.eval[i]["text"].decode() for i in range(len(splits.eval))]
+    assert splits.count("train") > 0 and splits.count("eval") > 0
+    texts = list(splits.texts("train"))
+    assert len(texts) == splits.count("train")
+    texts += list(splits.texts("eval"))
     total = sum(len(p.read_text().strip()) for p in corpus_dir.glob("*.txt"))
     assert total * 0.98 < sum(len(t) for t in texts) <= total
     assert all(len(t) <= sources.MAX_DOC_CHARS for t in texts)
 
 
-def test_prepared_dataset_is_reused(prepared, capsys):
-    cfg, splits, _ = prepared
-    again = sources.load_splits(cfg)
-    assert again.fingerprint == splits.fingerprint
-    assert "preparing" not in capsys.readouterr().err
-
-
-def test_first_preparation_keeps_the_console_to_what_matters(tmp_path, capfd, caplog):
-    import logging
-    (tmp_path / "a.txt").write_text("One text. " * 50)
-    (tmp_path / "b.txt").write_text("Another text. " * 50)
-    cfg = load(None, ["data.source=text", f"data.paths=[{tmp_path}/*.txt]",
-                      f"data.cache_dir={tmp_path / 'cache'}"]).data
-    with caplog.at_level(logging.INFO):
-        sources.load_splits(cfg)
-    out = capfd.readouterr()
-    assert "preparing dataset text" in out.err
-    logged = caplog.text + out.out + out.err
-    assert "dataset_info.json" not in logged, logged[:500]
+def test_file_documents_streamed_in_blocks_equal_the_whole_file_cut(tmp_path, monkeypatch):
+    """Reading a file in small blocks cuts it exactly as reading it whole does."""
+    rng = np.random.default_rng(0)
+    words = ["word", "two words", "\n", "\n\n", "  ", "é", "日本", "\t"]
+    text = "\n \n" + "".join(rng.choice(words, 30_000)) + " \n\n "
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    monkeypatch.setattr(sources, "_BLOCK", 4099)  # cuts multi-byte characters between blocks
+    streamed = list(sources.file_documents(path, "strict"))
+    assert len(streamed) > 3
+    assert streamed == sources._cut(text)
 
 
 def test_tokenizer_round_trip_and_specials(prepared):
@@ -61,21 +54,31 @@ def test_tokenizer_loads_from_file(prepared, tmp_path):
 
 @pytest.fixture(scope="module")
 def tokens(prepared):
+    """The corpus's token stores: several shards each (the fixture's data.shard_mb is tiny)."""
     cfg, splits, tok = prepared
-    return pipeline.tokenize_splits(splits, tok, cfg)
+    stores = pipeline.token_stores(splits, tok, cfg)
+    assert len(stores["train"].offsets) > 4  # more than 3 shards
+    return stores
 
 
-def test_tokenized_splits_are_cached(prepared, tokens):
+def test_token_store_is_reused(prepared, tokens, capfd):
     cfg, splits, tok = prepared
-    stamp = (tokens["train"] / "inputs.npy").stat().st_mtime_ns
-    assert pipeline.tokenize_splits(splits, tok, cfg) == tokens
-    assert (tokens["train"] / "inputs.npy").stat().st_mtime_ns == stamp
+    stamp = (tokens["train"].directory / "00000.tokens").stat().st_mtime_ns
+    again = pipeline.token_stores(splits, tok, cfg)
+    assert again["train"].directory == tokens["train"].directory
+    assert (tokens["train"].directory / "00000.tokens").stat().st_mtime_ns == stamp
+    assert "preparing" not in capfd.readouterr().err
 
 
-def test_rows_pack_documents_with_segments_and_positions(tmp_path, prepared):
+@pytest.mark.parametrize("shard_chars", [4, 10**6], ids=["a shard per document", "one shard"])
+def test_rows_pack_documents_with_segments_and_positions(tmp_path, prepared, shard_chars):
+    from jaxlm.data import build, store
     _, _, tok = prepared
     docs = [{"text": t} for t in ("one two three", "four", "five six seven eight nine ten")]
-    rows = pipeline.TokenRows(pipeline.tokenized(docs, tok, "text", tmp_path), 8, whole_rows=False)
+    build.build(iter(d["text"] for d in docs), 3, tok.tokenizer, tok.bos_id, tok.eos_id, tmp_path, shard_chars,
+                1, "test", "tok", "test")
+    rows = pipeline.TokenRows(store.TokenStore(tmp_path), 8, whole_rows=False)
+    assert len(rows.store.offsets) - 1 == (3 if shard_chars == 4 else 1)
     ids = [[tok.bos_id, *tok.encode(d["text"])] for d in docs]
     stream = sum(ids, [])
     assert rows.tokens == len(stream) and len(rows) == -(-len(stream) // 8)
@@ -124,7 +127,7 @@ def test_position_resumes_at_the_same_batch(tokens):
     for _ in range(7):
         next(it)
     state = json.loads(json.dumps(it.get_state()))  # as stored in a checkpoint
-    assert state == {"next_row": 28}
+    assert state == {"next_row": 28, "format": pipeline.DATA_FORMAT}
     expected = [next(it) for _ in range(3)]
     assert expected[0]["row_ids"][:, 1].tolist() == [28, 29, 30, 31]
     resumed = pipeline.TrainBatches(rows, 4, seed=3, next_row=state["next_row"])
@@ -177,8 +180,8 @@ def test_position_carries_over_process_count_and_batch_size(tokens):
         for host in hosts:
             seen += list(next(host)["inputs"])
     position = hosts[0].get_state()
-    assert position == hosts[1].get_state() == {"next_row": 20}
-    single = pipeline.TrainBatches(rows, 6, seed=5, **position)
+    assert position == hosts[1].get_state() == {"next_row": 20, "format": pipeline.DATA_FORMAT}
+    single = pipeline.TrainBatches(rows, 6, seed=5, next_row=position["next_row"])
     while len(seen) < n + 6:
         seen += list(next(single)["inputs"])
     epoch, after = seen[:n], seen[n:]
@@ -196,7 +199,7 @@ def test_eval_batches_cover_split_the_same_on_any_process_count(prepared, tokens
     batches = list(pipeline.eval_batches(rows, 4))
     assert all(b["inputs"].shape == (4, 32) for b in batches)
     count = sum(int((b["segment_ids"] != 0).sum()) for b in batches)
-    expected = sum(len(tok.encode(splits.eval[i]["text"].decode())) + 1 for i in range(len(splits.eval)))
+    expected = sum(len(tok.encode(text)) + 1 for text in splits.texts("eval"))
     assert count == expected
     parts = [list(pipeline.eval_batches(rows, 4, process_index=i, process_count=2)) for i in range(2)]
     assert len(parts[0]) == len(parts[1]) == len(batches)
@@ -210,19 +213,19 @@ def test_missing_path_empty_corpus_and_bad_bytes(tmp_path, cache_dir):
         return load(None, ["data.source=text", f"data.cache_dir={cache_dir}", *extra]).data
 
     with pytest.raises(UserError, match="matches no file"):
-        sources.load_splits(cfg(f"data.paths=[{tmp_path}/nothing*.txt]"))
+        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/nothing*.txt]"))
     (tmp_path / "a.txt").write_text("some text")
     with pytest.raises(UserError, match="is in both data.paths and data.eval_paths"):
-        sources.load_splits(cfg(f"data.paths=[{tmp_path}/*.txt]", f"data.eval_paths=[{tmp_path}/a.txt]"))
+        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/*.txt]", f"data.eval_paths=[{tmp_path}/a.txt]"))
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(UserError, match="corpus is empty"):
-        sources.load_splits(cfg(f"data.paths=[{tmp_path}/empty.txt]"))
+        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/empty.txt]")).count("train")
     (tmp_path / "bad.txt").write_bytes(b"good text\nthen \xff bad")
     with pytest.raises(UserError, match=r"bad.txt' is not valid UTF-8 \(byte 15"):
-        sources.load_splits(cfg(f"data.paths=[{tmp_path}/bad.txt]"))
-    replaced = sources.load_splits(cfg(f"data.paths=[{tmp_path}/bad.txt]", "data.encoding_errors=replace"))
-    assert replaced.eval[0]["text"].decode() == "then \ufffd bad"  # a lone file's tail is held out
-    assert replaced.train[0]["text"].decode() == "good text"
+        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/bad.txt]")).count("train")
+    replaced = sources.load_corpus(cfg(f"data.paths=[{tmp_path}/bad.txt]", "data.encoding_errors=replace"))
+    assert list(replaced.texts("eval")) == ["then \ufffd bad"]  # a lone file's tail is held out
+    assert list(replaced.texts("train")) == ["good text"]
 
 
 def test_cut_prefers_paragraph_breaks():
@@ -242,17 +245,17 @@ def test_catalog_dataset_through_the_same_pipeline(corpus_dir, cache_dir, tmp_pa
     common = ["data.source=tfds", "data.name=imdb_reviews", f"data.tfds_dir={tmp_path / 'tfds'}",
               f"data.cache_dir={cache_dir}", "data.vocab_size=300"]
     cfg = load(None, common).data
-    splits = sources.load_splits(cfg)  # no "validation" split: falls back to "test"
-    assert len(splits.train) == 5 and len(splits.eval) == len(texts) - 5
-    assert sorted(splits.eval[i]["text"].decode() for i in range(len(splits.eval))) == sorted(texts[5:])
+    splits = sources.load_corpus(cfg)  # no "validation" split: falls back to "test"
+    assert splits.count("train") == 5 and splits.count("eval") == len(texts) - 5
+    assert sorted(splits.texts("eval")) == sorted(texts[5:])
     tok = tokenizer.obtain(cfg, splits, tmp_path)
-    rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 16, whole_rows=True)
+    rows = pipeline.TokenRows(pipeline.token_stores(splits, tok, cfg)["train"], 16, whole_rows=True)
     batch = next(pipeline.TrainBatches(rows, 2, seed=0))
     assert batch["inputs"].shape == (2, 16)
     with pytest.raises(UserError, match="data.text_key='body' is not a feature of imdb_reviews"):
-        sources.load_splits(load(None, [*common, "data.text_key=body"]).data)
+        sources.load_corpus(load(None, [*common, "data.text_key=body"]).data)
     with pytest.raises(UserError, match="'no_such_set' is not a TFDS catalog dataset"):
-        sources.load_splits(load(None, [*common, "data.name=no_such_set"]).data)
+        sources.load_corpus(load(None, [*common, "data.name=no_such_set"]).data)
 
 
 def test_held_out_documents_do_not_depend_on_where_the_corpus_lives(corpus_dir, tmp_path):
@@ -263,6 +266,5 @@ def test_held_out_documents_do_not_depend_on_where_the_corpus_lives(corpus_dir, 
         shutil.copytree(corpus_dir, copy)
         cfg = load(None, ["data.source=text", f"data.paths=[{copy}/*.txt]", "data.eval_fraction=0.5",
                           f"data.cache_dir={tmp_path / where / 'cache'}"]).data
-        splits = sources.load_splits(cfg)
-        held.append(sorted(splits.eval[i]["text"] for i in range(len(splits.eval))))
+        held.append(sorted(sources.load_corpus(cfg).texts("eval")))
     assert held[0] == held[1] and len(held[0]) >= 2

@@ -19,7 +19,7 @@ MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=512, max
 def real(prepared):
     """A real tokenizer and 256 real rows of 64 tokens."""
     cfg, splits, tok = prepared
-    rows = pipeline.TokenRows(pipeline.tokenize_splits(splits, tok, cfg)["train"], 64, whole_rows=True)
+    rows = pipeline.TokenRows(pipeline.token_stores(splits, tok, cfg)["train"], 64, whole_rows=True)
     batch = {k: np.stack([rows[r][k] for r in range(256)]) for k in pipeline.KEYS}
     batch["segment_ids"][:8, 40:] = 0  # some padding
     batch["row_ids"] = pipeline.row_ids(np.arange(256))

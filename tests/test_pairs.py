@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from jaxlm.data import store
 from jaxlm.data.pairs import IS_NEXT, RANDOM, PairRows
 from jaxlm.errors import UserError
 
@@ -11,24 +12,25 @@ SEQ_LEN = 24  # A + B hold at most 21 tokens
 
 
 def write_split(directory, lengths, seed=0):
-    """A tokenized split whose every text token is unique: token = 10 + its stream index.
+    """A token store (a shard per 50 documents) whose every text token is unique: token =
+    10 + its stream index.
 
-    Returns (directory, doc of each stream index, sentence-end table).
+    Returns (store, doc of each stream index, sentence-end table).
     """
     rng = np.random.default_rng(seed)
-    inputs, starts, doc_of = [], [], []
+    documents, doc_of, position = [], [], 0
     for d, n in enumerate(lengths):
-        starts.append(len(inputs))
-        inputs.append(BOS)
-        doc_of.append(-1)
-        inputs.extend(10 + len(inputs) + np.arange(n))
+        doc_of.append(-1)  # its BOS
+        documents.append(10 + position + 1 + np.arange(n))
         doc_of.extend([d] * n)
+        position += n + 1
     directory.mkdir(parents=True, exist_ok=True)
-    np.save(directory / "inputs.npy", np.asarray(inputs, np.int32))
-    np.save(directory / "starts.npy", np.asarray(starts, np.int64))
-    ends = np.zeros(10 + len(inputs), bool)
-    ends[10 + np.nonzero(rng.random(len(inputs)) < 0.15)[0]] = True  # ~1 token in 7 ends a sentence
-    return directory, np.asarray(doc_of), ends
+    shards = [store.write_shard(directory, k, documents[first:first + 50], BOS, np.dtype(np.uint32))
+              for k, first in enumerate(range(0, len(documents), 50))]
+    store.write_manifest(directory, shards, np.dtype(np.uint32), "tok", "test", BOS, SEP)
+    ends = np.zeros(10 + position, bool)
+    ends[10 + np.nonzero(rng.random(position) < 0.15)[0]] = True  # ~1 token in 7 ends a sentence
+    return store.TokenStore(directory), np.asarray(doc_of), ends
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +41,8 @@ def split(tmp_path_factory):
 
 
 def test_pairs_are_laid_out_as_bert_expects(split):
-    directory, _, ends = split
-    rows = PairRows(directory, SEQ_LEN, 0, CLS, SEP, ends)
+    tokens, _, ends = split
+    rows = PairRows(tokens, SEQ_LEN, 0, CLS, SEP, ends)
     for r in range(0, len(rows), 7):
         a, b, label = rows.pair(r)
         row = rows[r]
@@ -55,8 +57,8 @@ def test_pairs_are_laid_out_as_bert_expects(split):
 
 
 def test_labels_say_where_b_comes_from(split):
-    directory, doc_of, ends = split
-    rows = PairRows(directory, SEQ_LEN, 0, CLS, SEP, ends)
+    tokens, doc_of, ends = split
+    rows = PairRows(tokens, SEQ_LEN, 0, CLS, SEP, ends)
     labels = []
     for r in range(len(rows)):
         a, b, label = rows.pair(r)
@@ -78,18 +80,18 @@ def test_labels_say_where_b_comes_from(split):
 
 
 def test_pairs_follow_the_seed_and_the_row(split):
-    directory, _, ends = split
-    a = PairRows(directory, SEQ_LEN, 0, CLS, SEP, ends)
-    again = PairRows(directory, SEQ_LEN, 0, CLS, SEP, ends)
-    other = PairRows(directory, SEQ_LEN, 1, CLS, SEP, ends)
+    tokens, _, ends = split
+    a = PairRows(tokens, SEQ_LEN, 0, CLS, SEP, ends)
+    again = PairRows(tokens, SEQ_LEN, 0, CLS, SEP, ends)
+    other = PairRows(tokens, SEQ_LEN, 1, CLS, SEP, ends)
     same = [all((a[r][k] == again[r][k]).all() for k in a[r]) for r in range(200)]
     differ = [a[r]["nsp_labels"] != other[r]["nsp_labels"] for r in range(200)]
     assert all(same) and 0.3 < np.mean(differ) < 0.7
 
 
 def test_one_document_is_refused(tmp_path):
-    directory, _, ends = write_split(tmp_path, [100])
+    tokens, _, ends = write_split(tmp_path, [100])
     with pytest.raises(UserError, match="eval split has 1 document.*needs at least 2"):
-        PairRows(directory, SEQ_LEN, 0, CLS, SEP, ends, split="eval")
+        PairRows(tokens, SEQ_LEN, 0, CLS, SEP, ends, split="eval")
     with pytest.raises(UserError, match="data.seq_len=4 is too short"):
-        PairRows(directory, 4, 0, CLS, SEP, ends)
+        PairRows(tokens, 4, 0, CLS, SEP, ends)

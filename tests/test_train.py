@@ -306,7 +306,7 @@ def test_two_process_run_resumes_in_one_process_on_other_devices(trained, tmp_pa
     assert sorted(got) == [2, 4, 6, 8]  # process 0 alone writes the log
     for step in want:  # same rows in the same global batches as one process on 8 devices
         assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-5)
-    assert Checkpoints(mp / "checkpoints", read_only=True).data_state(8) == {"next_row": 8 * 16}
+    assert Checkpoints(mp / "checkpoints", read_only=True).data_state(8) == {"next_row": 8 * 16, "format": 2}
 
     reference = tmp_path / "reference"
     shutil.copytree(workdir, reference)

@@ -15,26 +15,29 @@ scalar `nsp_labels`.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from jaxlm.data.store import TokenStore
 from jaxlm.errors import UserError
 
 IS_NEXT, RANDOM = 0, 1  # Hugging Face's next_sentence_label convention
 
 
 class PairRows:
-    """Random-access NSP pairs over a tokenized split (see the module docstring)."""
+    """Random-access NSP pairs over a token store (see the module docstring).
 
-    def __init__(self, directory: Path, seq_len: int, seed: int, cls_id: int, sep_id: int,
+    Chunks are indexed in memory (about 24 bytes a chunk): unlike plain token rows, pairs do
+    not keep memory flat as the corpus grows.
+    """
+
+    def __init__(self, tokens: TokenStore, seq_len: int, seed: int, cls_id: int, sep_id: int,
                  ends_sentence: np.ndarray, split: str = "train"):
         """ends_sentence: [vocab] bool, the token ends a sentence (a cut point for A and B)."""
         if seq_len < 5:
             raise UserError(f"data.seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP] pairs; use 5 or more")
-        self.inputs = np.load(directory / "inputs.npy", mmap_mode="r")  # [tokens] BOS t1..tn per document
-        starts = np.load(directory / "starts.npy")
-        self.tokens = len(self.inputs)
+        self.store = tokens  # a stream of BOS t1..tn per document
+        starts = tokens.document_starts()
+        self.tokens = tokens.tokens
         self.seq_len, self.seed, self.cls, self.sep = seq_len, seed, cls_id, sep_id
         self._ends = np.asarray(ends_sentence, bool)
         # each document's text span in the stream (its BOS dropped)
@@ -60,14 +63,14 @@ class PairRows:
         """(A tokens, B tokens, label) of row r."""
         rng = np.random.default_rng([self.seed, int(r)])
         start, length, doc = int(self.chunk_start[r]), int(self.chunk_len[r]), int(self.chunk_doc[r])
-        chunk = np.asarray(self.inputs[start:start + length])
+        chunk = self.store.ids(start, start + length)
         cuts = self._after_ends(chunk)  # A ends after a sentence end, never at the chunk's end
         a_len = int(rng.choice(cuts)) if len(cuts) else int(rng.integers(1, length))
         if rng.random() < 0.5:
             return chunk[:a_len], chunk[a_len:], IS_NEXT
         k = int(rng.integers(len(self._texts) - 1))  # one of the documents other than A's
         other = int(self._texts[k + (k >= np.searchsorted(self._texts, doc))])
-        text = np.asarray(self.inputs[self.doc_start[other]:self.doc_start[other] + self.doc_len[other]])
+        text = self.store.ids(int(self.doc_start[other]), int(self.doc_start[other] + self.doc_len[other]))
         want = length - a_len
         starts = np.concatenate([[0], self._after_ends(text)])  # sentence starts
         fits = starts[starts + want <= len(text)]

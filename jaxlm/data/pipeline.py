@@ -1,10 +1,10 @@
-"""Language-model rows from a tokenized split, read with grain by global row index.
+"""Language-model rows from a token store, read with grain by global row index.
 
-A split is tokenized once into flat arrays (cached on disk, memory-mapped): each document
-contributes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]`, concatenated in document
-order, plus the offset where each document starts. Row `r` is the slice
-`[r * seq_len, (r + 1) * seq_len)` of that stream, so rows are random access. A batch is a dict
-of int32 arrays [batch, seq_len]:
+A split is tokenized once into a token store (`jaxlm.data.store`, cached, memory-mapped):
+each document contributes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]` to one
+stream, in document order. Row `r` is the slice `[r * seq_len, (r + 1) * seq_len)` of that
+stream, so rows are random access and may span the store's shards. A batch is a dict of int32
+arrays [batch, seq_len]:
   inputs       token ids fed to the model (each document starts with BOS)
   targets      the next token at each position (each document ends with EOS)
   segment_ids  1, 2, ... per document piece in the row; 0 is padding
@@ -24,9 +24,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,46 +33,24 @@ import grain
 import numpy as np
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import Splits, as_text, cache_dir
+from jaxlm.data import build, store
+from jaxlm.data.sources import SPLITS, Corpus, cache_dir
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
 Batch = dict[str, np.ndarray]
 KEYS = ("inputs", "targets", "segment_ids", "positions")
-_ARRAYS = ("inputs", "targets", "starts")
-_CHUNK = 1024  # documents tokenized per call
-
-
-def _tokenize(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, out: Path) -> None:
-    inputs, targets, starts, offset = [], [], [], 0
-    report = sys.stderr.isatty() and len(source) > 20 * _CHUNK
-    for first in range(0, len(source), _CHUNK):
-        texts = [as_text(source[i][text_key]) for i in range(first, min(first + _CHUNK, len(source)))]
-        for ids in tokenizer.encode_batch(texts):
-            doc = np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)
-            inputs.append(doc[:-1])
-            targets.append(doc[1:])
-            starts.append(offset)
-            offset += len(doc) - 1
-        if report:
-            print(f"\rtokenized {first + len(texts):,}/{len(source):,} documents", end="", file=sys.stderr)
-    if report:
-        print(file=sys.stderr)
-    out.mkdir(parents=True)
-    for name, parts in (("inputs", inputs), ("targets", targets)):
-        np.save(out / f"{name}.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
-    np.save(out / "starts.npy", np.asarray(starts, np.int64))
+DATA_FORMAT = 2  # in a checkpoint's data state: rows come from a token store (document order of the files)
 
 
 class TokenRows:
-    """Random-access rows of `seq_len` tokens over a tokenized split (memory-mapped)."""
+    """Random-access rows of `seq_len` tokens over a token store."""
 
-    def __init__(self, directory: Path, seq_len: int, whole_rows: bool):
+    def __init__(self, tokens: store.TokenStore, seq_len: int, whole_rows: bool):
         """whole_rows: drop the last, partial row (training) instead of padding it (eval)."""
-        self.inputs, self.targets, self.starts = (
-            np.load(directory / f"{name}.npy", mmap_mode="r") for name in _ARRAYS)
+        self.store = tokens
         self.seq_len = seq_len
-        self.tokens = len(self.inputs)
+        self.tokens = tokens.tokens
         self._len = self.tokens // seq_len if whole_rows else math.ceil(self.tokens / seq_len)
 
     def __len__(self) -> int:
@@ -83,11 +60,10 @@ class TokenRows:
         length = self.seq_len
         a = int(r) * length
         b = min(a + length, self.tokens)
-        at = np.arange(a, b)
-        doc = np.searchsorted(self.starts, at, side="right") - 1  # document of each token
-        row = {"inputs": self.inputs[a:b], "targets": self.targets[a:b],
-               "segment_ids": doc - doc[0] + 1,
-               "positions": at - np.maximum(self.starts[doc], a)}
+        window = self.store.window(a, b)
+        doc = window["document"]  # [b - a]
+        row = {"inputs": window["inputs"], "targets": window["targets"], "segment_ids": doc - doc[0] + 1,
+               "positions": np.arange(a, b) - np.maximum(window["start"], a)}
         return {k: np.pad(np.asarray(v, np.int32), (0, length - (b - a))) for k, v in row.items()}
 
     def empty(self) -> Batch:
@@ -95,31 +71,55 @@ class TokenRows:
         return {k: np.zeros(self.seq_len, np.int32) for k in KEYS}
 
 
-def tokenized(source: Sequence[Any], tokenizer: TextTokenizer, text_key: str, cache: Path) -> Path:
-    """The directory of `source` tokenized (made once per split and tokenizer, then reused)."""
-    digest = hashlib.sha1(tokenizer.tokenizer.to_str().encode()).hexdigest()[:12]
-    directory = cache / f"tok-{digest}"
-    if not all((directory / f"{name}.npy").is_file() for name in _ARRAYS):
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        _tokenize(source, tokenizer, text_key, tmp)
-        shutil.rmtree(directory, ignore_errors=True)
-        tmp.rename(directory)
-    return directory
+def tokenizer_hash(tokenizer: TextTokenizer) -> str:
+    return hashlib.sha1(tokenizer.tokenizer.to_str().encode()).hexdigest()[:12]
 
 
-def tokenize_splits(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, Path]:
-    """Directories of the tokenized train and eval splits, under the data cache."""
-    root = cache_dir(cfg) / "tokens" / splits.fingerprint
-    return {name: tokenized(getattr(splits, name), tokenizer, splits.text_key, root / name)
-            for name in ("train", "eval")}
+def store_dir(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> Path:
+    """Where the corpus's token store for this tokenizer lives (a folder per split)."""
+    return cache_dir(cfg) / "stores" / f"{corpus.name}-{corpus.fingerprint}-{tokenizer_hash(tokenizer)}"
 
 
-def token_rows(splits: Splits, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, TokenRows]:
+def workers(cfg: DataConfig) -> int:
+    """Tokenizing processes: data.prepare_workers, or one per CPU core this process may use."""
+    if cfg.prepare_workers:
+        return cfg.prepare_workers
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def token_stores(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, store.TokenStore]:
+    """The train and eval token stores of a corpus, prepared first where they do not exist yet."""
+    root = store_dir(corpus, tokenizer, cfg)
+    digest = tokenizer_hash(tokenizer)
+    for split in SPLITS:
+        directory = root / split
+        if store.is_finished(directory):
+            continue
+        _note_older_caches(cfg)
+        print(f"preparing the {split} token store of {corpus.name} in {directory} (once; later runs reuse it)",
+              file=sys.stderr)
+        build.build(corpus.texts(split), corpus.count(split), tokenizer.tokenizer, tokenizer.bos_id,
+                    tokenizer.eos_id, directory, int(cfg.shard_mb * 1e6), workers(cfg), corpus.fingerprint,
+                    digest, f"{corpus.name} {split}")
+    return {split: store.TokenStore(root / split, digest) for split in SPLITS}
+
+
+def _note_older_caches(cfg: DataConfig) -> None:
+    """Says once that a cache made before token stores is no longer read."""
+    old = [cache_dir(cfg) / name for name in ("tokens", "datasets")]
+    old = [str(p) for p in old if p.is_dir()]
+    if old and not getattr(_note_older_caches, "said", False):
+        _note_older_caches.said = True
+        print(f"note: {' and '.join(old)} hold tokenized text in the format before token stores; "
+              "it is no longer read (the data is rebuilt once as a token store) and can be deleted",
+              file=sys.stderr)
+
+
+def token_rows(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, TokenRows]:
     """Language-model rows of the train split (whole rows only) and the eval split (all of it)."""
-    dirs = tokenize_splits(splits, tokenizer, cfg)
-    return {"train": TokenRows(dirs["train"], cfg.seq_len, whole_rows=True),
-            "eval": TokenRows(dirs["eval"], cfg.seq_len, whole_rows=False)}
+    stores = token_stores(corpus, tokenizer, cfg)
+    return {"train": TokenRows(stores["train"], cfg.seq_len, whole_rows=True),
+            "eval": TokenRows(stores["eval"], cfg.seq_len, whole_rows=False)}
 
 
 def row_ids(index: np.ndarray | int) -> np.ndarray:
@@ -169,7 +169,7 @@ class TrainBatches:
         return batch
 
     def get_state(self) -> dict[str, int]:
-        return {"next_row": self.next_row}
+        return {"next_row": self.next_row, "format": DATA_FORMAT}
 
 
 def eval_batches(rows: Any, global_batch: int, max_batches: int = 0, process_index: int = 0,

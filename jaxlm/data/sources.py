@@ -1,19 +1,24 @@
-"""Text sources as TFDS datasets stored as array_record, read back with `tfds.data_source`.
+"""Document sources for language models, and the TFDS catalog access labeled sets share.
 
-Three sources:
+Three document sources, each a `Corpus` streamed in a fixed order (nothing holds a corpus in
+memory):
   * `builtin`: the docstrings of the running Python's standard library plus its language
     reference topics (`pydoc_data`), so every machine can train with no network and no files;
   * `text`: the user's text files (globs), one document per file, long files cut at blank
-    lines into documents of at most `MAX_DOC_CHARS` characters;
-  * `tfds`: any TFDS catalog dataset by name, where a network allows the download.
+    lines into documents of at most `MAX_DOC_CHARS` characters, read in blocks;
+  * `tfds`: any TFDS catalog dataset by name (array_record, read in order), where a network
+    allows the download.
 
-A prepared dataset lives under `<cache_dir>/datasets/<name>-<fingerprint>`, so a second run
-over the same inputs reuses it; the fingerprint covers the files' paths, sizes and mtimes.
+Local documents go straight into the token store (`jaxlm.data.store`); a second copy of the
+text as a TFDS dataset would double the disk and hold up to a gigabyte in TFDS's shuffle
+buffer. A corpus is identified by a fingerprint (for files: their paths, sizes and mtimes),
+which keys its tokenizer and token store in the cache.
 """
 
 from __future__ import annotations
 
 import ast
+import codecs
 import glob
 import hashlib
 import importlib
@@ -22,8 +27,9 @@ import logging
 import os
 import sys
 import sysconfig
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +50,49 @@ class _Unactionable(logging.Filter):
 logging.getLogger("absl").addFilter(_Unactionable())
 
 MAX_DOC_CHARS = 16_000
-_FORMAT_VERSION = "2"  # bump when the way documents are cut or held out changes
+_FORMAT_VERSION = "3"  # bump when the way documents are cut or held out changes
+_BLOCK = 1 << 22  # bytes of a file read at a time
+SPLITS = ("train", "eval")
 
 
 @dataclass
 class Splits:
-    """Random-access train and eval splits of text documents."""
+    """Random-access train and eval examples (labeled sets, read in full)."""
 
     train: Sequence[dict[str, Any]]
     eval: Sequence[dict[str, Any]]
     text_key: str
     fingerprint: str  # identifies the training text (keys the tokenizer cache)
+
+    def texts(self, split: str) -> Iterator[str]:
+        examples = getattr(self, split)
+        for i in range(len(examples)):
+            yield as_text(examples[i][self.text_key])
+
+    def count(self, split: str) -> int:
+        return len(getattr(self, split))
+
+    def approx_bytes(self, split: str) -> int | None:
+        return None
+
+
+class Corpus:
+    """Documents of a language-model source, streamed in order, as a train and an eval split."""
+
+    fingerprint: str
+    name: str
+
+    def texts(self, split: str) -> Iterator[str]:
+        """The split's documents, in the order the token store keeps them."""
+        raise NotImplementedError
+
+    def count(self, split: str) -> int:
+        """Documents in the split (may read the corpus once)."""
+        raise NotImplementedError
+
+    def approx_bytes(self, split: str) -> int | None:
+        """About how many bytes of text the split holds, without reading it (None: unknown)."""
+        return None
 
 
 def as_text(value: Any) -> str:
@@ -63,7 +101,7 @@ def as_text(value: Any) -> str:
 
 
 def cache_dir(cfg: DataConfig) -> Path:
-    """Where prepared datasets and trained tokenizers are kept."""
+    """Where prepared datasets, tokenizers and token stores are kept."""
     if cfg.cache_dir:
         return Path(cfg.cache_dir).expanduser()
     return Path(os.environ.get("JAXLM_CACHE", "~/.cache/jaxlm")).expanduser()
@@ -75,39 +113,63 @@ def _is_eval(key: str, fraction: float) -> bool:
     return digest % 100_000 < fraction * 100_000
 
 
-class _TextBuilder(tfds.core.GeneratorBasedBuilder):
-    """Writes given (key, text, is_eval) documents as a train and a validation split."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, documents: Iterator[tuple[str, str, bool]] | None = None, **kwargs):
-        self._documents = documents
-        super().__init__(file_format="array_record", **kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self, features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-        docs = list(self._documents)
-        train = [(k, t) for k, t, e in docs if not e]
-        held = [(k, t) for k, t, e in docs if e]
-        return {"train": self._generate_examples(train), "validation": self._generate_examples(held)}
-
-    def _generate_examples(self, docs):
-        for key, text in docs:
-            yield key, {"text": text}
+DocStream = Iterator[tuple[str, str, bool]]  # (key, text, held out)
 
 
-class JaxlmBuiltinCorpus(_TextBuilder):
-    """The running Python's standard-library docstrings and reference topics."""
+class LocalCorpus(Corpus):
+    """Documents generated from local files (or the standard library), split by key.
+
+    A tiny corpus still gets an eval split: one document has its tail held out, and when the
+    hashed share holds none out, the last document is. Deciding that takes one pass over the
+    documents' keys and lengths (`plan`), made only when documents are read.
+    """
+
+    def __init__(self, name: str, fingerprint: str, documents: Callable[[], DocStream], cfg: DataConfig,
+                 nbytes: int | None = None):
+        self.name, self.fingerprint, self._documents, self._cfg, self._nbytes = (
+            name, fingerprint, documents, cfg, nbytes)
+
+    @cached_property
+    def plan(self) -> dict[str, Any]:
+        """Document counts per split and how a tiny corpus is split (one pass, no text kept)."""
+        counts, last, only = {"train": 0, "eval": 0}, -1, None
+        for i, (key, text, held) in enumerate(d for d in self._documents() if d[1].strip()):
+            counts["eval" if held else "train"] += 1
+            last, only = i, (key, text) if i == 0 else None
+        source = f"data.source={self._cfg.source}"
+        if last < 0:
+            raise UserError(f"{source}: the corpus is empty; give files that hold text")
+        if last == 0:  # one short text: hold out its tail
+            key, text = only
+            cut = _tail_cut(text, self._cfg.eval_fraction)
+            if not text[:cut].strip() or not text[cut:].strip():
+                raise UserError(f"{source}: too little text to hold some out for eval; "
+                                "give more text or held-out files in data.eval_paths")
+            return {"counts": {"train": 1, "eval": 1}, "tail_cut": cut, "hold_last": -1}
+        if counts["train"] == 0:
+            raise UserError(f"{source}: every document is held out for eval; "
+                            "add training files or lower data.eval_fraction")
+        hold_last = last if counts["eval"] == 0 else -1  # a small corpus: hold out its last document
+        if hold_last >= 0:
+            counts = {"train": counts["train"] - 1, "eval": 1}
+        return {"counts": counts, "tail_cut": -1, "hold_last": hold_last}
+
+    def texts(self, split: str) -> Iterator[str]:
+        plan, want_eval = self.plan, split == "eval"
+        for i, (_, text, held) in enumerate(d for d in self._documents() if d[1].strip()):
+            if plan["tail_cut"] >= 0:
+                yield (text[plan["tail_cut"]:] if want_eval else text[:plan["tail_cut"]]).strip()
+            elif (held or i == plan["hold_last"]) == want_eval:
+                yield text
+
+    def count(self, split: str) -> int:
+        return self.plan["counts"][split]
+
+    def approx_bytes(self, split: str) -> int | None:
+        return self._nbytes
 
 
-class JaxlmTextFiles(_TextBuilder):
-    """The user's text files."""
-
-
-def _stdlib_documents(eval_fraction: float) -> Iterator[tuple[str, str, bool]]:
+def _stdlib_documents(eval_fraction: float) -> DocStream:
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "test", "tests", "idlelib", "lib2to3"}
     for path in sorted(root.rglob("*.py")):
@@ -133,19 +195,22 @@ def _stdlib_documents(eval_fraction: float) -> Iterator[tuple[str, str, bool]]:
             yield f"topics/{name}:{i}", chunk, _is_eval(f"topics/{name}", eval_fraction)
 
 
+def _cut_point(window: str) -> int:
+    """Where to end a document within `window`: a paragraph, else a line, else a word break."""
+    cut = window.rfind("\n\n")
+    if cut < MAX_DOC_CHARS // 4:
+        cut = window.rfind("\n")
+    if cut < MAX_DOC_CHARS // 4:
+        cut = window.rfind(" ")
+    return cut if cut > 0 else MAX_DOC_CHARS
+
+
 def _cut(text: str) -> list[str]:
     """Cuts text into documents of at most MAX_DOC_CHARS, at paragraph or line breaks."""
     text = text.strip()
     pieces = []
     while len(text) > MAX_DOC_CHARS:
-        window = text[:MAX_DOC_CHARS]
-        cut = window.rfind("\n\n")
-        if cut < MAX_DOC_CHARS // 4:
-            cut = window.rfind("\n")
-        if cut < MAX_DOC_CHARS // 4:
-            cut = window.rfind(" ")
-        if cut <= 0:
-            cut = MAX_DOC_CHARS
+        cut = _cut_point(text[:MAX_DOC_CHARS])
         pieces.append(text[:cut].strip())
         text = text[cut:].strip()
     pieces.append(text)
@@ -162,6 +227,47 @@ def _tail_cut(text: str, fraction: float) -> int:
     return target
 
 
+def read_text(path: Path, errors: str) -> str:
+    """Reads a UTF-8 file; with errors='strict' a bad byte is an error naming file and offset."""
+    return "".join(_decoded_blocks(path, errors))
+
+
+def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
+    """A UTF-8 file's text, a block at a time."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors)
+    offset = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_BLOCK)
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the last block
+            try:
+                yield decoder.decode(block, final=not block)
+            except UnicodeDecodeError as e:
+                at = offset - pending + e.start
+                raise UserError(
+                    f"'{path}' is not valid UTF-8 (byte {at}: {e.object[e.start:e.start + 1]!r}); "
+                    "convert it to UTF-8 or set data.encoding_errors=replace") from None
+            if not block:
+                return
+            offset += len(block)
+
+
+def file_documents(path: Path, errors: str) -> Iterator[str]:
+    """A file cut into documents (as `_cut` does), read in blocks: memory does not grow with
+    the file."""
+    text, started = "", False
+    for block in _decoded_blocks(path, errors):
+        text += block
+        if not started:
+            text, started = text.lstrip(), bool(text.strip())
+        while len(text) > 4 * MAX_DOC_CHARS:  # enough ahead that trailing space cannot matter
+            cut = _cut_point(text[:MAX_DOC_CHARS])
+            piece, text = text[:cut].strip(), text[cut:].lstrip()
+            if piece:
+                yield piece
+    yield from _cut(text)
+
+
 def expand_paths(patterns: Sequence[str], field: str) -> list[Path]:
     """Files named by paths and globs, sorted; a pattern matching nothing is an error."""
     files: list[Path] = []
@@ -174,17 +280,6 @@ def expand_paths(patterns: Sequence[str], field: str) -> list[Path]:
     return sorted(set(files))
 
 
-def read_text(path: Path, errors: str) -> str:
-    """Reads a UTF-8 file; with errors='strict' a bad byte is an error naming file and offset."""
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8", errors=errors)
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"'{path}' is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r}); "
-            "convert it to UTF-8 or set data.encoding_errors=replace") from None
-
-
 def relative_names(files: list[Path]) -> dict[Path, str]:
     """Each file's path below the files' common folder: keys the held-out share, so the eval
     split does not depend on where the corpus lives."""
@@ -194,12 +289,11 @@ def relative_names(files: list[Path]) -> dict[Path, str]:
     return {p: p.relative_to(root).as_posix() for p in files}
 
 
-def _file_documents(train_files: list[Path], eval_files: list[Path], cfg: DataConfig
-                    ) -> Iterator[tuple[str, str, bool]]:
+def _file_documents(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> DocStream:
     names = relative_names(train_files + eval_files)
     for files, held_out in ((train_files, False), (eval_files, True)):
         for path in files:
-            for i, chunk in enumerate(_cut(read_text(path, cfg.encoding_errors))):
+            for i, chunk in enumerate(file_documents(path, cfg.encoding_errors)):
                 key = f"{names[path]}:{i}"
                 yield key, chunk, held_out or (not eval_files and _is_eval(key, cfg.eval_fraction))
 
@@ -208,39 +302,11 @@ def _fingerprint(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _prepare(builder_cls: type[_TextBuilder], name: str, fingerprint: str,
-             documents: Iterator[tuple[str, str, bool]], cfg: DataConfig) -> Splits:
-    data_dir = cache_dir(cfg) / "datasets" / f"{name}-{fingerprint}"
-    builder = builder_cls(documents=None, data_dir=str(data_dir))
-    if not builder.is_prepared():
-        print(f"preparing dataset {name} in {data_dir} (once; later runs reuse it)", file=sys.stderr)
-        docs = [d for d in documents if d[1].strip()]
-        if not docs:
-            raise UserError(f"data.source={cfg.source}: the corpus is empty; give files that hold text")
-        if len(docs) == 1:  # one short text: hold out its tail
-            key, text, _ = docs[0]
-            cut = _tail_cut(text, cfg.eval_fraction)
-            docs = [(key, text[:cut].strip(), False), (key + ":tail", text[cut:].strip(), True)]
-        elif not any(held for _, _, held in docs):  # a tiny corpus: hold out its last document
-            key, text, _ = docs[-1]
-            docs[-1] = (key, text, True)
-        if not all(text for _, text, _ in docs):
-            raise UserError(f"data.source={cfg.source}: too little text to hold some out for eval; "
-                            "give more text or held-out files in data.eval_paths")
-        if all(held for _, _, held in docs):
-            raise UserError(f"data.source={cfg.source}: every document is held out for eval; "
-                            "add training files or lower data.eval_fraction")
-        builder = builder_cls(documents=iter(docs), data_dir=str(data_dir))
-        builder.download_and_prepare()
-    sources = builder.as_data_source()
-    return Splits(sources["train"], sources["validation"], "text", fingerprint)
-
-
-def load_splits(cfg: DataConfig) -> Splits:
-    """Prepares (once) and opens the train and eval splits named by the data config."""
+def load_corpus(cfg: DataConfig) -> Corpus:
+    """The documents the data config names (nothing is read yet)."""
     if cfg.source == "builtin":
         fp = _fingerprint(["builtin", _FORMAT_VERSION, sys.version, cfg.eval_fraction])
-        return _prepare(JaxlmBuiltinCorpus, "builtin", fp, _stdlib_documents(cfg.eval_fraction), cfg)
+        return LocalCorpus("builtin", fp, lambda: _stdlib_documents(cfg.eval_fraction), cfg)
     if cfg.source == "text":
         train = expand_paths(cfg.paths, "data.paths")
         held = expand_paths(cfg.eval_paths, "data.eval_paths") if cfg.eval_paths else []
@@ -251,7 +317,8 @@ def load_splits(cfg: DataConfig) -> Splits:
         stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train + held]
         fp = _fingerprint(["text", _FORMAT_VERSION, stat, len(train), cfg.eval_fraction,
                            cfg.encoding_errors])
-        return _prepare(JaxlmTextFiles, "text", fp, _file_documents(train, held, cfg), cfg)
+        return LocalCorpus("text", fp, lambda: _file_documents(train, held, cfg), cfg,
+                           sum(p.stat().st_size for p in train))
     return _catalog(cfg)
 
 
@@ -333,12 +400,34 @@ def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[An
     return builder, train, held
 
 
-def _catalog(cfg: DataConfig) -> Splits:
+class CatalogCorpus(Corpus):
+    """The documents of a TFDS catalog dataset's train and eval splits, read in order."""
+
+    def __init__(self, name: str, fingerprint: str, splits: dict[str, Sequence[Any]], text_key: str,
+                 nbytes: int | None):
+        self.name, self.fingerprint, self._splits, self._key, self._nbytes = (
+            name, fingerprint, splits, text_key, nbytes)
+
+    def texts(self, split: str) -> Iterator[str]:
+        source = self._splits[split]
+        for first in range(0, len(source), 256):  # a few hundred records per read
+            for record in source.__getitems__(range(first, min(first + 256, len(source)))):
+                yield as_text(record[self._key])
+
+    def count(self, split: str) -> int:
+        return len(self._splits[split])
+
+    def approx_bytes(self, split: str) -> int | None:
+        return self._nbytes
+
+
+def _catalog(cfg: DataConfig) -> Corpus:
     """The documents of a TFDS catalog dataset."""
     builder, train, held = open_catalog(cfg)
     features = builder.info.features
     if cfg.text_key not in features:
         raise UserError(f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; "
                         f"it has {', '.join(features)}")
-    return Splits(train, held, cfg.text_key, _fingerprint(["tfds", cfg.name, cfg.train_split, cfg.eval_split,
-                                                          cfg.eval_fraction, cfg.text_key]))
+    fp = _fingerprint(["tfds", cfg.name, cfg.train_split, cfg.eval_split, cfg.eval_fraction, cfg.text_key])
+    return CatalogCorpus(cfg.name, fp, {"train": train, "eval": held}, cfg.text_key,
+                         builder.info.dataset_size or None)

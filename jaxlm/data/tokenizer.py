@@ -1,7 +1,9 @@
-"""Tokenizers: train a byte-level BPE on the train split (cached), or load a tokenizer.json."""
+"""Tokenizers: train a byte-level BPE on (a sample of) the train split, cached; or load a tokenizer.json."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import shutil
 import sys
 from collections.abc import Iterator
@@ -12,7 +14,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import Splits, as_text, cache_dir
+from jaxlm.data.sources import Corpus, Splits, cache_dir
 from jaxlm.errors import UserError
 
 PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
@@ -128,13 +130,28 @@ def from_file(path: str | Path) -> TextTokenizer:
     return TextTokenizer(tok, eos if pad is None else pad, bos, eos, _find(tok, _MASK_NAMES))
 
 
-def _texts(splits: Splits) -> Iterator[str]:
-    for i in range(len(splits.train)):
-        yield as_text(splits.train[i][splits.text_key])
+def sample(texts: Iterator[str], approx_chars: int | None, budget_chars: int, seed: int) -> Iterator[str]:
+    """About `budget_chars` characters of documents drawn evenly from the whole of `texts`.
+
+    Each document is kept with probability budget / size (decided by a hash of the seed and its
+    index, so the sample is the same every time) until the budget is spent; with the size
+    unknown, or budget 0, documents are taken in order until the budget is spent (all with 0).
+    """
+    keep = 1.0 if not budget_chars or not approx_chars else min(1.0, budget_chars / approx_chars)
+    taken = 0
+    for i, text in enumerate(texts):
+        if keep < 1.0:
+            digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+            if int.from_bytes(digest, "little") >= keep * 2.0 ** 64:
+                continue
+        yield text
+        taken += len(text)
+        if budget_chars and taken >= budget_chars:
+            return
 
 
-def train_bpe(splits: Splits, vocab_size: int) -> TextTokenizer:
-    """Trains a byte-level BPE (GPT-2 style) on the train split."""
+def train_bpe(texts: Iterator[str], vocab_size: int) -> TextTokenizer:
+    """Trains a byte-level BPE (GPT-2 style) on texts."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -142,16 +159,17 @@ def train_bpe(splits: Splits, vocab_size: int) -> TextTokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS, MASK], show_progress=sys.stderr.isatty(),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(_texts(splits), trainer=trainer, length=len(splits.train))
+    tok.train_from_iterator(texts, trainer=trainer)
     return TextTokenizer(tok, tok.token_to_id(PAD), tok.token_to_id(BOS), tok.token_to_id(EOS),
                          tok.token_to_id(MASK))
 
 
-def obtain(cfg: DataConfig, splits: Splits, workdir: Path) -> TextTokenizer:
+def obtain(cfg: DataConfig, splits: Corpus | Splits, workdir: Path, seed: int = 0) -> TextTokenizer:
     """The run's tokenizer: the workdir's copy if present, else loaded or trained, then saved there.
 
-    A trained tokenizer is also cached by training text and size, so new runs on the same data
-    skip training.
+    A trained tokenizer is also cached by training text, size and sample, so new runs on the
+    same data skip training. It trains on at most `data.tokenizer_sample_mb` of text, sampled
+    by `seed` from the whole train split.
     """
     target = workdir / "tokenizer.json"
     if target.is_file():
@@ -159,15 +177,22 @@ def obtain(cfg: DataConfig, splits: Splits, workdir: Path) -> TextTokenizer:
     if cfg.tokenizer:
         tok = from_file(cfg.tokenizer)
     else:
-        cached = cache_dir(cfg) / "tokenizers" / f"bpe{cfg.vocab_size}-m-{splits.fingerprint}.json"
+        budget = int(cfg.tokenizer_sample_mb * 1e6)
+        approx = splits.approx_bytes("train")
+        drawn = bool(budget) and approx is not None and approx > budget  # the seed picks the documents
+        name = f"bpe{cfg.vocab_size}-m-{splits.fingerprint}-s{budget}" + (f"-{seed}" if drawn else "")
+        cached = cache_dir(cfg) / "tokenizers" / f"{name}.json"
         if cached.is_file():
             tok = from_file(cached)
         else:
-            print(f"training a {cfg.vocab_size}-token byte-level BPE on {len(splits.train)} documents "
+            what = "all of"
+            if budget:
+                what = f"{'about' if drawn else 'at most'} {budget / 1e6:,.0f}M characters {'drawn from' if drawn else 'of'}"
+            print(f"training a {cfg.vocab_size}-token byte-level BPE on {what} the train split "
                   "(once; cached for later runs)", file=sys.stderr)
-            tok = train_bpe(splits, cfg.vocab_size)
+            tok = train_bpe(sample(splits.texts("train"), approx, budget, seed), cfg.vocab_size)
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_suffix(".tmp")
+            tmp = cached.with_suffix(f".tmp-{os.getpid()}")
             tok.save(tmp)
             tmp.replace(cached)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxlm.config import Config
 from jaxlm.data import sources
-from jaxlm.data.sources import Splits
+from jaxlm.data.sources import Corpus, Splits
 from jaxlm.microbatch import Layout
 
 if TYPE_CHECKING:
@@ -41,11 +41,12 @@ class Task(Protocol):
         """The config with anything the task reads from its dataset filled in (e.g. label names)."""
 
     @staticmethod
-    def load_splits(config: Config) -> Splits:
-        """The train and eval examples the config names (documents or labeled examples)."""
+    def load_splits(config: Config) -> Corpus | Splits:
+        """The train and eval examples the config names (a corpus of documents, or labeled
+        examples); nothing is tokenized yet."""
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, Any]:
+    def rows(config: Config, splits: Corpus | Splits, tok: TextTokenizer) -> dict[str, Any]:
         """Random-access "train" and "eval" rows (tokenized once, cached), each with `seq_len`,
         `__len__`, `__getitem__` and `empty()` (a padding row that counts nowhere)."""
 
@@ -84,8 +85,8 @@ class Documents:
         return config
 
     @staticmethod
-    def load_splits(config: Config) -> Splits:
-        return sources.load_splits(config.data)
+    def load_splits(config: Config) -> Corpus:
+        return sources.load_corpus(config.data)
 
     def packer(self, rows: Any, layout: Layout, host_batch: int) -> None:
         return None

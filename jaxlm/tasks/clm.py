@@ -11,7 +11,7 @@ import optax
 
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
-from jaxlm.data.sources import Splits
+from jaxlm.data.sources import Corpus
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective, token_metrics
 from jaxlm.models.decoder import DecoderLM
@@ -41,7 +41,7 @@ class ClmTask(Documents):
         self._byte_lengths = table  # [vocab]
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, pipeline.TokenRows]:
+    def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> dict[str, pipeline.TokenRows]:
         return pipeline.token_rows(splits, tok, config.data)
 
     @classmethod

@@ -29,7 +29,7 @@ import optax
 from jaxlm import rngs
 from jaxlm.config import Config, MlmConfig, ModelConfig
 from jaxlm.data import pairs, pipeline
-from jaxlm.data.sources import Splits
+from jaxlm.data.sources import Corpus
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import objective, token_metrics
@@ -82,14 +82,14 @@ class MlmTask(Documents):
     lower_is_better = frozenset({"loss", "perplexity", "nsp_loss"})
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict:
+    def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> dict:
         """Packed token rows, or with `mlm.nsp` one sentence pair a row (eval pairs drawn with
         the eval seed, so they are the same whatever the run's seed)."""
         if not config.mlm.nsp:
             return pipeline.token_rows(splits, tok, config.data)
-        dirs = pipeline.tokenize_splits(splits, tok, config.data)
+        stores = pipeline.token_stores(splits, tok, config.data)
         seeds = {"train": config.seed, "eval": rngs.EVAL_SEED}
-        return {name: pairs.PairRows(dirs[name], config.data.seq_len, seeds[name], tok.bos_id,
+        return {name: pairs.PairRows(stores[name], config.data.seq_len, seeds[name], tok.bos_id,
                                      tok.eos_id, tok.ends_sentence(), name) for name in seeds}
 
     @classmethod

@@ -1,0 +1,140 @@
+"""Building a token store: a corpus split tokenized by worker processes into shards.
+
+The main process reads the split's documents in order and groups them into shards of about
+`data.shard_mb` million characters; worker processes tokenize and write whole shards, so the
+store depends only on the corpus, the tokenizer and the shard size, never on the number of
+workers. At most two shards per worker are in flight and a worker holds one shard's tokens,
+as compact arrays, so memory does not grow with the corpus. A shard whose files
+exist (an interrupted run) is read past, not tokenized again; the manifest is written once
+every shard is finished.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import itertools
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from jaxlm.data import store
+
+_worker: dict = {}
+_ENCODE_BATCH = 256
+
+
+def _start_worker(tokenizer_json: str) -> None:
+    os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the workers are the parallelism
+    _worker["tokenizer"] = Tokenizer.from_str(tokenizer_json)
+
+
+def encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
+    """Token ids of documents, no special tokens added (as `TextTokenizer.encode_batch`), a few
+    hundred documents at a time so only compact arrays accumulate."""
+    out = []
+    for first in range(0, len(texts), _ENCODE_BATCH):
+        batch = tokenizer.encode_batch(texts[first:first + _ENCODE_BATCH], add_special_tokens=False)
+        out += [np.asarray(e.ids, dtype) for e in batch]
+    return out
+
+
+def _tokenize_shard(directory: Path, index: int, texts: list[str], bos_id: int, dtype: str) -> dict[str, int]:
+    documents = encode(_worker["tokenizer"], texts, np.dtype(dtype))
+    return store.write_shard(directory, index, documents, bos_id, np.dtype(dtype))
+
+
+def shards_of(texts: Iterator[str], shard_chars: int) -> Iterator[list[str]]:
+    """Documents in consecutive groups of about `shard_chars` characters (whole documents)."""
+    shard: list[str] = []
+    size = 0
+    for text in texts:
+        shard.append(text)
+        size += len(text)
+        if size >= shard_chars:
+            yield shard
+            shard, size = [], 0
+    if shard:
+        yield shard
+
+
+class Progress:
+    """One line on stderr: documents, tokens, tokens/s and ETA (redrawn on a terminal, else
+    printed every 30 s)."""
+
+    def __init__(self, label: str, documents: int):
+        self.label, self.total, self.start = label, documents, time.time()
+        self.documents = self.tokens = self.new_tokens = 0
+        self.tty, self.shown = sys.stderr.isatty(), self.start
+
+    def add(self, counts: dict[str, int], new: bool) -> None:
+        self.documents += counts["documents"]
+        self.tokens += counts["tokens"]
+        self.new_tokens += counts["tokens"] if new else 0
+        now = time.time()
+        if now - self.shown >= (1 if self.tty else 30):
+            self.shown = now
+            self.show(end="\r" if self.tty else "\n")
+
+    def show(self, end: str = "\n") -> None:
+        took = max(time.time() - self.start, 1e-9)
+        rate = self.new_tokens / took
+        left = (self.total - self.documents) * took / max(self.documents, 1)
+        print(f"{self.label}: {self.documents:,}/{self.total:,} documents, {self.tokens:,} tokens, "
+              f"{rate:,.0f} tokens/s, ETA {left:,.0f} s   ", end=end, file=sys.stderr, flush=True)
+
+
+def build(texts: Iterator[str], documents: int, tokenizer: Tokenizer, bos_id: int, eos_id: int,
+          directory: Path, shard_chars: int, workers: int, source: str, tokenizer_hash: str,
+          label: str) -> None:
+    """Tokenizes `documents` texts into a finished store in `directory` (resuming a partial one).
+
+    Args:
+      workers: tokenizing processes (1: this process, with the tokenizer's own threads).
+      source, tokenizer_hash: recorded in the manifest (what the store was made from).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = store.dtype_for(tokenizer.get_vocab_size()).name
+    done = store.finished_shards(directory)
+    progress = Progress(label, documents)
+    stream = enumerate(shards_of(texts, shard_chars))
+    ahead = [s for s in (next(stream, None), next(stream, None)) if s is not None]
+    pool = None
+    if workers > 1 and len(ahead) > 1:  # one shard is tokenized here, with the tokenizer's threads
+        pool = cf.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
+                                      (tokenizer.to_str(),))
+    shards = 0
+    try:
+        pending: dict[cf.Future, int] = {}
+        for index, shard in itertools.chain(ahead, stream):
+            shards = index + 1
+            if index in done:
+                progress.add(done[index], new=False)
+            elif pool is None:
+                counts = store.write_shard(directory, index, encode(tokenizer, shard, np.dtype(dtype)), bos_id,
+                                           np.dtype(dtype))
+                done[index] = counts
+                progress.add(counts, new=True)
+            else:
+                while len(pending) >= 2 * workers:
+                    finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
+                    _collect({f: pending.pop(f) for f in finished}, done, progress)
+                pending[pool.submit(_tokenize_shard, directory, index, shard, bos_id, dtype)] = index
+        _collect(pending, done, progress)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    progress.show()
+    store.write_manifest(directory, [done[i] for i in range(shards)], np.dtype(dtype), tokenizer_hash, source,
+                         bos_id, eos_id)
+
+
+def _collect(futures: dict[cf.Future, int], done: dict[int, dict[str, int]], progress: Progress) -> None:
+    for future in cf.as_completed(futures):
+        done[futures[future]] = counts = future.result()
+        progress.add(counts, new=True)

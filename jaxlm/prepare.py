@@ -1,0 +1,64 @@
+"""`python -m jaxlm.prepare`: tokenize a run's data once, before training.
+
+    python -m jaxlm.prepare [--config FILE] [--workdir DIR] [key=value ...]
+
+Takes the same arguments as `python -m jaxlm.train`: it trains (or loads) the tokenizer and
+builds the task's train and eval data in the data cache (`data.cache_dir`, else $JAXLM_CACHE,
+else ~/.cache/jaxlm), where `train` with the same arguments finds them. Language-model text
+becomes a sharded token store, tokenized by `data.prepare_workers` processes; a killed
+preparation resumes where it stopped. `train` runs the same preparation itself when the data
+is missing; preparing first keeps that work off the accelerators' clock. With --workdir the
+tokenizer is also saved there, as `train` would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from jaxlm import config as config_lib
+from jaxlm import tasks
+from jaxlm.errors import cli
+from jaxlm.train import task_data
+from jaxlm.workdir import inherit_model
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m jaxlm.prepare", description=__doc__.split("\n\n")[0],
+                                     epilog="example:\n  python -m jaxlm.prepare --config configs/gpt2_small.yaml "
+                                            "data.source=text 'data.paths=[corpus/*.txt]'",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML preset (default: built-in gpt_tiny)")
+    parser.add_argument("--workdir", help="the run directory `train` will use (keeps its tokenizer)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser.parse_args(argv)
+
+
+def describe(name: str, rows) -> str:
+    """One line about a split's prepared data."""
+    store = getattr(rows, "store", None)
+    if store is None:
+        return f"{name}: {len(rows):,} rows of {rows.seq_len} tokens"
+    shards = len(store.offsets) - 1
+    return (f"{name}: {store.tokens:,} tokens in {store.documents:,} documents, {shards} shard(s) of "
+            f"{store.dtype.name} in {store.directory}; {len(rows):,} rows of {rows.seq_len} tokens")
+
+
+@cli
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    config = config_lib.load(args.config, args.overrides)
+    config = tasks.task_class(config).resolve(inherit_model(config))
+    start = time.time()
+    with tempfile.TemporaryDirectory() as scratch:
+        _, rows = task_data(config, Path(args.workdir) if args.workdir else Path(scratch))
+    for name, split in rows.items():
+        print(describe(name, split))
+    print(f"prepared in {time.time() - start:,.1f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
