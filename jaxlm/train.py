@@ -267,15 +267,17 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     last_eval: dict[str, float] = {}
     clock, clock_step = time.time(), start_step
     inflight: deque = deque()  # (step, device metrics) of dispatched steps not yet seen finished
+    data_wait = 0.0  # seconds spent waiting for input batches since the last log
 
     def log_train(step: int, device_metrics) -> None:
-        nonlocal clock, clock_step
+        nonlocal clock, clock_step, data_wait
         sums = add_sums(None, device_metrics)  # waits for that step only
         now = time.time()
+        steps = max(step - clock_step, 1)
         values = {**run.task.summarize(sums), "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
-                  "tokens_per_s": tokens_per_step * (step - clock_step) / max(now - clock, 1e-9),
-                  "eta_s": writers.eta(step)}
-        clock, clock_step = now, step
+                  "tokens_per_s": tokens_per_step * steps / max(now - clock, 1e-9),
+                  "data_wait_s": data_wait / steps, "eta_s": writers.eta(step)}
+        clock, clock_step, data_wait = now, step, 0.0
         writers.write(step, "train", values)
 
     def finish(unfinished: int) -> None:
@@ -298,7 +300,10 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     try:
         with c.context(), _StopFlag() as signal_flag:
             while step < tcfg.steps and not stopping:
-                batch = c.put_batch(next(data))
+                asked = time.perf_counter()
+                host_batch = next(data)
+                data_wait += time.perf_counter() - asked
+                batch = c.put_batch(host_batch)
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
                 inflight.append((step, metrics))

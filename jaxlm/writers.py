@@ -95,6 +95,8 @@ def format_line(step: int, total: int, kind: str, values: dict[str, float]) -> s
             parts.append(f"lr {value:.2e}")
         elif key == "tokens_per_s":
             parts.append(f"tok/s {value:,.0f}")
+        elif key == "data_wait_s":
+            parts.append(f"data_wait {value * 1e3:.1f}ms")
         elif isinstance(value, float):
             parts.append(f"{key} {value:.4g}")
         else:

@@ -10,10 +10,9 @@ from jaxlm.errors import UserError
 
 def test_splits_hold_all_documents_once(prepared, corpus_dir):
     _, splits, _ = prepared
-    assert splits.count("train") > 0 and splits.count("eval") > 0
-    texts = list(splits.texts("train"))
-    assert len(texts) == splits.count("train")
-    texts += list(splits.texts("eval"))
+    texts, held = list(splits.texts("train")), list(splits.texts("eval"))
+    assert texts and held and splits.count("train") is None  # not known before reading
+    texts += held
     total = sum(len(p.read_text().strip()) for p in corpus_dir.glob("*.txt"))
     assert total * 0.98 < sum(len(t) for t in texts) <= total
     assert all(len(t) <= sources.MAX_DOC_CHARS for t in texts)
@@ -75,7 +74,7 @@ def test_rows_pack_documents_with_segments_and_positions(tmp_path, prepared, sha
     from jaxlm.data import build, store
     _, _, tok = prepared
     docs = [{"text": t} for t in ("one two three", "four", "five six seven eight nine ten")]
-    build.build(iter(d["text"] for d in docs), 3, tok.tokenizer, tok.bos_id, tok.eos_id, tmp_path, shard_chars,
+    build.build(iter(d["text"] for d in docs), tok.tokenizer, tok.bos_id, tok.eos_id, tmp_path, shard_chars,
                 1, "test", "tok", "test")
     rows = pipeline.TokenRows(store.TokenStore(tmp_path), 8, whole_rows=False)
     assert len(rows.store.offsets) - 1 == (3 if shard_chars == 4 else 1)
@@ -219,10 +218,10 @@ def test_missing_path_empty_corpus_and_bad_bytes(tmp_path, cache_dir):
         sources.load_corpus(cfg(f"data.paths=[{tmp_path}/*.txt]", f"data.eval_paths=[{tmp_path}/a.txt]"))
     (tmp_path / "empty.txt").write_text("  \n\n")
     with pytest.raises(UserError, match="corpus is empty"):
-        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/empty.txt]")).count("train")
+        list(sources.load_corpus(cfg(f"data.paths=[{tmp_path}/empty.txt]")).texts("train"))
     (tmp_path / "bad.txt").write_bytes(b"good text\nthen \xff bad")
     with pytest.raises(UserError, match=r"bad.txt' is not valid UTF-8 \(byte 15"):
-        sources.load_corpus(cfg(f"data.paths=[{tmp_path}/bad.txt]")).count("train")
+        list(sources.load_corpus(cfg(f"data.paths=[{tmp_path}/bad.txt]")).texts("train"))
     replaced = sources.load_corpus(cfg(f"data.paths=[{tmp_path}/bad.txt]", "data.encoding_errors=replace"))
     assert list(replaced.texts("eval")) == ["then \ufffd bad"]  # a lone file's tail is held out
     assert list(replaced.texts("train")) == ["good text"]
@@ -268,3 +267,22 @@ def test_held_out_documents_do_not_depend_on_where_the_corpus_lives(corpus_dir, 
                           f"data.cache_dir={tmp_path / where / 'cache'}"]).data
         held.append(sorted(sources.load_corpus(cfg).texts("eval")))
     assert held[0] == held[1] and len(held[0]) >= 2
+
+
+def test_a_small_corpus_still_gets_an_eval_split(tmp_path):
+    """Keys hashed into no held-out document: the last one is held out (in one pass, one
+    document behind); every document held out: an error."""
+    (tmp_path / "a.txt").write_text("first file")
+    (tmp_path / "b.txt").write_text("second file")
+    keys = ["a.txt:0", "b.txt:0"]
+
+    def corpus(fraction):
+        return sources.load_corpus(load(None, ["data.source=text", f"data.paths=[{tmp_path}/*.txt]",
+                                               f"data.eval_fraction={fraction}"]).data)
+
+    assert not any(sources._is_eval(k, 0.01) for k in keys)
+    small = corpus(0.01)
+    assert list(small.texts("train")) == ["first file"] and list(small.texts("eval")) == ["second file"]
+    assert all(sources._is_eval(k, 0.999) for k in keys)
+    with pytest.raises(UserError, match="every document is held out"):
+        list(corpus(0.999).texts("train"))

@@ -15,8 +15,8 @@ def texts_of(corpus_dir):
 
 
 def make(texts, tok, directory, shard_chars, workers=1):
-    build.build(iter(texts), len(texts), tok.tokenizer, tok.bos_id, tok.eos_id, directory, shard_chars, workers,
-                "test-source", "test-tok", "test")
+    build.build(iter(texts), tok.tokenizer, tok.bos_id, tok.eos_id, directory, shard_chars, workers,
+                "test-source", "test-tok", "test", len(texts))
     return store.TokenStore(directory, "test-tok")
 
 
@@ -78,7 +78,7 @@ def test_interrupted_build_resumes_to_the_same_store(prepared, corpus_dir, tmp_p
         raise KeyboardInterrupt  # the run is stopped here
 
     with pytest.raises(KeyboardInterrupt):
-        build.build(killed_after(len(texts) // 2), len(texts), tok.tokenizer, tok.bos_id, tok.eos_id,
+        build.build(killed_after(len(texts) // 2), tok.tokenizer, tok.bos_id, tok.eos_id,
                     tmp_path / "resumed", 8000, 1, "test-source", "test-tok", "test")
     assert not store.is_finished(tmp_path / "resumed")
     finished = store.finished_shards(tmp_path / "resumed")

@@ -26,7 +26,7 @@ from tokenizers import Tokenizer
 from jaxlm.data import store
 
 _worker: dict = {}
-_ENCODE_BATCH = 256
+_ENCODE_BATCH = 64  # documents encoded at once: bounds the tokenizer's per-call memory
 
 
 def _start_worker(tokenizer_json: str) -> None:
@@ -65,16 +65,18 @@ def shards_of(texts: Iterator[str], shard_chars: int) -> Iterator[list[str]]:
 
 class Progress:
     """One line on stderr: documents, tokens, tokens/s and ETA (redrawn on a terminal, else
-    printed every 30 s)."""
+    printed every 30 s). The ETA counts documents where their number is known, else characters
+    against the source's approximate size."""
 
-    def __init__(self, label: str, documents: int):
-        self.label, self.total, self.start = label, documents, time.time()
-        self.documents = self.tokens = self.new_tokens = 0
+    def __init__(self, label: str, documents: int | None, chars: int | None):
+        self.label, self.total, self.total_chars, self.start = label, documents, chars, time.time()
+        self.documents = self.tokens = self.chars = self.new_tokens = 0
         self.tty, self.shown = sys.stderr.isatty(), self.start
 
-    def add(self, counts: dict[str, int], new: bool) -> None:
+    def add(self, counts: dict[str, int], chars: int, new: bool) -> None:
         self.documents += counts["documents"]
         self.tokens += counts["tokens"]
+        self.chars += chars
         self.new_tokens += counts["tokens"] if new else 0
         now = time.time()
         if now - self.shown >= (1 if self.tty else 30):
@@ -83,25 +85,29 @@ class Progress:
 
     def show(self, end: str = "\n") -> None:
         took = max(time.time() - self.start, 1e-9)
-        rate = self.new_tokens / took
-        left = (self.total - self.documents) * took / max(self.documents, 1)
-        print(f"{self.label}: {self.documents:,}/{self.total:,} documents, {self.tokens:,} tokens, "
-              f"{rate:,.0f} tokens/s, ETA {left:,.0f} s   ", end=end, file=sys.stderr, flush=True)
+        done = (self.documents / self.total if self.total else
+                self.chars / self.total_chars if self.total_chars else 0.0)
+        eta = f"ETA {took * (1 - done) / done:,.0f} s" if 0 < done < 1 else ("done" if end == "\n" else "ETA ?")
+        of = f"/{self.total:,}" if self.total else ""
+        print(f"{self.label}: {self.documents:,}{of} documents, {self.tokens:,} tokens, "
+              f"{self.new_tokens / took:,.0f} tokens/s, {eta}   ", end=end, file=sys.stderr, flush=True)
 
 
-def build(texts: Iterator[str], documents: int, tokenizer: Tokenizer, bos_id: int, eos_id: int,
-          directory: Path, shard_chars: int, workers: int, source: str, tokenizer_hash: str,
-          label: str) -> None:
-    """Tokenizes `documents` texts into a finished store in `directory` (resuming a partial one).
+def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, directory: Path,
+          shard_chars: int, workers: int, source: str, tokenizer_hash: str, label: str,
+          documents: int | None = None, chars: int | None = None) -> None:
+    """Tokenizes texts into a finished store in `directory` (resuming a partial one).
 
     Args:
+      documents, chars: how many documents, or about how many characters, `texts` holds (for
+        the ETA), where known.
       workers: tokenizing processes (1: this process, with the tokenizer's own threads).
       source, tokenizer_hash: recorded in the manifest (what the store was made from).
     """
     directory.mkdir(parents=True, exist_ok=True)
     dtype = store.dtype_for(tokenizer.get_vocab_size()).name
     done = store.finished_shards(directory)
-    progress = Progress(label, documents)
+    progress = Progress(label, documents, chars)
     stream = enumerate(shards_of(texts, shard_chars))
     ahead = [s for s in (next(stream, None), next(stream, None)) if s is not None]
     pool = None
@@ -110,21 +116,20 @@ def build(texts: Iterator[str], documents: int, tokenizer: Tokenizer, bos_id: in
                                       (tokenizer.to_str(),))
     shards = 0
     try:
-        pending: dict[cf.Future, int] = {}
+        pending: dict[cf.Future, tuple[int, int]] = {}  # future -> (shard, characters)
         for index, shard in itertools.chain(ahead, stream):
-            shards = index + 1
+            shards, size = index + 1, sum(map(len, shard))
             if index in done:
-                progress.add(done[index], new=False)
+                progress.add(done[index], size, new=False)
             elif pool is None:
-                counts = store.write_shard(directory, index, encode(tokenizer, shard, np.dtype(dtype)), bos_id,
-                                           np.dtype(dtype))
-                done[index] = counts
-                progress.add(counts, new=True)
+                done[index] = store.write_shard(directory, index, encode(tokenizer, shard, np.dtype(dtype)),
+                                                bos_id, np.dtype(dtype))
+                progress.add(done[index], size, new=True)
             else:
                 while len(pending) >= 2 * workers:
                     finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     _collect({f: pending.pop(f) for f in finished}, done, progress)
-                pending[pool.submit(_tokenize_shard, directory, index, shard, bos_id, dtype)] = index
+                pending[pool.submit(_tokenize_shard, directory, index, shard, bos_id, dtype)] = (index, size)
         _collect(pending, done, progress)
     finally:
         if pool is not None:
@@ -134,7 +139,8 @@ def build(texts: Iterator[str], documents: int, tokenizer: Tokenizer, bos_id: in
                          bos_id, eos_id)
 
 
-def _collect(futures: dict[cf.Future, int], done: dict[int, dict[str, int]], progress: Progress) -> None:
+def _collect(futures: dict[cf.Future, tuple[int, int]], done: dict[int, dict[str, int]], progress: Progress) -> None:
     for future in cf.as_completed(futures):
-        done[futures[future]] = counts = future.result()
-        progress.add(counts, new=True)
+        index, size = futures[future]
+        done[index] = future.result()
+        progress.add(done[index], size, new=True)

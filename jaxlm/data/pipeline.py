@@ -98,9 +98,9 @@ def token_stores(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> d
         _note_older_caches(cfg)
         print(f"preparing the {split} token store of {corpus.name} in {directory} (once; later runs reuse it)",
               file=sys.stderr)
-        build.build(corpus.texts(split), corpus.count(split), tokenizer.tokenizer, tokenizer.bos_id,
-                    tokenizer.eos_id, directory, int(cfg.shard_mb * 1e6), workers(cfg), corpus.fingerprint,
-                    digest, f"{corpus.name} {split}")
+        build.build(corpus.texts(split), tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, directory,
+                    int(cfg.shard_mb * 1e6), workers(cfg), corpus.fingerprint, digest, f"{corpus.name} {split}",
+                    corpus.count(split), corpus.approx_bytes(split))
     return {split: store.TokenStore(root / split, digest) for split in SPLITS}
 
 

@@ -22,6 +22,7 @@ import codecs
 import glob
 import hashlib
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,6 @@ import sys
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +86,12 @@ class Corpus:
         """The split's documents, in the order the token store keeps them."""
         raise NotImplementedError
 
-    def count(self, split: str) -> int:
-        """Documents in the split (may read the corpus once)."""
-        raise NotImplementedError
+    def count(self, split: str) -> int | None:
+        """Documents in the split, where known without reading it."""
+        return None
 
     def approx_bytes(self, split: str) -> int | None:
-        """About how many bytes of text the split holds, without reading it (None: unknown)."""
+        """About how many bytes of text the split holds, known without reading it."""
         return None
 
 
@@ -119,9 +119,9 @@ DocStream = Iterator[tuple[str, str, bool]]  # (key, text, held out)
 class LocalCorpus(Corpus):
     """Documents generated from local files (or the standard library), split by key.
 
-    A tiny corpus still gets an eval split: one document has its tail held out, and when the
-    hashed share holds none out, the last document is. Deciding that takes one pass over the
-    documents' keys and lengths (`plan`), made only when documents are read.
+    A tiny corpus still gets an eval split: a lone document has its tail held out, and when the
+    hashed share holds none out, the last document is. Each split is one pass over the
+    documents, one document behind, so that is decided without a pass of its own.
     """
 
     def __init__(self, name: str, fingerprint: str, documents: Callable[[], DocStream], cfg: DataConfig,
@@ -129,44 +129,38 @@ class LocalCorpus(Corpus):
         self.name, self.fingerprint, self._documents, self._cfg, self._nbytes = (
             name, fingerprint, documents, cfg, nbytes)
 
-    @cached_property
-    def plan(self) -> dict[str, Any]:
-        """Document counts per split and how a tiny corpus is split (one pass, no text kept)."""
-        counts, last, only = {"train": 0, "eval": 0}, -1, None
-        for i, (key, text, held) in enumerate(d for d in self._documents() if d[1].strip()):
-            counts["eval" if held else "train"] += 1
-            last, only = i, (key, text) if i == 0 else None
-        source = f"data.source={self._cfg.source}"
-        if last < 0:
+    def texts(self, split: str) -> Iterator[str]:
+        want_eval, source = split == "eval", f"data.source={self._cfg.source}"
+        docs = (d for d in self._documents() if d[1].strip())
+        head = list(itertools.islice(docs, 2))
+        if not head:
             raise UserError(f"{source}: the corpus is empty; give files that hold text")
-        if last == 0:  # one short text: hold out its tail
-            key, text = only
+        if len(head) == 1:  # one short text: hold out its tail
+            text = head[0][1]
             cut = _tail_cut(text, self._cfg.eval_fraction)
             if not text[:cut].strip() or not text[cut:].strip():
                 raise UserError(f"{source}: too little text to hold some out for eval; "
                                 "give more text or held-out files in data.eval_paths")
-            return {"counts": {"train": 1, "eval": 1}, "tail_cut": cut, "hold_last": -1}
-        if counts["train"] == 0:
+            yield (text[cut:] if want_eval else text[:cut]).strip()
+            return
+        held_any, last = False, None  # `last`: the latest training document, not yet given
+        for _, text, held in itertools.chain(head, docs):
+            if held:
+                held_any = True
+                if want_eval:
+                    yield text
+                continue
+            if last is not None and not want_eval:
+                yield last
+            last = text
+        if last is None:
             raise UserError(f"{source}: every document is held out for eval; "
                             "add training files or lower data.eval_fraction")
-        hold_last = last if counts["eval"] == 0 else -1  # a small corpus: hold out its last document
-        if hold_last >= 0:
-            counts = {"train": counts["train"] - 1, "eval": 1}
-        return {"counts": counts, "tail_cut": -1, "hold_last": hold_last}
-
-    def texts(self, split: str) -> Iterator[str]:
-        plan, want_eval = self.plan, split == "eval"
-        for i, (_, text, held) in enumerate(d for d in self._documents() if d[1].strip()):
-            if plan["tail_cut"] >= 0:
-                yield (text[plan["tail_cut"]:] if want_eval else text[:plan["tail_cut"]]).strip()
-            elif (held or i == plan["hold_last"]) == want_eval:
-                yield text
-
-    def count(self, split: str) -> int:
-        return self.plan["counts"][split]
+        if held_any != want_eval:  # training keeps its last document unless none was held out
+            yield last
 
     def approx_bytes(self, split: str) -> int | None:
-        return self._nbytes
+        return self._nbytes if split == "train" else None
 
 
 def _stdlib_documents(eval_fraction: float) -> DocStream:
