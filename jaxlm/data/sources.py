@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import sys
 import sysconfig
 from collections.abc import Callable, Iterator, Sequence
@@ -52,6 +53,7 @@ logging.getLogger("absl").addFilter(_Unactionable())
 MAX_DOC_CHARS = 16_000
 _FORMAT_VERSION = "3"  # bump when the way documents are cut or held out changes
 _BLOCK = 1 << 22  # bytes of a file read at a time
+_SPACE = re.compile(r"\s*")  # what str.strip() removes
 SPLITS = ("train", "eval")
 
 
@@ -221,13 +223,9 @@ def _tail_cut(text: str, fraction: float) -> int:
     return target
 
 
-def read_text(path: Path, errors: str) -> str:
-    """Reads a UTF-8 file; with errors='strict' a bad byte is an error naming file and offset."""
-    return "".join(_decoded_blocks(path, errors))
-
-
 def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
-    """A UTF-8 file's text, a block at a time."""
+    """A UTF-8 file's text, a block at a time; with errors='strict' a bad byte is an error
+    naming the file and its offset."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors)
     offset = 0
     with open(path, "rb") as f:
@@ -248,18 +246,18 @@ def _decoded_blocks(path: Path, errors: str) -> Iterator[str]:
 
 def file_documents(path: Path, errors: str) -> Iterator[str]:
     """A file cut into documents (as `_cut` does), read in blocks: memory does not grow with
-    the file."""
-    text, started = "", False
+    the file, and each character is copied a bounded number of times."""
+    text, pos = "", 0
     for block in _decoded_blocks(path, errors):
-        text += block
-        if not started:
-            text, started = text.lstrip(), bool(text.strip())
-        while len(text) > 4 * MAX_DOC_CHARS:  # enough ahead that trailing space cannot matter
-            cut = _cut_point(text[:MAX_DOC_CHARS])
-            piece, text = text[:cut].strip(), text[cut:].lstrip()
+        text = text[pos:] + block
+        pos = _SPACE.match(text).end()
+        while len(text) - pos > 4 * MAX_DOC_CHARS:  # enough ahead that trailing space cannot matter
+            cut = _cut_point(text[pos:pos + MAX_DOC_CHARS])
+            piece = text[pos:pos + cut].strip()
+            pos = _SPACE.match(text, pos + cut).end()
             if piece:
                 yield piece
-    yield from _cut(text)
+    yield from _cut(text[pos:])
 
 
 def expand_paths(patterns: Sequence[str], field: str) -> list[Path]:
