@@ -58,6 +58,17 @@ class ModelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One source of a data mixture (`data.mixture`): text files or a TFDS catalog dataset."""
+
+    paths: list[str] = field(default_factory=list)  # text files or globs
+    eval_paths: list[str] = field(default_factory=list)  # held-out files; empty: a hashed share of paths
+    name: str = ""  # a TFDS catalog dataset, instead of paths
+    weight: float = 1.0  # share of training rows, relative to the other sources
+    label: str = ""  # names the source's eval metrics (<label>/loss); empty: the dataset name or source<i>
+
+
+@dataclass
 class DataConfig:
     """Where text comes from and how it becomes token batches."""
 
@@ -78,6 +89,7 @@ class DataConfig:
     cache_dir: str = ""  # token stores, tokenizers, catalog datasets; empty: $JAXLM_CACHE or ~/.cache/jaxlm
     shard_mb: float = 16.0  # text per token-store shard (millions of characters); changes the store, not the rows
     prepare_workers: int = 0  # processes that tokenize a token store; 0: one per CPU core
+    mixture: list[MixtureSource] = field(default_factory=list)  # several sources by weight, instead of source/paths/name
     prefetch: int = 2  # host batches read ahead in background threads (0: none); bounds host memory
 
 
@@ -338,6 +350,7 @@ def validate(c: Config) -> None:
     _require(d.source != "tfds" or bool(d.name), "data.source=tfds needs data.name, e.g. data.name=lm1b")
     _require(0.0 < d.eval_fraction < 1.0, f"data.eval_fraction={d.eval_fraction} must be in (0, 1)")
     _require(d.shard_mb > 0, f"data.shard_mb={d.shard_mb} must be positive")
+    _validate_mixture(c)
     _require(d.vocab_size >= 260, f"data.vocab_size={d.vocab_size} is too small; byte-level BPE needs at least 260")
     _choice("optim.schedule", o.schedule, SCHEDULES)
     _require(o.learning_rate > 0 and math.isfinite(o.learning_rate), f"optim.learning_rate={o.learning_rate} must be positive")
@@ -362,6 +375,28 @@ def validate(c: Config) -> None:
 def to_yaml(config: Config) -> str:
     """The config as YAML, as saved in a workdir."""
     return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def mixture_labels(d: DataConfig) -> list[str]:
+    """The names of a mixture's sources, in order."""
+    return [m.label or m.name or f"source{i}" for i, m in enumerate(d.mixture)]
+
+
+def _validate_mixture(c: Config) -> None:
+    d = c.data
+    if not d.mixture:
+        return
+    _require(not (d.paths or d.eval_paths or d.name) and d.source in ("builtin", "text", "tfds"),
+             "data.mixture names its own sources; leave data.paths, data.eval_paths and data.name empty")
+    _require(c.task in ("clm", "mlm") and not c.mlm.nsp,
+             f"data.mixture is for language-model pretraining (task=clm, or task=mlm without mlm.nsp), not "
+             f"task={c.task}{' with mlm.nsp' if c.mlm.nsp and c.task == 'mlm' else ''}")
+    for i, m in enumerate(d.mixture):
+        _require(bool(m.paths) != bool(m.name),
+                 f"data.mixture[{i}] needs either paths (text files) or name (a TFDS dataset), not both or neither")
+        _require(m.weight > 0 and math.isfinite(m.weight), f"data.mixture[{i}].weight={m.weight} must be positive")
+    labels = mixture_labels(d)
+    _require(len(set(labels)) == len(labels), f"data.mixture labels {labels} repeat; give each source a distinct label")
 
 
 def save(config: Config, path: str | Path) -> None:

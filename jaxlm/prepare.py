@@ -20,10 +20,7 @@ import time
 from pathlib import Path
 
 from jaxlm import config as config_lib
-from jaxlm import tasks
 from jaxlm.errors import cli
-from jaxlm.train import task_data
-from jaxlm.workdir import inherit_model
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -38,7 +35,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def describe(name: str, rows) -> str:
-    """One line about a split's prepared data."""
+    """A line about a split's prepared data (a line per source of a mixture)."""
+    parts = getattr(rows, "parts", None)
+    if parts:
+        return "\n".join(describe(f"{name} {label}", part) for label, part in parts.items())
     store = getattr(rows, "store", None)
     if store is None:
         return f"{name}: {len(rows):,} rows of {rows.seq_len} tokens"
@@ -49,6 +49,11 @@ def describe(name: str, rows) -> str:
 
 @cli
 def main(argv: list[str] | None = None) -> None:
+    # imported here: tokenizing worker processes import this module, and need none of it
+    from jaxlm import tasks
+    from jaxlm.train import task_data
+    from jaxlm.workdir import inherit_model
+
     args = parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
     config = tasks.task_class(config).resolve(inherit_model(config))

@@ -95,7 +95,17 @@ def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
 
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
-    """Metrics over eval rows (or their first `train.eval_batches` batches)."""
+    """Metrics over eval rows (or their first `train.eval_batches` batches); over a data
+    mixture, also each source's, as `<label>/<metric>`."""
+    if not isinstance(rows, pipeline.MixedRows):
+        return run.task.summarize(_eval_sums(run, params, rows))
+    sums = {label: _eval_sums(run, params, part) for label, part in rows.parts.items()}
+    total = {k: sum(s[k] for s in sums.values()) for k in next(iter(sums.values()))}
+    per_source = {f"{label}/{k}": v for label, s in sums.items() for k, v in run.task.summarize(s).items()}
+    return {**run.task.summarize(total), **per_source}
+
+
+def _eval_sums(run: Run, params, rows: Any) -> dict[str, float]:
     cfg = run.config
     total = None
     with run.compiled.context():
@@ -104,7 +114,7 @@ def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
             total = add_sums(total, run.compiled.eval_step(params, run.compiled.put_batch(batch)))
     if total is None:
         raise UserError("the eval split yields no batch; give more eval data")
-    return run.task.summarize(total)
+    return total
 
 
 def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:

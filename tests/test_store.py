@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxlm.data import build, store, tokenizer
+from jaxlm.data import build, sources, store
 from jaxlm.errors import UserError
 
 
@@ -111,13 +111,13 @@ def test_a_store_of_another_tokenizer_is_refused(prepared, tmp_path):
 def test_tokenizer_sample_is_deterministic_and_bounded():
     texts = [f"document {i} " * (i % 7 + 1) for i in range(2000)]
     size = sum(map(len, texts))
-    first = list(tokenizer.sample(iter(texts), size, 5000, seed=0))
-    assert first == list(tokenizer.sample(iter(texts), size, 5000, seed=0))
-    assert first != list(tokenizer.sample(iter(texts), size, 5000, seed=1))
+    first = list(sources.sample(iter(texts), size, 5000, seed=0))
+    assert first == list(sources.sample(iter(texts), size, 5000, seed=0))
+    assert first != list(sources.sample(iter(texts), size, 5000, seed=1))
     assert 5000 <= sum(map(len, first)) < 5000 + 100
     assert texts.index(first[-1]) > 1000  # drawn from the whole corpus, not its head
-    assert list(tokenizer.sample(iter(texts), size, 0, seed=0)) == texts  # 0: all of it
-    head = list(tokenizer.sample(iter(texts), None, 500, seed=0))  # size unknown: the first documents
+    assert list(sources.sample(iter(texts), size, 0, seed=0)) == texts  # 0: all of it
+    head = list(sources.sample(iter(texts), None, 500, seed=0))  # size unknown: the first documents
     assert head == texts[:len(head)] and sum(map(len, head[:-1])) < 500 <= sum(map(len, head))
 
 
@@ -131,3 +131,37 @@ def test_prepare_command_then_train_reuses_the_store(tiny, tmp_path, capfd):
     assert "train: " in out.out and "shard(s) of uint16" in out.out
     train.main(["--workdir", str(tmp_path / "run"), *args])
     assert "preparing" not in capfd.readouterr().err
+
+
+def test_workers_end_when_prepare_is_killed(tiny, tmp_path, corpus_dir):
+    """SIGKILL to `prepare` mid-build leaves no worker behind, and the rerun finishes the store."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    big = tmp_path / "big"
+    big.mkdir()
+    for k in range(30):
+        for f in corpus_dir.glob("*.txt"):
+            os.link(f, big / f"{k}-{f.name}")
+    args = [sys.executable, "-m", "jaxlm.prepare", *tiny, f"data.paths=[{big}/*.txt]", "data.shard_mb=0.2",
+            "data.prepare_workers=2", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if "preparing the train token store" in line:
+            break
+    shards = next((tmp_path / "cache" / "stores").glob("*/train"))
+    deadline = time.time() + 120
+    while not list(shards.glob("*.json")) and time.time() < deadline:
+        time.sleep(0.2)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert workers and list(shards.glob("*.json")) and not (shards / "manifest.json").exists()
+    deadline = time.time() + 15
+    while any(os.path.exists(f"/proc/{w}") for w in workers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a worker outlived prepare"
+    subprocess.run(args, check=True, capture_output=True)
+    assert (shards / "manifest.json").is_file()

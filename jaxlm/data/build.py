@@ -16,6 +16,7 @@ import itertools
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,9 +30,18 @@ _worker: dict = {}
 _ENCODE_BATCH = 64  # documents encoded at once: bounds the tokenizer's per-call memory
 
 
-def _start_worker(tokenizer_json: str) -> None:
+def _start_worker(tokenizer_json: str, parent: int) -> None:
     os.environ["RAYON_NUM_THREADS"] = "1"  # one core per worker: the workers are the parallelism
     _worker["tokenizer"] = Tokenizer.from_str(tokenizer_json)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Ends this worker when the process that started it is gone (killed, e.g. by SIGTERM or
+    SIGKILL), instead of waiting forever for work."""
+    while os.getppid() == parent:
+        time.sleep(1)
+    os._exit(1)
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
@@ -113,7 +123,7 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
     pool = None
     if workers > 1 and len(ahead) > 1:  # one shard is tokenized here, with the tokenizer's threads
         pool = cf.ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _start_worker,
-                                      (tokenizer.to_str(),))
+                                      (tokenizer.to_str(), os.getpid()))
     shards = 0
     try:
         pending: dict[cf.Future, tuple[int, int]] = {}  # future -> (shard, characters)

@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig
 from jaxlm.data import build, store
-from jaxlm.data.sources import SPLITS, Corpus, cache_dir
+from jaxlm.data.sources import SPLITS, Corpus, MixtureCorpus, cache_dir
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
@@ -115,11 +115,55 @@ def _note_older_caches(cfg: DataConfig) -> None:
               file=sys.stderr)
 
 
-def token_rows(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, TokenRows]:
-    """Language-model rows of the train split (whole rows only) and the eval split (all of it)."""
+def token_rows(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> dict[str, Any]:
+    """Language-model rows of the train split (whole rows only) and the eval split (all of it);
+    of a mixture, each source's rows, drawn by weight."""
+    if isinstance(corpus, MixtureCorpus):
+        parts = {label: token_rows(part, tokenizer, cfg) for label, part, _ in corpus.parts}
+        weights = [w for _, _, w in corpus.parts]
+        return {split: MixedRows({label: rows[split] for label, rows in parts.items()}, weights)
+                for split in SPLITS}
     stores = token_stores(corpus, tokenizer, cfg)
     return {"train": TokenRows(stores["train"], cfg.seq_len, whole_rows=True),
             "eval": TokenRows(stores["eval"], cfg.seq_len, whole_rows=False)}
+
+
+class MixedRows:
+    """The rows of several sources, one after the other, trained on by weight (`data.mixture`).
+
+    Row `i` is row `i - offset[k]` of source `k`. Training does not read them in that order:
+    `order` interleaves the sources in proportion to their weights (grain's deterministic
+    mixing, so every global row has its source fixed by its index), and each source runs
+    through its own permutations, a new one each time it runs out. Eval reports each source
+    (`parts`) apart.
+    """
+
+    def __init__(self, parts: dict[str, Any], weights: list[float]):
+        self.parts, self.weights = parts, weights
+        rows = list(parts.values())
+        self.seq_len = rows[0].seq_len
+        self.offsets = np.cumsum([0] + [len(r) for r in rows])
+        self.tokens = sum(r.tokens for r in rows)
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, i: int) -> Batch:
+        k = int(np.searchsorted(self.offsets, i, side="right")) - 1
+        return list(self.parts.values())[k][int(i) - int(self.offsets[k])]
+
+    def empty(self) -> Batch:
+        return next(iter(self.parts.values())).empty()
+
+    def order(self, seed: int) -> grain.MapDataset:
+        """Endless row indices: the sources by weight, each in its own per-epoch permutations."""
+        for label, rows in self.parts.items():
+            if len(rows) == 0:
+                raise UserError(f"data.mixture source '{label}' has {rows.tokens:,} training tokens, fewer than "
+                                f"one row of data.seq_len={self.seq_len}; give it more text")
+        sources = [grain.MapDataset.range(len(rows)).shuffle(seed=seed + k).repeat(None).map(
+                   lambda r, first=int(self.offsets[k]): first + r) for k, rows in enumerate(self.parts.values())]
+        return grain.MapDataset.mix(sources, self.weights)
 
 
 def row_ids(index: np.ndarray | int) -> np.ndarray:
@@ -150,7 +194,10 @@ class TrainBatches:
         self.global_batch = global_batch
         self.next_row = next_row
         host = global_batch // process_count
-        order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None)
+        if isinstance(rows, MixedRows):
+            order = rows.order(seed)
+        else:
+            order = grain.MapDataset.range(len(rows)).shuffle(seed=seed).repeat(None)
         stream = order.map_with_index(lambda g, r: {**rows[r], "row_ids": row_ids(g)})
         # batch k of this process holds global rows next_row + k * global_batch + index * host ...
         mine = stream[next_row:].batch(host)[process_index::process_count]

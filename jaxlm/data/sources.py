@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ast
 import codecs
+import dataclasses
 import glob
 import hashlib
 import importlib
@@ -36,7 +37,7 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
-from jaxlm.config import DataConfig
+from jaxlm.config import DataConfig, MixtureSource, mixture_labels
 from jaxlm.errors import UserError
 
 
@@ -57,27 +58,6 @@ _SPACE = re.compile(r"\s*")  # what str.strip() removes
 SPLITS = ("train", "eval")
 
 
-@dataclass
-class Splits:
-    """Random-access train and eval examples (labeled sets, read in full)."""
-
-    train: Sequence[dict[str, Any]]
-    eval: Sequence[dict[str, Any]]
-    text_key: str
-    fingerprint: str  # identifies the training text (keys the tokenizer cache)
-
-    def texts(self, split: str) -> Iterator[str]:
-        examples = getattr(self, split)
-        for i in range(len(examples)):
-            yield as_text(examples[i][self.text_key])
-
-    def count(self, split: str) -> int:
-        return len(getattr(self, split))
-
-    def approx_bytes(self, split: str) -> int | None:
-        return None
-
-
 class Corpus:
     """Documents of a language-model source, streamed in order, as a train and an eval split."""
 
@@ -95,6 +75,73 @@ class Corpus:
     def approx_bytes(self, split: str) -> int | None:
         """About how many bytes of text the split holds, known without reading it."""
         return None
+
+    def sample(self, budget_chars: int, seed: int) -> Iterator[str]:
+        """About `budget_chars` characters of training documents drawn evenly from the whole
+        split (all of it with budget 0); see `sample`."""
+        return sample(self.texts("train"), self.approx_bytes("train"), budget_chars, seed)
+
+
+def sample(texts: Iterator[str], approx_chars: int | None, budget_chars: int, seed: int) -> Iterator[str]:
+    """About `budget_chars` characters of documents drawn evenly from the whole of `texts`.
+
+    Each document is kept with probability budget / size (decided by a hash of the seed and its
+    index, so the sample is the same every time) until the budget is spent; with the size
+    unknown, documents are taken in order until the budget is spent; budget 0 takes them all.
+    """
+    keep = 1.0 if not budget_chars or not approx_chars else min(1.0, budget_chars / approx_chars)
+    taken = 0
+    for i, text in enumerate(texts):
+        if keep < 1.0:
+            digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
+            if int.from_bytes(digest, "little") >= keep * 2.0 ** 64:
+                continue
+        yield text
+        taken += len(text)
+        if budget_chars and taken >= budget_chars:
+            return
+
+
+@dataclass
+class Splits(Corpus):
+    """Random-access train and eval examples (labeled sets, read in full)."""
+
+    train: Sequence[dict[str, Any]]
+    eval: Sequence[dict[str, Any]]
+    text_key: str
+    fingerprint: str  # identifies the training text (keys the tokenizer cache)
+    name: str = "labeled"
+
+    def texts(self, split: str) -> Iterator[str]:
+        examples = getattr(self, split)
+        for i in range(len(examples)):
+            yield as_text(examples[i][self.text_key])
+
+    def count(self, split: str) -> int:
+        return len(getattr(self, split))
+
+
+class MixtureCorpus(Corpus):
+    """Several corpora, each with a weight (`data.mixture`): each keeps its own token store, and
+    training draws rows from them by weight."""
+
+    def __init__(self, parts: list[tuple[str, Corpus, float]]):
+        self.parts = parts  # (label, corpus, weight)
+        self.name = "mixture"
+        self.fingerprint = _fingerprint([[label, c.fingerprint, w] for label, c, w in parts])
+
+    def texts(self, split: str) -> Iterator[str]:
+        return itertools.chain.from_iterable(c.texts(split) for _, c, _ in self.parts)
+
+    def approx_bytes(self, split: str) -> int | None:
+        sizes = [c.approx_bytes(split) for _, c, _ in self.parts]
+        return None if None in sizes else sum(sizes)
+
+    def sample(self, budget_chars: int, seed: int) -> Iterator[str]:
+        """Each source's share of the budget is its share of the weight."""
+        total = sum(w for _, _, w in self.parts)
+        return itertools.chain.from_iterable(
+            c.sample(max(1, int(budget_chars * w / total)) if budget_chars else 0, seed) for _, c, w in self.parts)
 
 
 def as_text(value: Any) -> str:
@@ -290,12 +337,21 @@ def _file_documents(train_files: list[Path], eval_files: list[Path], cfg: DataCo
                 yield key, chunk, held_out or (not eval_files and _is_eval(key, cfg.eval_fraction))
 
 
+def _component(cfg: DataConfig, m: MixtureSource) -> DataConfig:
+    """The data config of one mixture source."""
+    return dataclasses.replace(cfg, mixture=[], source="text" if m.paths else "tfds", paths=list(m.paths),
+                               eval_paths=list(m.eval_paths), name=m.name)
+
+
 def _fingerprint(parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The documents the data config names (nothing is read yet)."""
+    if cfg.mixture:
+        return MixtureCorpus([(label, load_corpus(_component(cfg, m)), m.weight)
+                              for label, m in zip(mixture_labels(cfg), cfg.mixture)])
     if cfg.source == "builtin":
         fp = _fingerprint(["builtin", _FORMAT_VERSION, sys.version, cfg.eval_fraction])
         return LocalCorpus("builtin", fp, lambda: _stdlib_documents(cfg.eval_fraction), cfg)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from jaxlm.config import DataConfig
-from jaxlm.data.sources import Corpus, Splits, cache_dir
+from jaxlm.data.sources import Corpus, cache_dir
 from jaxlm.errors import UserError
 
 PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
@@ -130,26 +129,6 @@ def from_file(path: str | Path) -> TextTokenizer:
     return TextTokenizer(tok, eos if pad is None else pad, bos, eos, _find(tok, _MASK_NAMES))
 
 
-def sample(texts: Iterator[str], approx_chars: int | None, budget_chars: int, seed: int) -> Iterator[str]:
-    """About `budget_chars` characters of documents drawn evenly from the whole of `texts`.
-
-    Each document is kept with probability budget / size (decided by a hash of the seed and its
-    index, so the sample is the same every time) until the budget is spent; with the size
-    unknown, or budget 0, documents are taken in order until the budget is spent (all with 0).
-    """
-    keep = 1.0 if not budget_chars or not approx_chars else min(1.0, budget_chars / approx_chars)
-    taken = 0
-    for i, text in enumerate(texts):
-        if keep < 1.0:
-            digest = hashlib.blake2b(f"{seed}:{i}".encode(), digest_size=8).digest()
-            if int.from_bytes(digest, "little") >= keep * 2.0 ** 64:
-                continue
-        yield text
-        taken += len(text)
-        if budget_chars and taken >= budget_chars:
-            return
-
-
 def train_bpe(texts: Iterator[str], vocab_size: int) -> TextTokenizer:
     """Trains a byte-level BPE (GPT-2 style) on texts."""
     tok = Tokenizer(models.BPE())
@@ -164,7 +143,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> TextTokenizer:
                          tok.token_to_id(MASK))
 
 
-def obtain(cfg: DataConfig, splits: Corpus | Splits, workdir: Path, seed: int = 0) -> TextTokenizer:
+def obtain(cfg: DataConfig, splits: Corpus, workdir: Path, seed: int = 0) -> TextTokenizer:
     """The run's tokenizer: the workdir's copy if present, else loaded or trained, then saved there.
 
     A trained tokenizer is also cached by training text, size and sample, so new runs on the
@@ -190,7 +169,7 @@ def obtain(cfg: DataConfig, splits: Corpus | Splits, workdir: Path, seed: int = 
                 what = f"{'about' if drawn else 'at most'} {budget / 1e6:,.0f}M characters {'drawn from' if drawn else 'of'}"
             print(f"training a {cfg.vocab_size}-token byte-level BPE on {what} the train split "
                   "(once; cached for later runs)", file=sys.stderr)
-            tok = train_bpe(sample(splits.texts("train"), approx, budget, seed), cfg.vocab_size)
+            tok = train_bpe(splits.sample(budget, seed), cfg.vocab_size)
             cached.parent.mkdir(parents=True, exist_ok=True)
             tmp = cached.with_suffix(f".tmp-{os.getpid()}")
             tok.save(tmp)

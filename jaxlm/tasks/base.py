@@ -19,7 +19,7 @@ import numpy as np
 
 from jaxlm.config import Config
 from jaxlm.data import sources
-from jaxlm.data.sources import Corpus, Splits
+from jaxlm.data.sources import Corpus
 from jaxlm.microbatch import Layout
 
 if TYPE_CHECKING:
@@ -41,12 +41,12 @@ class Task(Protocol):
         """The config with anything the task reads from its dataset filled in (e.g. label names)."""
 
     @staticmethod
-    def load_splits(config: Config) -> Corpus | Splits:
+    def load_splits(config: Config) -> Corpus:
         """The train and eval examples the config names (a corpus of documents, or labeled
         examples); nothing is tokenized yet."""
 
     @staticmethod
-    def rows(config: Config, splits: Corpus | Splits, tok: TextTokenizer) -> dict[str, Any]:
+    def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> dict[str, Any]:
         """Random-access "train" and "eval" rows (tokenized once, cached), each with `seq_len`,
         `__len__`, `__getitem__` and `empty()` (a padding row that counts nowhere)."""
 
