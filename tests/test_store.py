@@ -151,10 +151,10 @@ def test_workers_end_when_prepare_is_killed(tiny, tmp_path, corpus_dir):
     for line in proc.stderr:
         if "preparing the train token store" in line:
             break
-    shards = next((tmp_path / "cache" / "stores").glob("*/train"))
     deadline = time.time() + 120
-    while not list(shards.glob("*.json")) and time.time() < deadline:
+    while not list((tmp_path / "cache" / "stores").glob("*/train/*.json")) and time.time() < deadline:
         time.sleep(0.2)
+    shards = next((tmp_path / "cache" / "stores").glob("*/train"))
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     proc.send_signal(signal.SIGKILL)
     proc.wait()

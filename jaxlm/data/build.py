@@ -46,7 +46,7 @@ def _exit_with_parent(parent: int) -> None:
 
 def encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     """Token ids of documents, no special tokens added (as `TextTokenizer.encode_batch`), a few
-    hundred documents at a time so only compact arrays accumulate."""
+    dozen documents at a time so only compact arrays accumulate."""
     out = []
     for first in range(0, len(texts), _ENCODE_BATCH):
         batch = tokenizer.encode_batch(texts[first:first + _ENCODE_BATCH], add_special_tokens=False)
@@ -93,11 +93,12 @@ class Progress:
             self.shown = now
             self.show(end="\r" if self.tty else "\n")
 
-    def show(self, end: str = "\n") -> None:
+    def show(self, end: str = "\n", finished: bool = False) -> None:
         took = max(time.time() - self.start, 1e-9)
         done = (self.documents / self.total if self.total else
                 self.chars / self.total_chars if self.total_chars else 0.0)
-        eta = f"ETA {took * (1 - done) / done:,.0f} s" if 0 < done < 1 else ("done" if end == "\n" else "ETA ?")
+        eta = (f"done in {took:,.0f} s" if finished else
+               f"ETA {took * (1 - done) / done:,.0f} s" if 0 < done < 1 else "ETA ?")
         of = f"/{self.total:,}" if self.total else ""
         print(f"{self.label}: {self.documents:,}{of} documents, {self.tokens:,} tokens, "
               f"{self.new_tokens / took:,.0f} tokens/s, {eta}   ", end=end, file=sys.stderr, flush=True)
@@ -144,7 +145,7 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-    progress.show()
+    progress.show(finished=True)
     store.write_manifest(directory, [done[i] for i in range(shards)], np.dtype(dtype), tokenizer_hash, source,
                          bos_id, eos_id)
 

@@ -12,12 +12,14 @@ A store is a directory:
 
 Shards hold whole documents, in order, so the store's stream is the shards' streams one after
 the other. Targets are not stored: the target at a position is the next token, or EOS at a
-document's last token. Opening a store reads only its manifest; shards are memory-mapped when a
-row first touches them, so resident memory does not grow with the corpus.
+document's last token. Opening a store reads only its manifest; a row reads its tokens from
+the shard files, and the document starts of the last few shards it touched stay in memory, so
+resident memory does not grow with the corpus.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from jaxlm.errors import UserError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+STARTS_CACHED = 64  # shards whose document starts a reader keeps in memory
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
@@ -86,7 +89,7 @@ def is_finished(directory: Path) -> bool:
 
 
 class TokenStore:
-    """A finished store, read by global token position (memory-mapped shard by shard)."""
+    """A finished store, read by global token position."""
 
     def __init__(self, directory: Path, tokenizer: str | None = None):
         """tokenizer: the hash of the tokenizer the reader uses; a store made by another is refused."""
@@ -109,19 +112,22 @@ class TokenStore:
         self.doc_offsets = np.cumsum([0] + [s["documents"] for s in counts])  # [shards + 1] first document
         self.tokens = int(self.offsets[-1])
         self.documents = int(self.doc_offsets[-1])
-        self._open: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._starts = functools.lru_cache(maxsize=STARTS_CACHED)(self._read_starts)
 
-    def shard(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """(tokens, document starts) of shard `s`, memory-mapped."""
-        if s not in self._open:
-            name = shard_name(s)
-            n, d = int(self.offsets[s + 1] - self.offsets[s]), int(self.doc_offsets[s + 1] - self.doc_offsets[s])
-            tokens = (np.memmap(self.directory / f"{name}.tokens", self.dtype, "r", shape=(n,)) if n
-                      else np.zeros(0, self.dtype))
-            starts = (np.memmap(self.directory / f"{name}.starts", np.int64, "r", shape=(d,)) if d
-                      else np.zeros(0, np.int64))
-            self._open[s] = (tokens, starts)
-        return self._open[s]
+    def _read_starts(self, s: int) -> np.ndarray:
+        d = int(self.doc_offsets[s + 1] - self.doc_offsets[s])
+        return np.fromfile(self.directory / f"{shard_name(s)}.starts", np.int64, d) if d else np.zeros(0, np.int64)
+
+    def _read_tokens(self, s: int, lo: int, hi: int) -> np.ndarray:
+        """Tokens [lo, hi) of shard `s`, read (not mapped: mapped pages would count as this
+        process's memory, and random rows would map a growing share of the corpus)."""
+        size = self.dtype.itemsize
+        fd = os.open(self.directory / f"{shard_name(s)}.tokens", os.O_RDONLY)
+        try:
+            data = os.pread(fd, (hi - lo) * size, lo * size)
+        finally:
+            os.close(fd)
+        return np.frombuffer(data, self.dtype)
 
     def _pieces(self, a: int, b: int):
         """(shard, first, end) of every shard's part of tokens [a, b), in shard coordinates."""
@@ -139,26 +145,24 @@ class TokenStore:
         each token's document) and start (where that document starts in the stream)."""
         parts = []
         for s, lo, hi in self._pieces(a, b):
-            tokens, starts = self.shard(s)
+            starts, length = self._starts(s), int(self.offsets[s + 1] - self.offsets[s])
+            tokens = self._read_tokens(s, lo, min(hi + 1, length)).astype(np.int64)  # and the next token
             at = np.arange(lo, hi)
             doc = np.searchsorted(starts, at, side="right") - 1  # [hi - lo] document in the shard
-            following = np.minimum(doc + 1, len(starts) - 1)  # where each token's document ends
-            ends = np.where(doc + 1 < len(starts), np.asarray(starts[following]), len(tokens))
-            nxt = np.asarray(tokens[lo + 1:min(hi + 1, len(tokens))], np.int64)
-            nxt = np.pad(nxt, (0, hi - lo - len(nxt)))
-            parts.append({"inputs": np.asarray(tokens[lo:hi], np.int64),
-                          "targets": np.where(at + 1 == ends, self.eos_id, nxt),
+            ends = np.append(starts, length)[doc + 1]  # where each token's document ends
+            nxt = np.pad(tokens[1:], (0, hi - lo + 1 - len(tokens)))
+            parts.append({"inputs": tokens[:hi - lo], "targets": np.where(at + 1 == ends, self.eos_id, nxt),
                           "document": doc + int(self.doc_offsets[s]),
-                          "start": np.asarray(starts[doc], np.int64) + int(self.offsets[s])})
+                          "start": starts[doc] + int(self.offsets[s])})
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def ids(self, a: int, b: int) -> np.ndarray:
         """Tokens [a, b) of the stream as int32."""
-        return np.concatenate([np.asarray(self.shard(s)[0][lo:hi], np.int32) for s, lo, hi in self._pieces(a, b)]
+        return np.concatenate([self._read_tokens(s, lo, hi).astype(np.int32) for s, lo, hi in self._pieces(a, b)]
                               or [np.zeros(0, np.int32)])
 
     def document_starts(self) -> np.ndarray:
         """Where every document starts in the stream: [documents] int64, in memory (8 bytes a
         document; for readers that index documents, e.g. next-sentence pairs)."""
-        return np.concatenate([np.asarray(self.shard(s)[1]) + int(self.offsets[s])
+        return np.concatenate([self._read_starts(s) + int(self.offsets[s])
                                for s in range(len(self.offsets) - 1)] or [np.zeros(0, np.int64)])
