@@ -165,3 +165,15 @@ def test_workers_end_when_prepare_is_killed(tiny, tmp_path, corpus_dir):
     assert not any(os.path.exists(f"/proc/{w}") for w in workers), "a worker outlived prepare"
     subprocess.run(args, check=True, capture_output=True)
     assert (shards / "manifest.json").is_file()
+
+
+def test_a_cache_from_before_token_stores_is_rebuilt_with_a_note(prepared, tmp_path, capfd):
+    import dataclasses
+
+    from jaxlm.data import pipeline
+    cfg, splits, tok = prepared
+    (tmp_path / "tokens" / "abc" / "train").mkdir(parents=True)  # the old layout: .npy arrays per split
+    stores = pipeline.token_stores(splits, tok, dataclasses.replace(cfg, cache_dir=str(tmp_path)))
+    err = capfd.readouterr().err
+    assert "tokens hold tokenized text in the format before token stores" in err and "can be deleted" in err
+    assert stores["train"].tokens > 0

@@ -178,7 +178,10 @@ def test_sigterm_saves_within_a_few_steps_and_resumes_exactly(tiny, tmp_path):
     assert stopped >= 1
     steps = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert steps == [stopped]
-    assert took < 10, f"{took:.1f} s from the signal to exit"  # a queue of steps takes minutes here
+    # within a few step times (the steps done in the 10 s before the signal set the pace, so a
+    # loaded machine stretches the bound with the steps); a queue of steps would take minutes
+    step_s = 10.0 / stopped
+    assert took < 5 + 4 * step_s, f"{took:.1f} s from the signal to exit, steps of about {step_s:.1f} s"
 
     resume = overrides + [f"train.steps={stopped + 3}", "train.log_every=1"]
     train.train(config_lib.load(None, resume), workdir)
