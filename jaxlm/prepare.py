@@ -36,15 +36,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def describe(name: str, rows) -> str:
     """A line about a split's prepared data (a line per source of a mixture)."""
-    parts = getattr(rows, "parts", None)
-    if parts:
-        return "\n".join(describe(f"{name} {label}", part) for label, part in parts.items())
-    store = getattr(rows, "store", None)
-    if store is None:
-        return f"{name}: {len(rows):,} rows of {rows.seq_len} tokens"
-    shards = len(store.offsets) - 1
-    return (f"{name}: {store.tokens:,} tokens in {store.documents:,} documents, {shards} shard(s) of "
-            f"{store.dtype.name} in {store.directory}; {len(rows):,} rows of {rows.seq_len} tokens")
+    from jaxlm.data.pipeline import parts_of
+    lines = []
+    for label, part in parts_of(rows).items():
+        what, store = f"{name} {label}".strip(), getattr(part, "store", None)  # rows of a token store
+        about = (f"{store.tokens:,} tokens in {store.documents:,} documents, {len(store.offsets) - 1} shard(s) "
+                 f"of {store.dtype.name} in {store.directory}; " if store is not None else "")
+        lines.append(f"{what}: {about}{len(part):,} rows of {part.seq_len} tokens")
+    return "\n".join(lines)
 
 
 @cli

@@ -95,14 +95,12 @@ def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
 
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
-    """Metrics over eval rows (or their first `train.eval_batches` batches); over a data
-    mixture, also each source's, as `<label>/<metric>`."""
-    if not isinstance(rows, pipeline.MixedRows):
-        return run.task.summarize(_eval_sums(run, params, rows))
-    sums = {label: _eval_sums(run, params, part) for label, part in rows.parts.items()}
+    """Metrics over eval rows (or their first `train.eval_batches` batches); where the rows
+    come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`."""
+    sums = {label: _eval_sums(run, params, part) for label, part in pipeline.parts_of(rows).items()}
     total = {k: sum(s[k] for s in sums.values()) for k in next(iter(sums.values()))}
-    per_source = {f"{label}/{k}": v for label, s in sums.items() for k, v in run.task.summarize(s).items()}
-    return {**run.task.summarize(total), **per_source}
+    parts = {f"{label}/{k}": v for label, s in sums.items() if label for k, v in run.task.summarize(s).items()}
+    return {**run.task.summarize(total), **parts}
 
 
 def _eval_sums(run: Run, params, rows: Any) -> dict[str, float]:
@@ -122,16 +120,8 @@ def open_data(run: Run, rows: Any, saved: dict | None) -> pipeline.TrainBatches:
 
     The position is a count of rows, so it carries over to any process count or batch size.
     """
-    saved = saved or {}
-    if saved and "next_row" not in saved:
-        print("the checkpoint's data position is in an older format; the data restarts at the "
-              "beginning of an epoch", file=sys.stderr)
-    elif saved and saved.get("format") != pipeline.DATA_FORMAT and hasattr(rows, "store"):
-        print(f"note: the checkpoint's data position (row {saved['next_row']:,}) was saved before token "
-              "stores, whose documents are in file order: training continues at that row, but within "
-              "this epoch some rows may repeat or be skipped", file=sys.stderr)
     cfg = run.config
-    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, saved.get("next_row", 0),
+    return pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed, pipeline.start_row(rows, saved),
                                  jax.process_index(), jax.process_count(),
                                  packer(run, rows, cfg.train.grad_accum_steps), cfg.data.prefetch)
 

@@ -1,6 +1,6 @@
 """Language-model rows from a token store, read with grain by global row index.
 
-A split is tokenized once into a token store (`jaxlm.data.store`, cached, memory-mapped):
+A split is tokenized once into a token store (`jaxlm.data.store`, cached, read row by row):
 each document contributes `inputs = [BOS, t1..tn]` and `targets = [t1..tn, EOS]` to one
 stream, in document order. Row `r` is the slice `[r * seq_len, (r + 1) * seq_len)` of that
 stream, so rows are random access and may span the store's shards. A batch is a dict of int32
@@ -164,6 +164,26 @@ class MixedRows:
         sources = [grain.MapDataset.range(len(rows)).shuffle(seed=seed + k).repeat(None).map(
                    lambda r, first=int(self.offsets[k]): first + r) for k, rows in enumerate(self.parts.values())]
         return grain.MapDataset.mix(sources, self.weights)
+
+
+def parts_of(rows: Any) -> dict[str, Any]:
+    """Rows as the parts they are reported in: each source of a mixture by its label,
+    else the whole under the empty label."""
+    return rows.parts if isinstance(rows, MixedRows) else {"": rows}
+
+
+def start_row(rows: Any, saved: dict | None) -> int:
+    """The global row a run resumes at from a checkpoint's data state (0 for a new run), saying
+    when that state was saved by an older data format."""
+    saved = saved or {}
+    if saved and "next_row" not in saved:
+        print("the checkpoint's data position is in an older format; the data restarts at the "
+              "beginning of an epoch", file=sys.stderr)
+    elif saved and saved.get("format") != DATA_FORMAT and hasattr(rows, "store"):  # rows of a token store
+        print(f"note: the checkpoint's data position (row {saved['next_row']:,}) was saved before token "
+              "stores, whose documents are in file order: training continues at that row, but within "
+              "this epoch some rows may repeat or be skipped", file=sys.stderr)
+    return saved.get("next_row", 0)
 
 
 def row_ids(index: np.ndarray | int) -> np.ndarray:

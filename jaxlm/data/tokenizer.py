@@ -159,7 +159,8 @@ def obtain(cfg: DataConfig, splits: Corpus, workdir: Path, seed: int = 0) -> Tex
         budget = int(cfg.tokenizer_sample_mb * 1e6)
         approx = splits.approx_bytes("train")
         drawn = bool(budget) and approx is not None and approx > budget  # the seed picks the documents
-        name = f"bpe{cfg.vocab_size}-m-{splits.fingerprint}-s{budget}" + (f"-{seed}" if drawn else "")
+        seeded = bool(budget) and (approx is None or approx > budget)  # it may (a mixture's parts)
+        name = f"bpe{cfg.vocab_size}-m-{splits.fingerprint}-s{budget}" + (f"-{seed}" if seeded else "")
         cached = cache_dir(cfg) / "tokenizers" / f"{name}.json"
         if cached.is_file():
             tok = from_file(cached)
