@@ -1,7 +1,7 @@
 """How long a SIGTERM takes to become a saved checkpoint and an exit, and the training
 throughput, for one or more checkouts of jaxlm side by side (e.g. before and after a change).
 
-    python bench/run_ahead.py [--code DIR ...] [--log-every N ...] [--repeats R]
+    python bench/run_ahead.py [--code DIR ...] [--log-every N ...] [--repeats R] [--measure WHAT ...]
 
 For every checkout (default: this one) and every `train.log_every`, a run on the built-in corpus
 with steps made slow enough to matter on a CPU (a 4-layer, width-256 GPT, batch 32 x 256) is
@@ -28,14 +28,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = ["model.num_layers=4", "model.embed_dim=256", "data.seq_len=256", "train.batch_size=32",
         "train.steps=100000", "train.eval_every=100000", "checkpoint.every=100000"]
-THROUGHPUT = {
-    "gpt_tiny (default), 32 x 128": ["--config", str(ROOT / "configs/gpt_tiny.yaml"), "train.steps=150",
-                                     "train.log_every=25", "train.eval_every=100000"],
-    "gpt2_small shapes, 8 x 128": ["--config", str(ROOT / "configs/gpt2_small.yaml"), "train.batch_size=8",
-                                   "data.seq_len=128", "model.dtype=float32", "mesh.data=1", "train.steps=12",
-                                   "train.log_every=2", "train.eval_every=100000", "train.eval_batches=1",
-                                   "optim.warmup_steps=2",
-                                   "checkpoint.every=100000"],
+THROUGHPUT = {  # name -> arguments of a run whose tokens/s is measured
+    "default": ["--config", str(ROOT / "configs/gpt_tiny.yaml"), "train.steps=150", "train.log_every=25",
+                "train.eval_every=100000"],  # 32 x 128
+    "gpt2_small": ["--config", str(ROOT / "configs/gpt2_small.yaml"), "train.batch_size=8", "data.seq_len=128",
+                   "model.dtype=float32", "mesh.data=1", "train.steps=12", "train.log_every=2",
+                   "train.eval_every=100000", "train.eval_batches=1", "optim.warmup_steps=2",
+                   "checkpoint.every=100000"],
 }
 
 
@@ -79,6 +78,8 @@ def main() -> None:
     parser.add_argument("--log-every", action="append", type=int, help="train.log_every values (repeatable)")
     parser.add_argument("--after", type=float, default=20.0, help="seconds of training before the signal")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--measure", action="append", choices=["signal", *THROUGHPUT],
+                        help="what to measure (repeatable; default: everything)")
     args = parser.parse_args()
     codes = [c.resolve() for c in (args.code or [ROOT])]
     with tempfile.TemporaryDirectory() as tmp:
@@ -90,17 +91,20 @@ def main() -> None:
             runs += 1
             return Path(tmp) / f"run{runs}"
 
-        for log_every in args.log_every or [10, 50]:
+        measure = args.measure or ["signal", *THROUGHPUT]
+        for log_every in (args.log_every or [10, 50]) if "signal" in measure else []:
             for _ in range(args.repeats):
                 for code in codes:
                     took, step = signal_to_exit(code, log_every, args.after, workdir())
                     print(f"signal to exit  log_every={log_every:<5} {code.name:<12} {took:6.1f} s "
                           f"(stopped at step {step})", flush=True)
         for name, run_args in THROUGHPUT.items():
+            if name not in measure:
+                continue
             for _ in range(args.repeats):
                 for code in codes:
                     rate = tokens_per_s(code, run_args, workdir())
-                    print(f"tokens/s        {name:<30} {code.name:<12} {rate:8,.0f}", flush=True)
+                    print(f"tokens/s        {name:<12} {code.name:<12} {rate:8,.0f}", flush=True)
 
 
 if __name__ == "__main__":
