@@ -28,10 +28,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 SLOW = ["model.num_layers=4", "model.embed_dim=256", "data.seq_len=256", "train.batch_size=32",
         "train.steps=100000", "train.eval_every=100000", "checkpoint.every=100000"]
-THROUGHPUT = {  # name -> arguments of a run whose tokens/s is measured
-    "default": ["--config", str(ROOT / "configs/gpt_tiny.yaml"), "train.steps=150", "train.log_every=25",
+THROUGHPUT = {  # name -> arguments of a run whose tokens/s is measured (each checkout its own presets)
+    "default": ["--config", "configs/gpt_tiny.yaml", "train.steps=150", "train.log_every=25",
                 "train.eval_every=100000"],  # 32 x 128
-    "gpt2_small": ["--config", str(ROOT / "configs/gpt2_small.yaml"), "train.batch_size=8", "data.seq_len=128",
+    "gpt2_small": ["--config", "configs/gpt2_small.yaml", "train.batch_size=8", "data.seq_len=128",
                    "model.dtype=float32", "mesh.data=1", "train.steps=12", "train.log_every=2",
                    "train.eval_every=100000", "train.eval_batches=1", "optim.warmup_steps=2",
                    "checkpoint.every=100000"],
