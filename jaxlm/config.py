@@ -89,6 +89,8 @@ class DataConfig:
     cache_dir: str = ""  # token stores, tokenizers, catalog datasets; empty: $JAXLM_CACHE or ~/.cache/jaxlm
     shard_mb: float = 16.0  # text per token-store shard (millions of characters); changes the store, not the rows
     prepare_workers: int = 0  # processes that tokenize a token store; 0: one per CPU core
+    prepare_runner: str = ""  # empty: local worker processes; else an Apache Beam runner (DirectRunner, DataflowRunner...)
+    beam_options: list[str] = field(default_factory=list)  # Beam pipeline options, e.g. ["--project=p", "--region=r"]
     mixture: list[MixtureSource] = field(default_factory=list)  # several sources by weight, instead of source/paths/name
     prefetch: int = 2  # host batches read ahead in background threads (0: none); bounds host memory
 

@@ -1,6 +1,6 @@
 """`python -m jaxlm.prepare`: tokenize a run's data once, before training.
 
-    python -m jaxlm.prepare [--config FILE] [--workdir DIR] [key=value ...]
+    python -m jaxlm.prepare [--config FILE] [--workdir DIR] [--runner RUNNER [--option=value ...]] [key=value ...]
 
 Takes the same arguments as `python -m jaxlm.train`: it trains (or loads) the tokenizer and
 builds the task's train and eval data in the data cache (`data.cache_dir`, else $JAXLM_CACHE,
@@ -8,12 +8,15 @@ else ~/.cache/jaxlm), where `train` with the same arguments finds them. Language
 becomes a sharded token store, tokenized by `data.prepare_workers` processes; a killed
 preparation resumes where it stopped. `train` runs the same preparation itself when the data
 is missing; preparing first keeps that work off the accelerators' clock. With --workdir the
-tokenizer is also saved there, as `train` would.
+tokenizer is also saved there, as `train` would. With --runner the stores are built by an Apache
+Beam pipeline on that runner (`pip install -e ".[beam]"`), given the runner's own options as
+--option=value; it writes the same stores.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 import time
@@ -25,13 +28,22 @@ from jaxlm.errors import cli
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxlm.prepare", description=__doc__.split("\n\n")[0],
-                                     epilog="example:\n  python -m jaxlm.prepare --config configs/gpt2_small.yaml "
-                                            "data.source=text 'data.paths=[corpus/*.txt]'",
+                                     epilog="examples:\n  python -m jaxlm.prepare --config configs/gpt2_small.yaml "
+                                            "data.source=text 'data.paths=[corpus/*.txt]'\n"
+                                            "  python -m jaxlm.prepare --config configs/gpt2_small.yaml data.source=text "
+                                            "'data.paths=[corpus/*.txt]' --runner DirectRunner --direct_num_workers=8",
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML preset (default: built-in gpt_tiny)")
     parser.add_argument("--workdir", help="the run directory `train` will use (keeps its tokenizer)")
+    parser.add_argument("--runner", help="build with Apache Beam on this runner (DirectRunner, DataflowRunner, "
+                                         "SparkRunner, FlinkRunner, PortableRunner); the runner's options follow "
+                                         "as --option=value (sets data.prepare_runner and data.beam_options)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    args, beam_options = parser.parse_known_args(argv)
+    if beam_options and not args.runner:
+        parser.error(f"unrecognized arguments: {' '.join(beam_options)} (runner options need --runner)")
+    args.beam_options = beam_options
+    return args
 
 
 def describe(name: str, rows) -> str:
@@ -55,6 +67,9 @@ def main(argv: list[str] | None = None) -> None:
 
     args = parse_args(argv)
     config = config_lib.load(args.config, args.overrides)
+    if args.runner:
+        config = dataclasses.replace(config, data=dataclasses.replace(
+            config.data, prepare_runner=args.runner, beam_options=[*config.data.beam_options, *args.beam_options]))
     config = tasks.task_class(config).resolve(inherit_model(config))
     start = time.time()
     with tempfile.TemporaryDirectory() as scratch:

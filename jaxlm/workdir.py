@@ -31,10 +31,11 @@ from jaxlm.steps import Compiled, PmapCompiled
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
                      "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "data.prefetch",
-                     "data.prepare_workers", "data.shard_mb", "data.tokenizer_sample_mb", "model.remat", "model.dtype",
-                     "model.attention_impl", "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor",
-                     "mesh.slices", "mesh.slice_axis", "mesh.rules", "distributed.coordinator", "distributed.num_processes",
-                     "distributed.process_id", "distributed.timeout_s", "distributed.cpu_collectives")
+                     "data.prepare_workers", "data.prepare_runner", "data.beam_options", "data.shard_mb",
+                     "data.tokenizer_sample_mb", "model.remat", "model.dtype", "model.attention_impl",
+                     "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.slices", "mesh.slice_axis",
+                     "mesh.rules", "distributed.coordinator", "distributed.num_processes", "distributed.process_id",
+                     "distributed.timeout_s", "distributed.cpu_collectives")
 
 
 # What a fine-tuning run takes from the model it starts from (init.from_workdir): its shapes.

@@ -84,9 +84,9 @@ def prepare_catalog(catalog_name: str, data_dir, splits: dict) -> None:
     import tensorflow_datasets as tfds
 
     from jaxlm.config import DataConfig
-    from jaxlm.data import sources
+    from jaxlm.data import catalog
     dataset, _, config = catalog_name.partition("/")
-    real = type(sources.catalog_builder(DataConfig(name=catalog_name, tfds_dir=str(data_dir))))
+    real = type(catalog.catalog_builder(DataConfig(name=catalog_name, tfds_dir=str(data_dir))))
     with tfds.core.registered.skip_registration():
         class Local(real):
             name = real.name

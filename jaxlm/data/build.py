@@ -59,16 +59,35 @@ def _tokenize_shard(directory: Path, index: int, texts: list[str], bos_id: int, 
     return store.write_shard(directory, index, documents, bos_id, np.dtype(dtype))
 
 
+class ShardCutter:
+    """Places documents, in order, in shards of about `shard_chars` characters: a shard ends with
+    the document that brings it to `shard_chars`. The one rule of every build (local or Beam),
+    so a store depends only on the corpus, the tokenizer and the shard size."""
+
+    def __init__(self, shard_chars: int):
+        self.shard_chars, self.shard, self.size, self.open = shard_chars, 0, 0, False
+
+    def place(self, chars: int) -> int:
+        """The shard of the next document, of `chars` characters."""
+        shard, self.size, self.open = self.shard, self.size + chars, True
+        if self.size >= self.shard_chars:
+            self.shard, self.size, self.open = self.shard + 1, 0, False
+        return shard
+
+    @property
+    def shards(self) -> int:
+        """Shards used so far."""
+        return self.shard + self.open
+
+
 def shards_of(texts: Iterator[str], shard_chars: int) -> Iterator[list[str]]:
     """Documents in consecutive groups of about `shard_chars` characters (whole documents)."""
-    shard: list[str] = []
-    size = 0
+    cutter, shard = ShardCutter(shard_chars), []
     for text in texts:
         shard.append(text)
-        size += len(text)
-        if size >= shard_chars:
+        if cutter.place(len(text)) < cutter.shard:  # that document ended the shard
             yield shard
-            shard, size = [], 0
+            shard = []
     if shard:
         yield shard
 

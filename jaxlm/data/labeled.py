@@ -24,14 +24,13 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.config import ClassifyConfig, DataConfig
+from jaxlm.data.catalog import catalog_builder, open_catalog
 from jaxlm.data.sources import (
     Splits,
     _fingerprint,
     _is_eval,
     as_text,
-    catalog_builder,
     expand_paths,
-    open_catalog,
     relative_names,
 )
 from jaxlm.data.tokenizer import TextTokenizer

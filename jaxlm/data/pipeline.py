@@ -22,6 +22,8 @@ same row: within an epoch no row is repeated or skipped.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import logging
 import math
 import os
 import sys
@@ -98,10 +100,26 @@ def token_stores(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> d
         _note_older_caches(cfg)
         print(f"preparing the {split} token store of {corpus.name} in {directory} (once; later runs reuse it)",
               file=sys.stderr)
-        build.build(corpus.texts(split), tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, directory,
-                    int(cfg.shard_mb * 1e6), workers(cfg), corpus.fingerprint, digest, f"{corpus.name} {split}",
-                    corpus.count(split), corpus.approx_bytes(split))
+        if cfg.prepare_runner:
+            _beam().run(corpus, split, tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, directory,
+                        int(cfg.shard_mb * 1e6), digest, cfg.prepare_runner, list(cfg.beam_options), workers(cfg))
+        else:
+            build.build(corpus.texts(split), tokenizer.tokenizer, tokenizer.bos_id, tokenizer.eos_id, directory,
+                        int(cfg.shard_mb * 1e6), workers(cfg), corpus.fingerprint, digest, f"{corpus.name} {split}",
+                        corpus.count(split), corpus.approx_bytes(split))
     return {split: store.TokenStore(root / split, digest) for split in SPLITS}
+
+
+def _beam():
+    """`jaxlm.data.beam`, whose Apache Beam is an optional extra."""
+    if importlib.util.find_spec("apache_beam") is None:
+        raise UserError("data.prepare_runner needs Apache Beam: pip install -e \".[beam]\" "
+                        "(or leave data.prepare_runner empty to prepare with local worker processes)")
+    # Beam's import warns that Google Cloud clients are missing, which only Dataflow needs (and
+    # its own workers have)
+    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+    from jaxlm.data import beam
+    return beam
 
 
 def _note_older_caches(cfg: DataConfig) -> None:

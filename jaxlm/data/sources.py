@@ -1,4 +1,4 @@
-"""Document sources for language models, and the TFDS catalog access labeled sets share.
+"""Document sources for language models.
 
 Three document sources, each a `Corpus` streamed in a fixed order (nothing holds a corpus in
 memory):
@@ -6,8 +6,8 @@ memory):
     reference topics (`pydoc_data`), so every machine can train with no network and no files;
   * `text`: the user's text files (globs), one document per file, long files cut at blank
     lines into documents of at most `MAX_DOC_CHARS` characters, read in blocks;
-  * `tfds`: any TFDS catalog dataset by name (array_record, read in order), where a network
-    allows the download.
+  * `tfds`: any TFDS catalog dataset by name, where a network allows the download
+    (`jaxlm.data.catalog`).
 
 Local documents go straight into the token store (`jaxlm.data.store`); a second copy of the
 text as a TFDS dataset would double the disk and hold up to a gigabyte in TFDS's shuffle
@@ -20,12 +20,11 @@ from __future__ import annotations
 import ast
 import codecs
 import dataclasses
+import functools
 import glob
 import hashlib
-import importlib
 import itertools
 import json
-import logging
 import os
 import re
 import sys
@@ -35,21 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import tensorflow_datasets as tfds
-
 from jaxlm.config import DataConfig, MixtureSource, mixture_labels
 from jaxlm.errors import UserError
-
-
-class _Unactionable(logging.Filter):
-    """Drops TFDS's log lines a user cannot act on: before a dataset's first preparation its
-    folder has no dataset_info.json, which TFDS reports as a warning."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "has no dataset_info.json" not in record.getMessage()
-
-
-logging.getLogger("absl").addFilter(_Unactionable())
 
 MAX_DOC_CHARS = 16_000
 _FORMAT_VERSION = "3"  # bump when the way documents are cut or held out changes
@@ -80,6 +66,39 @@ class Corpus:
         """About `budget_chars` characters of training documents drawn evenly from the whole
         split (all of it with budget 0); see `sample`."""
         return sample(self.texts("train"), self.approx_bytes("train"), budget_chars, seed)
+
+    # A split read in parts (a cluster engine reads the parts in parallel, `jaxlm.data.beam`):
+    # the parts' documents in order, after the corpus-wide rules of `settle`, are `texts(split)`.
+
+    def pieces(self, split: str) -> int:
+        """How many parts the split's documents are read in."""
+        return 1
+
+    def piece(self, split: str, index: int) -> Iterator[tuple[str, bool]]:
+        """Part `index`'s documents as (text, whether the split keeps it), before `settle`."""
+        return ((text, True) for text in self.texts(split))
+
+    def settle(self, split: str, counts: Sequence[tuple[int, int]]) -> Settled:
+        """The corpus-wide rules, from each part's counts of (kept, not kept) documents."""
+        return Settled()
+
+
+@dataclass(frozen=True)
+class Settled:
+    """What corpus-wide rules change in a split read in parts. Documents are named by
+    (part, position among the part's documents)."""
+
+    drop: tuple[int, int] | None = None  # a kept document the split loses
+    add: tuple[int, int] | None = None  # a document the split gains
+    cut: tuple[bool, float, str] | None = None  # the corpus's only document: (head?, eval fraction, source)
+
+    def select(self, at: tuple[int, int], text: str, kept: bool) -> str | None:
+        """The document's text in the split, or None if the split does not have it."""
+        if self.cut is not None:
+            return _lone(text, *self.cut)
+        if at == self.add:
+            return text
+        return text if kept and at != self.drop else None
 
 
 def sample(texts: Iterator[str], approx_chars: int | None, budget_chars: int, seed: int) -> Iterator[str]:
@@ -166,31 +185,27 @@ DocStream = Iterator[tuple[str, str, bool]]  # (key, text, held out)
 
 
 class LocalCorpus(Corpus):
-    """Documents generated from local files (or the standard library), split by key.
+    """Documents generated from local files (or the standard library), split by key, read in
+    parts (a file each).
 
     A tiny corpus still gets an eval split: a lone document has its tail held out, and when the
     hashed share holds none out, the last document is. Each split is one pass over the
     documents, one document behind, so that is decided without a pass of its own.
     """
 
-    def __init__(self, name: str, fingerprint: str, documents: Callable[[], DocStream], cfg: DataConfig,
+    def __init__(self, name: str, fingerprint: str, parts: Sequence[Callable[[], DocStream]], cfg: DataConfig,
                  nbytes: int | None = None):
-        self.name, self.fingerprint, self._documents, self._cfg, self._nbytes = (
-            name, fingerprint, documents, cfg, nbytes)
+        self.name, self.fingerprint, self._parts, self.config, self._nbytes = name, fingerprint, parts, cfg, nbytes
+        self._source = f"data.source={cfg.source}"
 
     def texts(self, split: str) -> Iterator[str]:
-        want_eval, source = split == "eval", f"data.source={self._cfg.source}"
-        docs = (d for d in self._documents() if d[1].strip())
+        want_eval = split == "eval"
+        docs = (d for d in itertools.chain.from_iterable(part() for part in self._parts) if d[1].strip())
         head = list(itertools.islice(docs, 2))
         if not head:
-            raise UserError(f"{source}: the corpus is empty; give files that hold text")
+            raise self._empty()
         if len(head) == 1:  # one short text: hold out its tail
-            text = head[0][1]
-            cut = _tail_cut(text, self._cfg.eval_fraction)
-            if not text[:cut].strip() or not text[cut:].strip():
-                raise UserError(f"{source}: too little text to hold some out for eval; "
-                                "give more text or held-out files in data.eval_paths")
-            yield (text[cut:] if want_eval else text[:cut]).strip()
+            yield _lone(head[0][1], not want_eval, self.config.eval_fraction, self._source)
             return
         held_any, last = False, None  # `last`: the latest training document, not yet given
         for _, text, held in itertools.chain(head, docs):
@@ -203,13 +218,42 @@ class LocalCorpus(Corpus):
                 yield last
             last = text
         if last is None:
-            raise UserError(f"{source}: every document is held out for eval; "
-                            "add training files or lower data.eval_fraction")
+            raise self._all_held()
         if held_any != want_eval:  # training keeps its last document unless none was held out
             yield last
 
     def approx_bytes(self, split: str) -> int | None:
         return self._nbytes if split == "train" else None
+
+    def pieces(self, split: str) -> int:
+        return len(self._parts)
+
+    def piece(self, split: str, index: int) -> Iterator[tuple[str, bool]]:
+        return ((text, held == (split == "eval")) for _, text, held in self._parts[index]() if text.strip())
+
+    def settle(self, split: str, counts: Sequence[tuple[int, int]]) -> Settled:
+        """The rules `texts` applies in its pass, from the counts."""
+        want_eval = split == "eval"
+        total = sum(kept + other for kept, other in counts)
+        held = sum(kept if want_eval else other for kept, other in counts)
+        if total == 0:
+            raise self._empty()
+        if total == 1:
+            return Settled(cut=(not want_eval, self.config.eval_fraction, self._source))
+        if held == total:
+            raise self._all_held()
+        if held == 0:  # the last document is held out
+            part = max(i for i, c in enumerate(counts) if sum(c))
+            at = (part, sum(counts[part]) - 1)
+            return Settled(add=at) if want_eval else Settled(drop=at)
+        return Settled()
+
+    def _empty(self) -> UserError:
+        return UserError(f"{self._source}: the corpus is empty; give files that hold text")
+
+    def _all_held(self) -> UserError:
+        return UserError(f"{self._source}: every document is held out for eval; "
+                         "add training files or lower data.eval_fraction")
 
 
 def _stdlib_documents(eval_fraction: float) -> DocStream:
@@ -258,6 +302,15 @@ def _cut(text: str) -> list[str]:
         text = text[cut:].strip()
     pieces.append(text)
     return [p for p in pieces if p]
+
+
+def _lone(text: str, head: bool, fraction: float, source: str) -> str:
+    """The head (train) or tail (eval) of a corpus's only document."""
+    cut = _tail_cut(text, fraction)
+    if not text[:cut].strip() or not text[cut:].strip():
+        raise UserError(f"{source}: too little text to hold some out for eval; "
+                        "give more text or held-out files in data.eval_paths")
+    return (text[:cut] if head else text[cut:]).strip()
 
 
 def _tail_cut(text: str, fraction: float) -> int:
@@ -328,13 +381,17 @@ def relative_names(files: list[Path]) -> dict[Path, str]:
     return {p: p.relative_to(root).as_posix() for p in files}
 
 
-def _file_documents(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> DocStream:
+def _file_parts(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> list[Callable[[], DocStream]]:
+    """A part per file, training files first."""
     names = relative_names(train_files + eval_files)
-    for files, held_out in ((train_files, False), (eval_files, True)):
-        for path in files:
-            for i, chunk in enumerate(file_documents(path, cfg.encoding_errors)):
-                key = f"{names[path]}:{i}"
-                yield key, chunk, held_out or (not eval_files and _is_eval(key, cfg.eval_fraction))
+
+    def documents(path: Path, held_out: bool) -> DocStream:
+        for i, chunk in enumerate(file_documents(path, cfg.encoding_errors)):
+            key = f"{names[path]}:{i}"
+            yield key, chunk, held_out or (not eval_files and _is_eval(key, cfg.eval_fraction))
+
+    return [functools.partial(documents, path, held) for files, held in ((train_files, False), (eval_files, True))
+            for path in files]
 
 
 def _component(cfg: DataConfig, m: MixtureSource) -> DataConfig:
@@ -354,7 +411,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
                               for label, m in zip(mixture_labels(cfg), cfg.mixture)])
     if cfg.source == "builtin":
         fp = _fingerprint(["builtin", _FORMAT_VERSION, sys.version, cfg.eval_fraction])
-        return LocalCorpus("builtin", fp, lambda: _stdlib_documents(cfg.eval_fraction), cfg)
+        return LocalCorpus("builtin", fp, [lambda: _stdlib_documents(cfg.eval_fraction)], cfg)
     if cfg.source == "text":
         train = expand_paths(cfg.paths, "data.paths")
         held = expand_paths(cfg.eval_paths, "data.eval_paths") if cfg.eval_paths else []
@@ -365,117 +422,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train + held]
         fp = _fingerprint(["text", _FORMAT_VERSION, stat, len(train), cfg.eval_fraction,
                            cfg.encoding_errors])
-        return LocalCorpus("text", fp, lambda: _file_documents(train, held, cfg), cfg,
+        return LocalCorpus("text", fp, _file_parts(train, held, cfg), cfg,
                            sum(p.stat().st_size for p in train))
-    return _catalog(cfg)
-
-
-def catalog_dir(cfg: DataConfig) -> Path:
-    """Where TFDS catalog datasets are kept: data.tfds_dir, $TFDS_DATA_DIR, or the jaxlm cache."""
-    if cfg.tfds_dir:
-        return Path(cfg.tfds_dir).expanduser()
-    if os.environ.get("TFDS_DATA_DIR"):
-        return Path(os.environ["TFDS_DATA_DIR"]).expanduser()
-    return cache_dir(cfg) / "tfds"
-
-
-def _import_legacy_module(dataset: str) -> None:
-    """Imports the module of a catalog dataset kept in TFDS's older layout
-    (`tensorflow_datasets/<category>/<dataset>.py`, e.g. glue). TFDS registers those when the
-    category is imported, which fails as a whole without TensorFlow; the one module does not."""
-    root = Path(tfds.__file__).parent
-    for path in sorted(root.glob(f"*/{dataset}.py")):
-        try:
-            importlib.import_module(f"tensorflow_datasets.{path.parent.name}.{dataset}")
-        except ImportError:  # this one needs TensorFlow after all
-            pass
-
-
-def catalog_builder(cfg: DataConfig) -> tfds.core.DatasetBuilder:
-    """The TFDS builder of `data.name` (its features are known before any download)."""
-    def builder() -> tfds.core.DatasetBuilder:
-        return tfds.builder(cfg.name, data_dir=str(catalog_dir(cfg)), file_format="array_record")
-
-    def unknown(e: Exception) -> UserError:
-        return UserError(f"data.name={cfg.name!r} is not a TFDS catalog dataset: {str(e).splitlines()[0]}")
-
-    try:
-        return builder()
-    except tfds.core.registered.DatasetNotFoundError:  # perhaps one in TFDS's older layout
-        _import_legacy_module(cfg.name.split("/")[0].split(":")[0])
-    except Exception as e:  # an unknown config or version
-        raise unknown(e) from None
-    try:
-        return builder()
-    except Exception as e:
-        raise unknown(e) from None
-
-
-def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[Any], Sequence[Any]]:
-    """(builder, train split, eval split) of a TFDS catalog dataset, downloaded and prepared as
-    array_record on first use. Without an eval split, the held-out share comes off the end of
-    the train split."""
-    builder = catalog_builder(cfg)
-    where = catalog_dir(cfg)
-    if not builder.is_prepared():
-        try:
-            builder.download_and_prepare()
-        except Exception as e:
-            raise UserError(
-                f"could not download TFDS dataset '{cfg.name}' ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                f"catalog datasets need a network the first time: prepare it where one exists with "
-                f"tfds.builder('{cfg.name}', data_dir=D, file_format='array_record').download_and_prepare(), "
-                "copy D here and set data.tfds_dir=D (or use data.source=text / labeled)") from None
-
-    def open_split(split: str) -> Sequence[Any] | None:
-        try:
-            return builder.as_data_source(split=split)
-        except Exception:  # TFDS raises several types for an unknown split
-            return None
-
-    train = open_split(cfg.train_split)
-    if train is None:
-        raise UserError(f"data.train_split={cfg.train_split!r} is not a split of {cfg.name} in {where} "
-                        f"(it has {', '.join(builder.info.splits) or 'none prepared'}; a dataset prepared "
-                        "as tfrecord must be prepared again with file_format='array_record')")
-    held = open_split(cfg.eval_split)
-    if held is None and cfg.eval_split != "test":
-        held = open_split("test")
-    if held is None:  # carve the held-out share off the end of the train split
-        pct = max(1, round(100 * cfg.eval_fraction))
-        train = open_split(f"{cfg.train_split}[:{100 - pct}%]")
-        held = open_split(f"{cfg.train_split}[{100 - pct}%:]")
-    return builder, train, held
-
-
-class CatalogCorpus(Corpus):
-    """The documents of a TFDS catalog dataset's train and eval splits, read in order."""
-
-    def __init__(self, name: str, fingerprint: str, splits: dict[str, Sequence[Any]], text_key: str,
-                 nbytes: int | None):
-        self.name, self.fingerprint, self._splits, self._key, self._nbytes = (
-            name, fingerprint, splits, text_key, nbytes)
-
-    def texts(self, split: str) -> Iterator[str]:
-        source = self._splits[split]
-        for first in range(0, len(source), 256):  # a few hundred records per read
-            for record in source.__getitems__(range(first, min(first + 256, len(source)))):
-                yield as_text(record[self._key])
-
-    def count(self, split: str) -> int:
-        return len(self._splits[split])
-
-    def approx_bytes(self, split: str) -> int | None:
-        return self._nbytes
-
-
-def _catalog(cfg: DataConfig) -> Corpus:
-    """The documents of a TFDS catalog dataset."""
-    builder, train, held = open_catalog(cfg)
-    features = builder.info.features
-    if cfg.text_key not in features:
-        raise UserError(f"data.text_key={cfg.text_key!r} is not a feature of {cfg.name}; "
-                        f"it has {', '.join(features)}")
-    fp = _fingerprint(["tfds", cfg.name, cfg.train_split, cfg.eval_split, cfg.eval_fraction, cfg.text_key])
-    return CatalogCorpus(cfg.name, fp, {"train": train, "eval": held}, cfg.text_key,
-                         builder.info.dataset_size or None)
+    from jaxlm.data import catalog  # reads TFDS; it builds on this module's Corpus
+    return catalog.corpus(cfg)
