@@ -2,19 +2,22 @@
 against the tokenizer alone.
 
     python bench/data_scale.py [--corpus DIR] [--scales 1 4 16] [--copies-per-scale 5] [--workers 2]
+                               [--steps 100] [--runner DirectRunner]
 
 The corpus at scale k is k x `--copies-per-scale` hard links of every file in `--corpus`
 (default ../shared/data/corpus), so scale 1 of the shared corpus is ~100 MB, 4 is ~400 MB and
 16 is ~1.6 GB, using no extra disk. For each scale it runs, as separate processes:
   * `python -m jaxlm.prepare` (the default model's config on that text, `--workers`
-    processes): wall time, tokens/s, and the peak resident memory of the process tree;
+    processes, or an Apache Beam pipeline with `--runner`): wall time, tokens/s, and the peak
+    resident memory of the process tree (and of the main process and its workers apart);
   * the first 100 training steps of the default model on the prepared store: peak resident
     memory, and the median time a step waited for data (from the train log);
   * opening the prepared store as `train` does (tokenizer, corpus fingerprint, store
     manifests), timed: a run's start-up before compilation.
-Before that it measures the ceiling: `tokenizers`' own `encode_batch` over the scale-1 text
-with `--workers` threads in one process. One tokenizer (trained once on the original files)
-serves every scale, so only the store is measured.
+The ceiling is `tokenizers`' own `encode_batch` over the scale-1 text with `--workers` threads
+in one process, measured before and after every scale's preparation; a build's rate is given
+as a share of the mean of the two. One tokenizer (trained once on the original files) serves
+every scale, so only the store is measured.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants."""
+def tree_rss(pid: int) -> tuple[int, int]:
+    """Resident bytes of a process, and of all its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -43,29 +46,34 @@ def tree_rss(pid: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [pid]
+    own, descendants, todo = 0, 0, [pid]
     while todo:
         p = todo.pop()
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
+                    if p == pid:
+                        own = int(line.split()[1]) * 1024
+                    else:
+                        descendants += int(line.split()[1]) * 1024
         except OSError:
             pass
         todo += children.get(p, [])
-    return total
+    return own, descendants
 
 
-def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, int, str]:
-    """(seconds, peak resident bytes of the process tree, stderr) of a command."""
+def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, tuple[int, int, int], str]:
+    """(seconds, peak resident bytes (of the process tree, of the process, of its descendants),
+    stderr) of a command."""
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
+    peak = (0, 0, 0)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
     reader.start()
     while proc.poll() is None:
-        peak = max(peak, tree_rss(proc.pid))
+        own, descendants = tree_rss(proc.pid)
+        peak = (max(peak[0], own + descendants), max(peak[1], own), max(peak[2], descendants))
         time.sleep(0.1)
     reader.join()
     proc.stdout.read()
@@ -83,8 +91,9 @@ def corpus(source: Path, copies: int, where: Path) -> Path:
     return where
 
 
-def ceiling(text_dir: Path, tokenizer: Path, threads: int) -> float:
-    """Tokens/s of `encode_batch` alone over the files' text (read first), `threads` threads."""
+def ceiling(text_dir: Path, tokenizer: Path, threads: int, method: str = "encode_batch") -> float:
+    """Tokens/s of `encode_batch` (or another method) alone over the files' text (read first),
+    `threads` threads."""
     code = f"""
 import os, sys, time
 from pathlib import Path
@@ -94,12 +103,16 @@ tok = Tokenizer.from_file({str(tokenizer)!r})
 docs = [d for f in sorted(Path({str(text_dir)!r}).glob("*.txt")) for d in sources.file_documents(f, "strict")]
 start, tokens = time.time(), 0
 for i in range(0, len(docs), 256):
-    tokens += sum(len(e.ids) for e in tok.encode_batch(docs[i:i + 256], add_special_tokens=False))
+    tokens += sum(len(e.ids) for e in tok.{method}(docs[i:i + 256], add_special_tokens=False))
 print(tokens / (time.time() - start))
 """
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True)
     return float(out.stdout.strip())
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:,.0f} MiB"
 
 
 def main() -> None:
@@ -108,7 +121,8 @@ def main() -> None:
     parser.add_argument("--scales", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--copies-per-scale", type=int, default=5)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=100, help="training steps measured (0: none)")
+    parser.add_argument("--runner", help="prepare with Apache Beam on this runner instead of local workers")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -120,17 +134,28 @@ def main() -> None:
                         f"data.paths=[{args.corpus}/*.txt]"], env=env, check=True, capture_output=True)
         tokenizer = tmp / "tok" / "tokenizer.json"
         base.append(f"data.tokenizer={tokenizer}")
+        runner = ["--runner", args.runner, f"--direct_num_workers={args.workers}"] if args.runner else []
         one = corpus(args.corpus, args.copies_per_scale, tmp / "scale1")
-        print(f"ceiling: tokenizers encode_batch alone, {args.workers} threads: "
-              f"{ceiling(one, tokenizer, args.workers):,.0f} tokens/s", flush=True)
+        # the ceiling is measured before and after every scale: each build is compared with the
+        # mean of the two around it, so a machine that slows down over a long run shows as such
+        ceilings = [ceiling(one, tokenizer, args.workers)]
+        print(f"ceiling: tokenizers encode_batch alone, {args.workers} threads: {ceilings[-1]:,.0f} tokens/s; "
+              f"encode_batch_fast (no offsets, which jaxlm uses): "
+              f"{ceiling(one, tokenizer, args.workers, 'encode_batch_fast'):,.0f} tokens/s", flush=True)
         for scale in args.scales:
             text = one if scale == 1 else corpus(args.corpus, scale * args.copies_per_scale, tmp / f"scale{scale}")
             size = sum(f.stat().st_size for f in text.glob("*.txt"))
             data = [*base, f"data.paths=[{text}/*.txt]"]
-            took, peak, err = run_measured([sys.executable, "-m", "jaxlm.prepare", *data], env)
+            took, peak, err = run_measured([sys.executable, "-m", "jaxlm.prepare", *runner, *data], env)
             built = [line for line in err.splitlines() if line.startswith("text train:")][-1]
-            print(f"scale {scale:>2} ({size / 1e6:,.0f} MB): prepare {took:,.1f} s in all, peak RSS "
-                  f"{peak / 2**20:,.0f} MiB; {built.strip()}", flush=True)
+            rate = float(built.split(" tokens/s")[0].split(", ")[-1].split()[-1].replace(",", ""))
+            ceilings.append(ceiling(one, tokenizer, args.workers))
+            around = (ceilings[-2] + ceilings[-1]) / 2
+            print(f"scale {scale:>2} ({size / 1e6:,.0f} MB): prepare {took:,.1f} s in all, peak RSS {mib(peak[0])} "
+                  f"(main process {mib(peak[1])}, workers {mib(peak[2])}); {built.strip()}; ceiling before/after "
+                  f"{ceilings[-2]:,.0f} / {ceilings[-1]:,.0f} tokens/s: {100 * rate / around:.1f}%", flush=True)
+            if not args.steps:
+                continue
             wd = tmp / f"run{scale}"
             took, peak, err = run_measured([sys.executable, "-m", "jaxlm.train", "--workdir", str(wd), *data,
                                             f"train.steps={args.steps}", "train.log_every=10",
@@ -138,7 +163,7 @@ def main() -> None:
                                            env)
             logged = [json.loads(r) for r in (wd / "metrics.jsonl").read_text().splitlines()]
             waits = [r["data_wait_s"] for r in logged if r["kind"] == "train"][1:]
-            print(f"scale {scale:>2}: train {args.steps} steps {took:,.1f} s, peak RSS {peak / 2**20:,.0f} MiB, "
+            print(f"scale {scale:>2}: train {args.steps} steps {took:,.1f} s, peak RSS {mib(peak[0])}, "
                   f"data wait median {statistics.median(waits) * 1e3:.2f} ms/step "
                   f"(max {max(waits) * 1e3:.2f})", flush=True)
             code = (f"import time; from pathlib import Path; t = time.time(); from jaxlm import config, train\n"

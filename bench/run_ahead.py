@@ -50,7 +50,7 @@ def signal_to_exit(code: Path, log_every: int, after_s: float, workdir: Path) ->
                              f"train.log_every={log_every}"], env=env_for(code), cwd=code,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
-        if line.startswith("training "):
+        if line.startswith("training ") and " parameters for " in line:  # not "training a ... BPE"
             break
     time.sleep(after_s)
     start = time.time()

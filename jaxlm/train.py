@@ -36,11 +36,10 @@ from jaxlm.models.layers import restack
 from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
 from jaxlm.writers import Writers
 
-# Steps the host may dispatch beyond the one the device is finishing. Input preparation and
-# dispatch overlap compute, a pause of the host (garbage collection, a slow read, a log write)
-# shorter than two steps never idles the device, and a stop or a checkpoint waits for at most
-# three steps (and the device holds at most three batches), whatever train.log_every is.
-RUN_AHEAD = 2
+# Steps the host may dispatch beyond the one the device is finishing. One keeps input preparation
+# and dispatch overlapped with compute, and bounds what a stop or a checkpoint waits for (and
+# the batches held in device memory) to about two steps, whatever train.log_every is.
+RUN_AHEAD = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -308,8 +307,8 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
                 inflight.append((step, metrics))
-                # wait for step N - RUN_AHEAD: the next batch is prepared and dispatched while the
-                # device works, and a stop (or a checkpoint) never waits for a long queue of steps
+                # wait for step N - 1 while step N runs: the next batch is prepared and dispatched
+                # in the meantime, and a stop (or a checkpoint) never waits for a queue of steps
                 finish(RUN_AHEAD)
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     finish(0)

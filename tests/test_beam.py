@@ -1,6 +1,6 @@
 """Preparing with Apache Beam (`data.prepare_runner`): the DirectRunner, in worker processes,
 writes the local build's token stores byte for byte, under each corpus-wide rule; it resumes
-without tokenizing finished shards again; TFDS splits are read in parts."""
+without tokenizing finished shards again; TFDS splits are read in pieces."""
 
 import pytest
 
@@ -42,9 +42,9 @@ def test_direct_runner_writes_the_local_store(prepared, corpus_dir, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["nothing held out", "a lone document"])
-def test_corpus_wide_rules_hold_in_parts(prepared, corpus_dir, tmp_path, case):
+def test_corpus_wide_rules_hold_in_pieces(prepared, corpus_dir, tmp_path, case):
     """With no document held out by its key the last is, and a lone document's tail is: rules
-    over the whole corpus, which a pipeline of parts settles from counts."""
+    over the whole corpus, which a pipeline of pieces settles from counts."""
     _, _, tok = prepared
     if case == "a lone document":
         (tmp_path / "one").mkdir()
@@ -80,7 +80,7 @@ def test_an_interrupted_beam_build_resumes_without_redoing_shards(prepared, corp
     assert all((again / name).stat().st_mtime_ns == stamp for name, stamp in kept.items())
 
 
-def test_catalog_splits_are_read_in_parts(corpus_dir, cache_dir, tmp_path, monkeypatch, prepared):
+def test_catalog_splits_are_read_in_pieces(corpus_dir, cache_dir, tmp_path, monkeypatch, prepared):
     from conftest import prepare_catalog
     _, _, tok = prepared
     texts = [t[i:i + 3000] for t in (p.read_text() for p in sorted(corpus_dir.glob("*.txt")))

@@ -4,7 +4,7 @@
 processes), or `DataflowRunner`, `SparkRunner`, `FlinkRunner`, `PortableRunner` with their
 `data.beam_options`. The pipeline:
 
-  1. read: each part of the corpus (a file, or a range of a TFDS split's records) is read by
+  1. read: each piece of the corpus (a file, or a range of a TFDS split's records) is read by
      one worker; its documents go on, and a summary (each document's length and whether the
      split keeps it) goes to
   2. plan: one worker applies the corpus-wide rules (`Corpus.settle`) and places the split's
@@ -40,7 +40,7 @@ from jaxlm.data import build, store
 from jaxlm.data.sources import Corpus, Settled, load_corpus
 from jaxlm.errors import UserError
 
-Plan = dict[str, Any]  # settled rules, shards, and per part: (positions where a shard starts, shards)
+Plan = dict[str, Any]  # settled rules, shards, and per piece: (positions where a shard starts, shards)
 
 
 def _open(cfg: DataConfig, fingerprint: str) -> Corpus:
@@ -53,7 +53,7 @@ def _open(cfg: DataConfig, fingerprint: str) -> Corpus:
 
 
 class _Read(beam.DoFn):
-    """A part's documents, keyed by (part, position), and a summary of the part."""
+    """A piece's documents, keyed by (piece, position), and a summary of the piece."""
 
     def __init__(self, cfg: DataConfig, fingerprint: str, split: str):
         self.cfg, self.fingerprint, self.split = cfg, fingerprint, split
@@ -61,27 +61,27 @@ class _Read(beam.DoFn):
     def setup(self) -> None:
         self.corpus = _open(self.cfg, self.fingerprint)
 
-    def process(self, part: int) -> Iterator[Any]:
+    def process(self, piece: int) -> Iterator[Any]:
         lengths, kept = [], []
-        for position, (text, keep) in enumerate(self.corpus.piece(self.split, part)):
+        for position, (text, keep) in enumerate(self.corpus.piece(self.split, piece)):
             lengths.append(len(text))
             kept.append(keep)
-            yield (part, position), text, keep
-        yield beam.pvalue.TaggedOutput("summary", (part, np.array(lengths, np.int64), np.array(kept, bool)))
+            yield (piece, position), text, keep
+        yield beam.pvalue.TaggedOutput("summary", (piece, np.array(lengths, np.int64), np.array(kept, bool)))
 
 
 def _plan(summaries: list[tuple[int, np.ndarray, np.ndarray]], cfg: DataConfig, fingerprint: str, split: str,
           shard_chars: int) -> Plan:
-    """The split's shards: the local build's placement, from the parts' summaries in order."""
+    """The split's shards: the local build's placement, from the pieces' summaries in order."""
     summaries = sorted(summaries, key=lambda s: s[0])
     counts = [(int(kept.sum()), int(len(kept) - kept.sum())) for _, _, kept in summaries]
     settled = _open(cfg, fingerprint).settle(split, counts)
-    cutter, parts = build.ShardCutter(shard_chars), {}
-    for part, lengths, kept in summaries:
+    cutter, pieces = build.ShardCutter(shard_chars), {}
+    for piece, lengths, kept in summaries:
         chosen = kept.copy()
-        if settled.drop and settled.drop[0] == part:
+        if settled.drop and settled.drop[0] == piece:
             chosen[settled.drop[1]] = False
-        if settled.add and settled.add[0] == part:
+        if settled.add and settled.add[0] == piece:
             chosen[settled.add[1]] = True
         if settled.cut:  # the corpus's only document; its head or tail alone is one shard
             chosen[:] = True
@@ -92,8 +92,8 @@ def _plan(summaries: list[tuple[int, np.ndarray, np.ndarray]], cfg: DataConfig, 
                 starts.append(position)
                 shards.append(shard)
         if starts:
-            parts[part] = (starts, shards)
-    return {"settled": settled, "shards": cutter.shards, "parts": parts}
+            pieces[piece] = (starts, shards)
+    return {"settled": settled, "shards": cutter.shards, "pieces": pieces}
 
 
 def _key(document: tuple[tuple[int, int], str, bool], plan: Plan, done: frozenset[int]) -> Iterator[Any]:
@@ -103,7 +103,7 @@ def _key(document: tuple[tuple[int, int], str, bool], plan: Plan, done: frozense
     text = settled.select(at, text, kept)
     if text is None:
         return
-    starts, shards = plan["parts"][at[0]]
+    starts, shards = plan["pieces"][at[0]]
     shard = shards[bisect.bisect_right(starts, at[1]) - 1]
     if shard not in done:
         yield shard, (at, text)
@@ -162,7 +162,7 @@ def run(corpus: Corpus, split: str, tokenizer: Tokenizer, bos_id: int, eos_id: i
     start = time.time()
     try:
         with beam.Pipeline(options=options(runner, flags, workers)) as p:
-            read = (p | "parts" >> beam.Create(range(corpus.pieces(split)))
+            read = (p | "pieces" >> beam.Create(range(corpus.pieces(split)))
                     | "spread" >> beam.Reshuffle()
                     | "read" >> beam.ParDo(_Read(cfg, corpus.fingerprint, split)).with_outputs("summary", main="docs"))
             plan = (read.summary | "summaries" >> beam.combiners.ToList()

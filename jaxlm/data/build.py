@@ -46,10 +46,11 @@ def _exit_with_parent(parent: int) -> None:
 
 def encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.ndarray]:
     """Token ids of documents, no special tokens added (as `TextTokenizer.encode_batch`), a few
-    dozen documents at a time so only compact arrays accumulate."""
+    dozen documents at a time so only compact arrays accumulate. `encode_batch_fast` gives the
+    same ids without computing character offsets, which a store does not keep."""
     out = []
     for first in range(0, len(texts), _ENCODE_BATCH):
-        batch = tokenizer.encode_batch(texts[first:first + _ENCODE_BATCH], add_special_tokens=False)
+        batch = tokenizer.encode_batch_fast(texts[first:first + _ENCODE_BATCH], add_special_tokens=False)
         out += [np.asarray(e.ids, dtype) for e in batch]
     return out
 

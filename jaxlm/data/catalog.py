@@ -108,7 +108,7 @@ def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[An
 
 class CatalogCorpus(Corpus):
     """The documents of a TFDS catalog dataset's train and eval splits, read in order (or in
-    parts of `PIECE_RECORDS` records)."""
+    pieces of `PIECE_RECORDS` records)."""
 
     PIECE_RECORDS = 10_000
 

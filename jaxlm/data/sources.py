@@ -67,26 +67,26 @@ class Corpus:
         split (all of it with budget 0); see `sample`."""
         return sample(self.texts("train"), self.approx_bytes("train"), budget_chars, seed)
 
-    # A split read in parts (a cluster engine reads the parts in parallel, `jaxlm.data.beam`):
-    # the parts' documents in order, after the corpus-wide rules of `settle`, are `texts(split)`.
+    # A split read in pieces (a cluster engine reads them in parallel, `jaxlm.data.beam`): the
+    # pieces' documents in order, after the corpus-wide rules of `settle`, are `texts(split)`.
 
     def pieces(self, split: str) -> int:
-        """How many parts the split's documents are read in."""
+        """How many pieces the split's documents are read in."""
         return 1
 
     def piece(self, split: str, index: int) -> Iterator[tuple[str, bool]]:
-        """Part `index`'s documents as (text, whether the split keeps it), before `settle`."""
+        """Piece `index`'s documents as (text, whether the split keeps it), before `settle`."""
         return ((text, True) for text in self.texts(split))
 
     def settle(self, split: str, counts: Sequence[tuple[int, int]]) -> Settled:
-        """The corpus-wide rules, from each part's counts of (kept, not kept) documents."""
+        """The corpus-wide rules, from each piece's counts of (kept, not kept) documents."""
         return Settled()
 
 
 @dataclass(frozen=True)
 class Settled:
-    """What corpus-wide rules change in a split read in parts. Documents are named by
-    (part, position among the part's documents)."""
+    """What corpus-wide rules change in a split read in pieces. Documents are named by
+    (piece, position among the piece's documents)."""
 
     drop: tuple[int, int] | None = None  # a kept document the split loses
     add: tuple[int, int] | None = None  # a document the split gains
@@ -186,21 +186,21 @@ DocStream = Iterator[tuple[str, str, bool]]  # (key, text, held out)
 
 class LocalCorpus(Corpus):
     """Documents generated from local files (or the standard library), split by key, read in
-    parts (a file each).
+    pieces (a file each).
 
     A tiny corpus still gets an eval split: a lone document has its tail held out, and when the
     hashed share holds none out, the last document is. Each split is one pass over the
     documents, one document behind, so that is decided without a pass of its own.
     """
 
-    def __init__(self, name: str, fingerprint: str, parts: Sequence[Callable[[], DocStream]], cfg: DataConfig,
+    def __init__(self, name: str, fingerprint: str, pieces: Sequence[Callable[[], DocStream]], cfg: DataConfig,
                  nbytes: int | None = None):
-        self.name, self.fingerprint, self._parts, self.config, self._nbytes = name, fingerprint, parts, cfg, nbytes
+        self.name, self.fingerprint, self._pieces, self.config, self._nbytes = name, fingerprint, pieces, cfg, nbytes
         self._source = f"data.source={cfg.source}"
 
     def texts(self, split: str) -> Iterator[str]:
         want_eval = split == "eval"
-        docs = (d for d in itertools.chain.from_iterable(part() for part in self._parts) if d[1].strip())
+        docs = (d for d in itertools.chain.from_iterable(piece() for piece in self._pieces) if d[1].strip())
         head = list(itertools.islice(docs, 2))
         if not head:
             raise self._empty()
@@ -226,10 +226,10 @@ class LocalCorpus(Corpus):
         return self._nbytes if split == "train" else None
 
     def pieces(self, split: str) -> int:
-        return len(self._parts)
+        return len(self._pieces)
 
     def piece(self, split: str, index: int) -> Iterator[tuple[str, bool]]:
-        return ((text, held == (split == "eval")) for _, text, held in self._parts[index]() if text.strip())
+        return ((text, held == (split == "eval")) for _, text, held in self._pieces[index]() if text.strip())
 
     def settle(self, split: str, counts: Sequence[tuple[int, int]]) -> Settled:
         """The rules `texts` applies in its pass, from the counts."""
@@ -243,8 +243,8 @@ class LocalCorpus(Corpus):
         if held == total:
             raise self._all_held()
         if held == 0:  # the last document is held out
-            part = max(i for i, c in enumerate(counts) if sum(c))
-            at = (part, sum(counts[part]) - 1)
+            piece = max(i for i, c in enumerate(counts) if sum(c))
+            at = (piece, sum(counts[piece]) - 1)
             return Settled(add=at) if want_eval else Settled(drop=at)
         return Settled()
 
@@ -381,8 +381,8 @@ def relative_names(files: list[Path]) -> dict[Path, str]:
     return {p: p.relative_to(root).as_posix() for p in files}
 
 
-def _file_parts(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> list[Callable[[], DocStream]]:
-    """A part per file, training files first."""
+def _file_pieces(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> list[Callable[[], DocStream]]:
+    """A piece per file, training files first."""
     names = relative_names(train_files + eval_files)
 
     def documents(path: Path, held_out: bool) -> DocStream:
@@ -422,7 +422,7 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train + held]
         fp = _fingerprint(["text", _FORMAT_VERSION, stat, len(train), cfg.eval_fraction,
                            cfg.encoding_errors])
-        return LocalCorpus("text", fp, _file_parts(train, held, cfg), cfg,
+        return LocalCorpus("text", fp, _file_pieces(train, held, cfg), cfg,
                            sum(p.stat().st_size for p in train))
     from jaxlm.data import catalog  # reads TFDS; it builds on this module's Corpus
     return catalog.corpus(cfg)
