@@ -55,7 +55,11 @@ def encode(tokenizer: Tokenizer, texts: list[str], dtype: np.dtype) -> list[np.n
     return out
 
 
-def _tokenize_shard(directory: Path, index: int, texts: list[str], bos_id: int, dtype: str) -> dict[str, int]:
+def _tokenize_shard(directory: Path, index: int, utf8: bytes, lengths: np.ndarray, bos_id: int,
+                    dtype: str) -> dict[str, int]:
+    """A worker's job: the shard's documents arrive as one UTF-8 string and their lengths in bytes."""
+    ends = np.cumsum(lengths).tolist()
+    texts = [utf8[a:b].decode() for a, b in zip([0, *ends[:-1]], ends)]
     documents = encode(_worker["tokenizer"], texts, np.dtype(dtype))
     return store.write_shard(directory, index, documents, bos_id, np.dtype(dtype))
 
@@ -148,7 +152,7 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
     shards = 0
     try:
         pending: dict[cf.Future, tuple[int, int]] = {}  # future -> (shard, characters)
-        for index, shard in itertools.chain(ahead, stream):
+        for index, shard in itertools.chain(_emptying(ahead), stream):
             shards, size = index + 1, sum(map(len, shard))
             if index in done:
                 progress.add(done[index], size, new=False)
@@ -160,7 +164,14 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
                 while len(pending) >= 2 * workers:
                     finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     _collect({f: pending.pop(f) for f in finished}, done, progress)
-                pending[pool.submit(_tokenize_shard, directory, index, shard, bos_id, dtype)] = (index, size)
+                # one UTF-8 string per shard: a shard in flight is one allocation, freed whole,
+                # not thousands (one str per document) that fragment this process's heap
+                utf8 = [text.encode() for text in shard]
+                lengths = np.fromiter(map(len, utf8), np.int64, len(utf8))
+                pending[pool.submit(_tokenize_shard, directory, index, b"".join(utf8), lengths, bos_id,
+                                    dtype)] = (index, size)
+                del utf8
+            del shard
         _collect(pending, done, progress)
     finally:
         if pool is not None:
@@ -168,6 +179,12 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
     progress.show(finished=True)
     store.write_manifest(directory, [done[i] for i in range(shards)], np.dtype(dtype), tokenizer_hash, source,
                          bos_id, eos_id)
+
+
+def _emptying(items: list) -> Iterator:
+    """The items of a list, each dropped from it as it is given."""
+    while items:
+        yield items.pop(0)
 
 
 def _collect(futures: dict[cf.Future, tuple[int, int]], done: dict[int, dict[str, int]], progress: Progress) -> None:
