@@ -9,7 +9,8 @@ The corpus at scale k is k x `--copies-per-scale` hard links of every file in `-
 16 is ~1.6 GB, using no extra disk. For each scale it runs, as separate processes:
   * `python -m jaxlm.prepare` (the default model's config on that text, `--workers`
     processes, or an Apache Beam pipeline with `--runner`): wall time, tokens/s, and the peak
-    resident memory of the process tree (and of the main process and its workers apart);
+    resident memory (each process's high-water mark: of the main process, of its workers, and
+    of the two together);
   * the first 100 training steps of the default model on the prepared store: peak resident
     memory, and the median time a step waited for data (from the train log);
   * opening the prepared store as `train` does (tokenizer, corpus fingerprint, store
@@ -36,8 +37,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def tree_rss(pid: int) -> tuple[int, int]:
-    """Resident bytes of a process, and of all its descendants."""
+def _status(pid: int, field: str) -> int:
+    """A /proc/<pid>/status field in bytes (0 once the process is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def descendants(pid: int) -> list[int]:
+    """The process ids below a process."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -46,34 +58,32 @@ def tree_rss(pid: int) -> tuple[int, int]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    own, descendants, todo = 0, 0, [pid]
+    found, todo = [], list(children.get(pid, []))
     while todo:
         p = todo.pop()
-        try:
-            for line in Path(f"/proc/{p}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    if p == pid:
-                        own = int(line.split()[1]) * 1024
-                    else:
-                        descendants += int(line.split()[1]) * 1024
-        except OSError:
-            pass
+        found.append(p)
         todo += children.get(p, [])
-    return own, descendants
+    return found
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[float, tuple[int, int, int], str]:
     """(seconds, peak resident bytes (of the process tree, of the process, of its descendants),
-    stderr) of a command."""
+    stderr) of a command. Each process's own peak is the kernel's high-water mark (VmHWM), read
+    every 0.1 s, so no short peak is missed; the tree's is the largest sum of its live
+    processes' marks."""
     start = time.time()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marks: dict[int, int] = {}  # pid -> VmHWM
     peak = (0, 0, 0)
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.append(proc.stderr.read()))
     reader.start()
     while proc.poll() is None:
-        own, descendants = tree_rss(proc.pid)
-        peak = (max(peak[0], own + descendants), max(peak[1], own), max(peak[2], descendants))
+        live = descendants(proc.pid)
+        for pid in [proc.pid, *live]:
+            marks[pid] = max(marks.get(pid, 0), _status(pid, "VmHWM"))
+        workers = sum(marks[p] for p in live)
+        peak = (max(peak[0], marks[proc.pid] + workers), marks[proc.pid], max(peak[2], workers))
         time.sleep(0.1)
     reader.join()
     proc.stdout.read()
