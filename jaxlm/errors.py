@@ -18,6 +18,14 @@ class UserError(Exception):
     """
 
 
+def _line(text: str) -> None:
+    """One line on stderr in one write: processes sharing a log (several on one host) cannot
+    split it, even with unbuffered output (PYTHONUNBUFFERED), where `print` writes the newline
+    apart."""
+    sys.stderr.write(text + "\n")
+    sys.stderr.flush()
+
+
 def cli(main: Callable[..., T]) -> Callable[..., T]:
     """Wraps a command's `main` so a `UserError` exits 2 with one line on stderr."""
 
@@ -26,10 +34,10 @@ def cli(main: Callable[..., T]) -> Callable[..., T]:
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            _line(f"error: {e}")
             sys.exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
+            _line("interrupted")
             sys.exit(130)
 
     return wrapper
