@@ -164,8 +164,8 @@ def build(texts: Iterator[str], tokenizer: Tokenizer, bos_id: int, eos_id: int, 
                 while len(pending) >= 2 * workers:
                     finished, _ = cf.wait(pending, return_when=cf.FIRST_COMPLETED)
                     _collect({f: pending.pop(f) for f in finished}, done, progress)
-                # one UTF-8 string per shard: a shard in flight is one allocation, freed whole,
-                # not thousands (one str per document) that fragment this process's heap
+                # one UTF-8 string per shard: a shard in flight is one compact allocation, not
+                # one str per document
                 utf8 = [text.encode() for text in shard]
                 lengths = np.fromiter(map(len, utf8), np.int64, len(utf8))
                 pending[pool.submit(_tokenize_shard, directory, index, b"".join(utf8), lengths, bos_id,

@@ -110,14 +110,18 @@ def token_stores(corpus: Corpus, tokenizer: TextTokenizer, cfg: DataConfig) -> d
     return {split: store.TokenStore(root / split, digest) for split in SPLITS}
 
 
+def _no_cloud_client_warning(record: logging.LogRecord) -> bool:
+    """Drops the warning Beam's import gives that Google Cloud clients are missing, which only
+    Dataflow needs (and its own workers have)."""
+    return "apitools not found" not in record.getMessage()
+
+
 def _beam():
     """`jaxlm.data.beam`, whose Apache Beam is an optional extra."""
     if importlib.util.find_spec("apache_beam") is None:
         raise UserError("data.prepare_runner needs Apache Beam: pip install -e \".[beam]\" "
                         "(or leave data.prepare_runner empty to prepare with local worker processes)")
-    # Beam's import warns that Google Cloud clients are missing, which only Dataflow needs (and
-    # its own workers have)
-    logging.getLogger().addFilter(lambda record: "apitools not found" not in record.getMessage())
+    logging.getLogger().addFilter(_no_cloud_client_warning)  # the same filter is added once
     from jaxlm.data import beam
     return beam
 
