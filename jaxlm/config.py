@@ -55,6 +55,7 @@ class ModelConfig:
     attention_impl: str = "xla"  # xla | cudnn | auto (cuDNN on GPUs with bfloat16 and head dims <= 128, else XLA)
     remat: str = "none"  # recompute activations in the backward pass: none, full, save_dots, ...
     scan_layers: bool = False  # one compiled block under nn.scan (faster compiles for deep models)
+    logits_chunk: int = 0  # decoders: row positions whose output logits the loss computes at a time; 0: whole rows
 
 
 @dataclass
@@ -148,6 +149,8 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 50
     eval_batches: int = 20  # 0 means the whole eval split
+    peak_tflops: float = 0.0  # a device's peak, for the logged mfu; 0: its datasheet figure (jaxlm.perf.PEAKS)
+    profile_steps: list[int] = field(default_factory=list)  # [first, last]: a jax.profiler trace of those steps in <workdir>/profile
 
 
 @dataclass
@@ -315,7 +318,7 @@ def validate(c: Config) -> None:
         _require(value > 0, f"{name}={value} must be a positive integer")
     for name, value in [("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
                         ("optim.warmup_steps", o.warmup_steps), ("train.eval_batches", t.eval_batches),
-                        ("data.prefetch", d.prefetch), ("data.prepare_workers", d.prepare_workers),
+                        ("data.prefetch", d.prefetch), ("model.logits_chunk", m.logits_chunk), ("data.prepare_workers", d.prepare_workers),
                         ("data.tokenizer_sample_mb", d.tokenizer_sample_mb)]:
         _require(value >= 0, f"{name}={value} must be >= 0")
     _require(m.embed_dim % m.num_heads == 0,
@@ -335,6 +338,8 @@ def validate(c: Config) -> None:
     _choice("model.remat", m.remat, REMAT)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
+    _require(not m.logits_chunk or d.seq_len % m.logits_chunk == 0,
+             f"model.logits_chunk={m.logits_chunk} does not divide data.seq_len={d.seq_len}; pick a divisor (or 0)")
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
@@ -360,6 +365,9 @@ def validate(c: Config) -> None:
     _require(0.0 <= o.end_lr_fraction <= 1.0, f"optim.end_lr_fraction={o.end_lr_fraction} must be in [0, 1]")
     _require(0.0 < o.decay_fraction <= 1.0, f"optim.decay_fraction={o.decay_fraction} must be in (0, 1]")
     _require(o.clip_norm >= 0, f"optim.clip_norm={o.clip_norm} must be >= 0 (0 disables clipping)")
+    _require(t.peak_tflops >= 0 and math.isfinite(t.peak_tflops), f"train.peak_tflops={t.peak_tflops} must be >= 0")
+    _require(not t.profile_steps or (len(t.profile_steps) == 2 and 1 <= t.profile_steps[0] <= t.profile_steps[1]),
+             f"train.profile_steps={t.profile_steps} must be [first, last] with 1 <= first <= last, e.g. [10, 12]")
     _choice("mesh.mode", mesh.mode, ("jit", "pmap"))
     _choice("mesh.slice_axis", mesh.slice_axis, ("data", "fsdp"))
     _require(mesh.slices >= 1, f"mesh.slices={mesh.slices} must be at least 1")

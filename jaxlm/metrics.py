@@ -7,9 +7,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+Array = jax.Array
 
 
 def objective(sums: dict[str, Any], terms: tuple[tuple[str, str], ...],
@@ -18,6 +23,43 @@ def objective(sums: dict[str, Any], terms: tuple[tuple[str, str], ...],
     divided by its denominator, taken from `totals` (the whole batch's) when given, else `sums`."""
     counts = sums if totals is None else totals
     return sum(sums[s] / jnp.maximum(counts[d], 1.0) for s, d in terms)
+
+
+def token_sums(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
+    """(summed cross-entropy, correct argmax predictions) of weighted tokens; logits [..., vocab]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return (losses * weights).sum(), ((logits.argmax(-1) == targets) * weights).sum()
+
+
+def chunked_token_sums(project: Callable[[Any, Array], Array], head: Any, hidden: Array, targets: Array,
+                       weights: Array, chunk: int) -> tuple[Array, Array]:
+    """`token_sums` of `project(head, hidden)`, `chunk` positions of every row at a time.
+
+    Only one slice's logits [batch, chunk, vocab] exist at once, in the forward and (recomputed)
+    in the backward pass, instead of the whole [batch, length, vocab]: the float32 logits of a
+    large vocabulary are most of a decoder's activation memory. Rows stay whole across slices, so
+    the batch keeps its sharding.
+
+    Args:
+      project: (head, hidden [batch, chunk, embed]) -> logits [batch, chunk, vocab].
+      head: the output layer's parameters (passed through, so gradients reach them).
+      hidden: [batch, length, embed]; targets, weights: [batch, length]. `chunk` divides length.
+    """
+    rows, length = targets.shape
+    def slices(x: Array) -> Array:  # [batch, length, ...] -> [length / chunk, batch, chunk, ...]
+        return jnp.moveaxis(x.reshape(rows, length // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def one(head: Any, h: Array, t: Array, w: Array) -> tuple[Array, Array]:
+        return token_sums(project(head, h), t, w)
+
+    def body(carry: tuple[Array, Array], xs: tuple[Array, Array, Array]) -> tuple[tuple[Array, Array], None]:
+        loss_sum, correct = one(head, *xs)
+        return (carry[0] + loss_sum, carry[1] + correct), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), (slices(hidden), slices(targets), slices(weights)))
+    return loss_sum, correct
 
 
 def token_metrics(sums: dict[str, float], count_key: str) -> dict[str, float]:

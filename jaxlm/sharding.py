@@ -169,6 +169,13 @@ def bytes_per_device(abstract_tree: Any) -> int:
                for leaf in jax.tree_util.tree_leaves(abstract_tree))
 
 
+def compiled_bytes(analysis: Any) -> int:
+    """Device bytes a compiled program needs (its `memory_analysis()`): arguments, outputs and
+    temporaries, less the outputs that reuse donated arguments."""
+    return (analysis.argument_size_in_bytes + analysis.temp_size_in_bytes
+            + analysis.output_size_in_bytes - analysis.alias_size_in_bytes)
+
+
 class StopVote:
     """Agrees across processes on the step to stop at after a signal (SIGTERM/SIGINT).
 

@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from jaxlm import config as config_lib
-from jaxlm import optim, sharding, tasks
+from jaxlm import optim, perf, sharding, tasks
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
 from jaxlm.data import pipeline
@@ -32,8 +32,9 @@ from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError, cli
 from jaxlm.metrics import add_sums
 from jaxlm.microbatch import Layout
+from jaxlm.models import flops
 from jaxlm.models.layers import restack
-from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, with_vocab
+from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, shapes_run, with_vocab
 from jaxlm.writers import Writers
 
 # Steps the host may dispatch beyond the one the device is finishing. One keeps input preparation
@@ -54,8 +55,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workdir", help="run directory (default: runs/<date-time>)")
     parser.add_argument("--compile-only", action="store_true",
                         help="compile the train step, print memory and FLOPs, and exit")
+    parser.add_argument("--device-memory-gib", type=float, default=0.0, metavar="N",
+                        help="with --compile-only: say whether the step fits a device of N GiB "
+                             "(exit code 1 if not) and which knobs to turn")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.device_memory_gib and not args.compile_only:
+        raise UserError("--device-memory-gib goes with --compile-only")
+    if args.device_memory_gib < 0:
+        raise UserError(f"--device-memory-gib={args.device_memory_gib} must be positive")
+    return args
 
 
 def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run, dict[str, Any]]:
@@ -201,8 +210,59 @@ class _StopFlag:
         self.stop = True
 
 
-def compile_only(run: Run) -> None:
-    """Compiles the train step and prints per-device memory and FLOPs."""
+def utilisation_peak(cfg: Config) -> float | None:
+    """Peak FLOP/s of one device for the logged mfu (`train.peak_tflops`, else the datasheet's);
+    says once where it comes from, or how to get mfu logged where no peak is known."""
+    device = jax.devices()[0]
+    if cfg.train.peak_tflops:
+        peak, source = cfg.train.peak_tflops * 1e12, "train.peak_tflops"
+    else:
+        peak, source = perf.datasheet_peak(device, cfg.model.dtype), f"the {device.device_kind} datasheet"
+    if peak:
+        print(f"mfu: model FLOPs over {peak / 1e12:g} TFLOP/s a device ({cfg.model.dtype}, {source})", file=sys.stderr)
+    else:
+        print(f"mfu: no {cfg.model.dtype} peak known for '{device.device_kind}'; set train.peak_tflops "
+              "(python -m jaxlm.bench measures a matmul peak) to log it", file=sys.stderr)
+    return peak
+
+
+class Profile:
+    """A `jax.profiler` trace of steps [first, last] (`train.profile_steps`) in `directory`, for
+    TensorBoard's profile plugin or Perfetto. The trace covers the steps' device work: it starts
+    before `first` is dispatched and stops once `last` has finished."""
+
+    def __init__(self, directory: Path, steps: list[int]):
+        self.directory = directory
+        self.first, self.last = steps if steps else (0, -1)
+        self.active = False
+
+    def before(self, step: int) -> None:
+        """Call before dispatching `step`."""
+        if step == self.first and jax.process_index() == 0:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.directory))
+            self.active = True
+            print(f"profiling steps {self.first}-{self.last} into {self.directory}", file=sys.stderr)
+
+    def after(self, step: int) -> bool:
+        """Whether the trace should stop now that `step` is dispatched (wait for it first)."""
+        return self.active and step >= self.last
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+            print(f"wrote a profile of steps {self.first}-{self.last}: "
+                  f"tensorboard --logdir {self.directory} (Profile tab), or open the .trace.json.gz in "
+                  "https://ui.perfetto.dev", file=sys.stderr)
+
+
+def compile_only(run: Run, device_memory_gib: float = 0.0) -> bool:
+    """Compiles the train step and prints per-device memory and FLOPs; with `device_memory_gib`,
+    also whether the step fits a device of that size and, if not, which knobs to turn.
+
+    Returns False when it does not fit.
+    """
     c, cfg = run.compiled, run.config
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=c.batch_sharding)
              for k, v in run.task.dummy_batch(cfg.train.batch_size, cfg.data.seq_len).items()}
@@ -219,14 +279,46 @@ def compile_only(run: Run) -> None:
     print(f"parameters: {params:,}")
     print(f"per device: params {sharding.bytes_per_device(c.abstract_state.params) / gib:.3f} GiB, "
           f"optimizer {sharding.bytes_per_device(c.abstract_state.opt_state) / gib:.3f} GiB")
-    if mem is not None:
-        total = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes \
-            - mem.alias_size_in_bytes
-        print(f"per device (compiled): arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
-              f"activations and temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, "
-              f"total {total / gib:.3f} GiB")
+    model_flops = flops.train_step(run.task.forward_flops(cfg.train.batch_size, cfg.data.seq_len))
+    print(f"model FLOPs per step (analytic, all devices): {model_flops:.3e}")
     if cost and "flops" in cost:
-        print(f"FLOPs per step (per device): {cost['flops']:.3e}")
+        print(f"FLOPs per step (per device, XLA's count): {cost['flops']:.3e}")
+    if mem is None:
+        if device_memory_gib:
+            print("this backend reports no compiled memory: cannot say whether the step fits")
+        return True
+    total = sharding.compiled_bytes(mem)
+    print(f"per device (compiled): arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
+          f"activations and temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, total {total / gib:.3f} GiB")
+    if not device_memory_gib:
+        return True
+    if total <= device_memory_gib * gib:
+        print(f"fits a {device_memory_gib:g} GiB device ({100 * total / (device_memory_gib * gib):.0f}% of it)")
+        return True
+    print(f"does not fit a {device_memory_gib:g} GiB device: needs {total / gib:.1f} GiB; "
+          + "; ".join(memory_knobs(cfg, mem.temp_size_in_bytes > mem.argument_size_in_bytes)))
+    return False
+
+
+def memory_knobs(cfg: Config, activations_dominate: bool) -> list[str]:
+    """What to change, in the order that costs least speed, for a step that does not fit."""
+    m, t = cfg.model, cfg.train
+    knobs = []
+    if activations_dominate:
+        if cfg.task == "clm" and not m.logits_chunk:
+            knobs.append("model.logits_chunk=128 (the output layer's logits a slice of each row at a time)")
+        if m.remat == "none":
+            knobs.append("model.remat=save_dots_no_batch (or full: recompute activations in the backward pass)")
+        elif m.remat != "full":
+            knobs.append("model.remat=full")
+        rows = t.batch_size // t.grad_accum_steps
+        if rows % 2 == 0:
+            knobs.append(f"train.grad_accum_steps={2 * t.grad_accum_steps} (half the rows at a time, same update)")
+    if cfg.mesh.fsdp == 1:
+        knobs.append("mesh.fsdp=-1 mesh.data=1 (shard parameters and optimizer state over the devices)")
+    if m.dtype == "float32":
+        knobs.append("model.dtype=bfloat16")
+    return knobs or ["use more devices (mesh.fsdp) or a smaller model"]
 
 
 def train(config: Config, workdir: Path) -> dict[str, float]:
@@ -264,6 +356,9 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
               f"peak {cfg.optim.learning_rate:.2e}", file=sys.stderr)
     rng = jax.random.key(cfg.seed)  # the run's key; the step draws from its streams (jaxlm.rngs)
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
+    flops_per_device = flops.train_step(run.task.forward_flops(tcfg.batch_size, cfg.data.seq_len)) / jax.device_count()
+    peak = utilisation_peak(cfg)
+    profile = Profile(workdir / "profile", tcfg.profile_steps)
     last_eval: dict[str, float] = {}
     clock, clock_step = time.time(), start_step
     inflight: deque = deque()  # (step, device metrics) of dispatched steps not yet seen finished
@@ -274,8 +369,11 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         sums = add_sums(None, device_metrics)  # waits for that step only
         now = time.time()
         steps = max(step - clock_step, 1)
+        seconds = max(now - clock, 1e-9)
+        tflops = flops_per_device * steps / seconds / 1e12  # model TFLOP/s per device
         values = {**run.task.summarize(sums), "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
-                  "tokens_per_s": tokens_per_step * steps / max(now - clock, 1e-9),
+                  "tokens_per_s": tokens_per_step * steps / seconds, "model_tflops_per_device": tflops,
+                  **({"mfu": tflops * 1e12 / peak} if peak else {}),
                   "data_wait_s": data_wait / steps, "eta_s": writers.eta(step)}
         clock, clock_step, data_wait = now, step, 0.0
         writers.write(step, "train", values)
@@ -304,12 +402,16 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 host_batch = next(data)
                 data_wait += time.perf_counter() - asked
                 batch = c.put_batch(host_batch)
+                profile.before(step + 1)
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
                 inflight.append((step, metrics))
                 # wait for step N - 1 while step N runs: the next batch is prepared and dispatched
                 # in the meantime, and a stop (or a checkpoint) never waits for a queue of steps
                 finish(RUN_AHEAD)
+                if profile.after(step):
+                    finish(0)
+                    profile.stop()
                 if step % tcfg.eval_every == 0 or step == tcfg.steps:
                     finish(0)
                     last_eval = evaluate(run, state.params, rows["eval"])
@@ -323,6 +425,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                     ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             finish(0)
     finally:  # finish writing checkpoints even when a step fails: no lost work
+        profile.stop()
         ckpt.close()
         best.close()
         writers.close()
@@ -338,14 +441,13 @@ def main(argv: list[str] | None = None) -> None:
     sharding.initialize_distributed(config.distributed)
     if config.mesh.mode == "pmap":  # refused before any data work
         sharding.check_pmap_processes()
-    workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
-    if args.compile_only:
-        workdir.mkdir(parents=True, exist_ok=True)
+    if args.compile_only:  # shapes only: no data, no workdir
         if config.mesh.mode == "pmap":
             print("pmap mode: compiling the equivalent data-parallel mesh", file=sys.stderr)
-        run, _ = prepare(config, workdir, mode="jit")
-        compile_only(run)
+        if not compile_only(shapes_run(config, mode="jit"), args.device_memory_gib):
+            sys.exit(1)
         return
+    workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))
     start = time.time()
     final = train(config, workdir)
     if final:

@@ -29,10 +29,11 @@ from jaxlm.steps import Compiled, PmapCompiled
 # Keys a rerun on an existing workdir may change (how long, how often, on which devices, how
 # computed); any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
+                     "train.peak_tflops", "train.profile_steps",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep",
                      "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "data.prefetch",
                      "data.prepare_workers", "data.prepare_runner", "data.beam_options", "data.shard_mb",
-                     "data.tokenizer_sample_mb", "model.remat", "model.dtype", "model.attention_impl",
+                     "data.tokenizer_sample_mb", "model.remat", "model.logits_chunk", "model.dtype", "model.attention_impl",
                      "mesh.mode", "mesh.data", "mesh.fsdp", "mesh.tensor", "mesh.slices", "mesh.slice_axis",
                      "mesh.rules", "distributed.coordinator", "distributed.num_processes", "distributed.process_id",
                      "distributed.timeout_s", "distributed.cpu_collectives")
@@ -115,6 +116,16 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     else:
         compiled = Compiled(task, tx, mesh, sharding.rules(config.mesh), batch, config.data.seq_len, accum)
     return Run(config, tok, task, compiled)
+
+
+def shapes_run(config: Config, mode: str | None = None) -> Run:
+    """A run of the config's shapes that needs no data, for compiling and benchmarking: the
+    tokenizer the config names (or its source run's), else a placeholder vocabulary of
+    `data.vocab_size` tokens."""
+    config = inherit_model(config)
+    tok = (tokenizer_lib.from_file(config.data.tokenizer) if config.data.tokenizer
+           else tokenizer_lib.placeholder(config.data.vocab_size))
+    return build(with_vocab(config, tok), tok, mode)
 
 
 def open_run(workdir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Run, Checkpoints]:

@@ -95,6 +95,10 @@ def format_line(step: int, total: int, kind: str, values: dict[str, float]) -> s
             parts.append(f"lr {value:.2e}")
         elif key == "tokens_per_s":
             parts.append(f"tok/s {value:,.0f}")
+        elif key == "model_tflops_per_device":
+            parts.append(f"tflop/s/device {value:.3g}")
+        elif key == "mfu":
+            parts.append(f"mfu {100 * value:.1f}%")
         elif key == "data_wait_s":
             parts.append(f"data_wait {value * 1e3:.1f}ms")
         elif isinstance(value, float):

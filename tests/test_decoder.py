@@ -10,7 +10,8 @@ import pytest
 from equivalence import apply
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.decoder import DecoderLM
+from jaxlm.models.decoder import DecoderLM, output_logits
+from jaxlm.tasks.clm import ClmTask
 
 CFG = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=64, max_len=32)
 
@@ -162,3 +163,59 @@ def test_causal_attention_is_passed_as_is_causal(monkeypatch):
     calls.clear()
     enc.init(jax.random.key(0), ones, ones * 0, ones, jnp.broadcast_to(jnp.arange(16), (2, 16)))
     assert calls == [(False, "xla")] * 2
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_output_logits_equal_the_models_own(tie):
+    cfg = dataclasses.replace(CFG, tie_embeddings=tie)
+    model, params = init(cfg)
+    hidden = jax.jit(lambda v, t: model.apply(v, t, hidden_only=True))({"params": params}, tokens())
+    assert hidden.shape == (2, 16, 32)
+    np.testing.assert_allclose(output_logits(params, hidden, cfg), apply(model, {"params": params}, tokens()),
+                               rtol=1e-6, atol=1e-6)
+
+
+def _clm_loss(cfg, batch):
+    task = ClmTask(cfg, np.ones(cfg.vocab_size, np.int32))
+    params = nn.meta.unbox(task.init(jax.random.key(0), batch))["params"]
+
+    def loss(p):
+        return task.loss(p, batch, jax.random.key(1), train=False)
+    return loss, params
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_chunked_logits_give_the_plain_loss_and_gradients(tie):
+    rows, length = 4, 16
+    ids = np.asarray(tokens(rows, length + 1, seed=3))
+    segments = np.ones((rows, length), np.int32)
+    segments[1, 5:] = 2  # a packed row
+    segments[2, 11:] = 0  # padding
+    batch = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": segments,
+             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)).copy()}
+    results = {}
+    for chunk in (0, 4):
+        cfg = dataclasses.replace(CFG, tie_embeddings=tie, logits_chunk=chunk)
+        loss, params = _clm_loss(cfg, batch)
+        (value, sums), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+        results[chunk] = value, sums, grads
+    (v0, s0, g0), (v4, s4, g4) = results[0], results[4]
+    assert float(s0["tokens"]) == 4 * 16 - 5
+    np.testing.assert_allclose(v4, v0, rtol=1e-6)
+    for key in ("loss_sum", "correct", "bytes"):
+        np.testing.assert_allclose(s4[key], s0[key], rtol=1e-6)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g4, g0)
+
+
+def test_chunked_logits_need_less_memory():
+    rows, length = 4, 64
+    batch = {k: np.ones((rows, length), np.int32) for k in ("inputs", "targets", "segment_ids", "positions")}
+    temps = {}
+    for chunk in (0, 8):
+        cfg = dataclasses.replace(CFG, vocab_size=8192, max_len=64, logits_chunk=chunk)
+        loss, params = _clm_loss(cfg, batch)
+        compiled = jax.jit(jax.grad(lambda p: loss(p)[0])).lower(params).compile()
+        temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
+    logits_bytes = rows * length * 8192 * 4
+    assert temps[0] > logits_bytes  # the whole float32 logits (and their gradient) ...
+    assert temps[8] < temps[0] - logits_bytes  # ... are gone with slices of 8 positions

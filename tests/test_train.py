@@ -24,7 +24,7 @@ def records(workdir: Path, kind: str) -> dict[int, dict]:
 @pytest.fixture(scope="module")
 def trained(corpus_dir, cache_dir, tmp_path_factory):
     from conftest import tiny_overrides
-    overrides = tiny_overrides(corpus_dir, cache_dir)
+    overrides = tiny_overrides(corpus_dir, cache_dir) + ["train.peak_tflops=0.5", "train.profile_steps=[3,4]"]
     workdir = tmp_path_factory.mktemp("run")
     train.train(config_lib.load(None, overrides), workdir)
     return workdir, overrides
@@ -38,7 +38,11 @@ def test_run_writes_a_self_describing_workdir(trained):
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
     logged = records(workdir, "train")
     assert sorted(logged) == [2, 4, 6, 8]
-    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "eta_s"} <= set(logged[8])
+    assert {"loss", "learning_rate", "grad_norm", "tokens_per_s", "data_wait_s", "eta_s"} <= set(logged[8])
+    # mfu: the same model FLOPs over the configured peak (0.5 TFLOP/s)
+    assert logged[8]["mfu"] == pytest.approx(logged[8]["model_tflops_per_device"] / 0.5)
+    assert 0 < logged[8]["mfu"] < 1
+    assert [p.name for p in (workdir / "profile").glob("plugins/profile/*/*.xplane.pb")]  # steps 3-4 traced
     evals = records(workdir, "eval")
     assert sorted(evals) == [4, 8]
     assert {"loss", "perplexity", "bits_per_byte", "accuracy"} <= set(evals[8])
@@ -229,11 +233,23 @@ def test_pmap_over_several_processes_is_refused(tiny, tmp_path):
 
 
 def test_compile_only_reports_memory_and_flops(tiny, tmp_path, capsys):
-    train.main(["--compile-only", "--workdir", str(tmp_path), *tiny, "mesh.data=2", "mesh.fsdp=4"])
+    workdir = tmp_path / "never"
+    train.main(["--compile-only", "--workdir", str(workdir), *tiny, "mesh.data=2", "mesh.fsdp=4",
+                "--device-memory-gib", "64"])
     out = capsys.readouterr().out
     assert "on 8 devices {'data': 2, 'fsdp': 4, 'tensor': 1}" in out
     assert "per device: params" in out and "activations and temporaries" in out and "FLOPs per step" in out
-    assert not (tmp_path / "checkpoints").exists()
+    assert "fits a 64 GiB device" in out
+    assert not workdir.exists()  # shapes only: no data prepared, nothing written
+
+
+def test_compile_only_says_which_knob_makes_the_step_fit(tiny, capsys):
+    with pytest.raises(SystemExit) as info:
+        train.main(["--compile-only", *tiny, "--device-memory-gib", "0.001"])
+    assert info.value.code == 1
+    out = capsys.readouterr().out
+    assert "does not fit a 0.001 GiB device" in out
+    assert "model.remat=" in out and "train.grad_accum_steps=2" in out and "mesh.fsdp=-1" in out
 
 
 def test_mesh_that_does_not_divide_a_parameter_is_one_error(tiny, tmp_path, capsys):

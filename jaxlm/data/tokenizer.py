@@ -143,6 +143,17 @@ def train_bpe(texts: Iterator[str], vocab_size: int) -> TextTokenizer:
                          tok.token_to_id(MASK))
 
 
+def placeholder(vocab_size: int) -> TextTokenizer:
+    """A vocabulary of `vocab_size` word tokens (`w4`, `w5`, ...) after pad, bos, eos and mask:
+    the shapes of a real one, for compiling and benchmarking without data."""
+    vocab = {name: i for i, name in enumerate((PAD, BOS, EOS, MASK))}
+    vocab.update({f"w{i}": i for i in range(len(vocab), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=PAD))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens([PAD, BOS, EOS, MASK])
+    return TextTokenizer(tok, 0, 1, 2, 3)
+
+
 def obtain(cfg: DataConfig, splits: Corpus, workdir: Path, seed: int = 0) -> TextTokenizer:
     """The run's tokenizer: the workdir's copy if present, else loaded or trained, then saved there.
 

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.layers import Dense, Mlp, Norm, SelfAttention, constrain, embed, stack
+from jaxlm.models.layers import Dense, Mlp, Norm, SelfAttention, constrain, dtype_of, embed, stack
 
 Array = jax.Array
 
@@ -45,7 +45,7 @@ class DecoderLM(nn.Module):
     @nn.compact
     def __call__(self, tokens: Array, segment_ids: Array | None = None,
                  positions: Array | None = None, decode: bool = False,
-                 deterministic: bool = True) -> Array:
+                 deterministic: bool = True, hidden_only: bool = False) -> Array:
         """Returns float32 logits [batch, length, vocab].
 
         Args:
@@ -54,6 +54,8 @@ class DecoderLM(nn.Module):
           positions: [batch, length]; default: 0..length-1.
           decode: read and extend the KV cache (the `cache` collection must be mutable).
           deterministic: False enables dropout (needs a `dropout` rng).
+          hidden_only: return the final hidden states [batch, length, embed] instead, for a
+            loss that applies the output layer a slice at a time (`output_logits`).
         """
         cfg = self.cfg
         if segment_ids is None:
@@ -69,9 +71,20 @@ class DecoderLM(nn.Module):
         x = stack(DecoderBlock, cfg, x, segment_ids, positions, decode=decode,
                   deterministic=deterministic)
         x = Norm(cfg, name="ln_final")(x)
+        if hidden_only:
+            return x
         if cfg.tie_embeddings:
             logits = token_embed.attend(x)
         else:
             head_cfg = dataclasses.replace(cfg, use_bias=False)
             logits = Dense((cfg.vocab_size,), ("embed", "vocab"), head_cfg, name="lm_head")(x)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+
+def output_logits(params: dict, hidden: Array, cfg: ModelConfig) -> Array:
+    """The output layer of `DecoderLM` applied to hidden states [..., embed] -> float32 logits
+    [..., vocab], from the model's parameters: the token embedding table (tied) or `lm_head`."""
+    dtype = dtype_of(cfg)
+    table = params["token_embed"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+    logits = jnp.dot(hidden.astype(dtype), table.astype(dtype))  # [..., vocab]
+    return logits.astype(jnp.float32)

@@ -61,6 +61,14 @@ class Task(Protocol):
     def dummy_batch(self, batch_size: int, seq_len: int) -> Batch:
         """A batch of the right shapes and dtypes, for initialisation and compilation."""
 
+    def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> Batch:
+        """A batch of random content with the shapes, dtypes and structure of real ones (no
+        padding), for benchmarks that need no dataset."""
+
+    def forward_flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of one forward pass over such a batch, counted analytically as computed
+        (`jaxlm.models.flops`); a training step costs three times as much."""
+
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         """Boxed (logically annotated) variables of the model."""
 

@@ -16,6 +16,7 @@ from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective
 from jaxlm.microbatch import Layout
+from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderClassifier
 
 Array = jax.Array
@@ -73,6 +74,22 @@ class ClassifyTask:
         batch["labels"] = np.zeros(batch_size, np.int32)
         batch["pool_at"] = np.arange(batch_size, dtype=np.int32) * seq_len
         return batch
+
+    def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random tokens and labels, one example a row (benchmarks)."""
+        batch = self.dummy_batch(batch_size, seq_len)
+        batch["inputs"] = rng.integers(0, self.model.cfg.vocab_size, (batch_size, seq_len), dtype=np.int32)
+        batch["token_types"] = np.zeros((batch_size, seq_len), np.int32)
+        batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()
+        batch["labels"] = rng.integers(0, self.num_labels, batch_size, dtype=np.int32)
+        return batch
+
+    def forward_flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of a forward pass: bidirectional blocks, pooler and classifier, one example a row."""
+        cfg = self.model.cfg
+        return (flops.blocks(cfg, batch_size, seq_len, causal=False)
+                + flops.dense(batch_size, cfg.embed_dim, cfg.embed_dim)
+                + flops.dense(batch_size, cfg.embed_dim, self.num_labels))
 
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         return self.model.init(rng, batch["inputs"], batch["token_types"], batch["segment_ids"],

@@ -7,14 +7,14 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import pipeline
 from jaxlm.data.sources import Corpus
 from jaxlm.data.tokenizer import TextTokenizer
-from jaxlm.metrics import objective, token_metrics
-from jaxlm.models.decoder import DecoderLM
+from jaxlm.metrics import chunked_token_sums, objective, token_metrics, token_sums
+from jaxlm.models import flops
+from jaxlm.models.decoder import DecoderLM, output_logits
 from jaxlm.tasks.base import Documents
 
 Array = jax.Array
@@ -52,6 +52,19 @@ class ClmTask(Documents):
         """A batch of the right shapes and dtypes, for initialisation and compilation."""
         return {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
 
+    def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random tokens, one document a row (benchmarks)."""
+        tokens = rng.integers(0, self.model.cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len))
+        return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
+                "segment_ids": np.ones((batch_size, seq_len), np.int32), "positions": positions.copy()}
+
+    def forward_flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of a forward pass: causal blocks and the output layer on every token."""
+        cfg = self.model.cfg
+        return (flops.blocks(cfg, batch_size, seq_len, causal=True)
+                + flops.dense(batch_size * seq_len, cfg.embed_dim, cfg.vocab_size))
+
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         """Boxed (logically annotated) variables of the model."""
         return self.model.init(rng, batch["inputs"], batch["segment_ids"], batch["positions"])
@@ -62,15 +75,23 @@ class ClmTask(Documents):
 
     def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
              totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
-        """Mean token loss (for the gradient; over `totals` when given) and metric sums."""
-        logits = self.model.apply(
-            {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
-            deterministic=not train, rngs={"dropout": rng})  # [batch, length, vocab]
+        """Mean token loss (for the gradient; over `totals` when given) and metric sums.
+
+        With `model.logits_chunk`, the output layer and the loss run a slice of every row at a
+        time (`chunked_token_sums`): the same sums without the whole [batch, length, vocab] logits.
+        """
+        cfg = self.model.cfg
+        chunk = cfg.logits_chunk
         weights = (batch["segment_ids"] != 0).astype(jnp.float32)
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        out = self.model.apply(
+            {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+            deterministic=not train, hidden_only=bool(chunk), rngs={"dropout": rng})
+        if chunk:  # out: [batch, length, embed]
+            loss_sum, correct = chunked_token_sums(lambda p, h: output_logits(p, h, cfg), params, out,
+                                                   batch["targets"], weights, chunk)
+        else:  # out: [batch, length, vocab]
+            loss_sum, correct = token_sums(out, batch["targets"], weights)
         tokens = weights.sum()
-        loss_sum = (losses * weights).sum()
-        correct = ((logits.argmax(-1) == batch["targets"]) * weights).sum()
         nbytes = (jnp.asarray(self._byte_lengths)[batch["targets"]] * weights).sum()
         sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct, "bytes": nbytes}
         return objective(sums, self.terms, totals), sums

@@ -33,6 +33,7 @@ from jaxlm.data.sources import Corpus
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 from jaxlm.metrics import objective, token_metrics
+from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderMLM
 from jaxlm.tasks.base import Documents
 
@@ -124,6 +125,27 @@ class MlmTask(Documents):
         if self.cfg.nsp:
             batch["nsp_labels"] = np.zeros(batch_size, np.int32)
         return batch
+
+    def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random text tokens, one document (or pair) a row, random row ids (benchmarks)."""
+        batch = self.dummy_batch(batch_size, seq_len)
+        batch["inputs"] = rng.choice(self._text_ids, (batch_size, seq_len)).astype(np.int32)
+        batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()
+        batch["row_ids"] = rng.integers(0, 2 ** 32, (batch_size, 2), dtype=np.uint32)
+        if self.cfg.nsp:
+            batch["token_types"] = (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(batch_size, 0)
+            batch["nsp_labels"] = rng.integers(0, 2, batch_size, dtype=np.int32)
+        return batch
+
+    def forward_flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of a forward pass: bidirectional blocks, the pooler (and NSP), and the
+        MLM head (transform and output layer) on the gathered positions only."""
+        cfg = self.model.cfg
+        picked = batch_size * self.predictions
+        pooled = flops.dense(batch_size, cfg.embed_dim, cfg.embed_dim)
+        nsp = flops.dense(batch_size, cfg.embed_dim, 2) if self.cfg.nsp else 0.0
+        head = flops.dense(picked, cfg.embed_dim, cfg.embed_dim) + flops.dense(picked, cfg.embed_dim, cfg.vocab_size)
+        return flops.blocks(cfg, batch_size, seq_len, causal=False) + pooled + nsp + head
 
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         tokens = batch["inputs"]

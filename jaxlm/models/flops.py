@@ -1,0 +1,51 @@
+"""Model FLOPs, counted analytically from the config: what MFU divides by.
+
+Only matrix multiplies count (2 FLOPs a multiply-add), as in the PaLM paper's MFU: dense layers,
+attention scores and their weighted sums, and output layers. Embedding lookups, norms,
+activations and softmax are left out. A training step is three forward passes (the backward pass
+is two: gradients of activations and of weights); recomputation under `model.remat` is not model
+work and is not counted.
+
+Attention is counted as computed: XLA's kernel computes every query-key score of a row, masked
+or not, so a causal mask costs as much as a bidirectional one; cuDNN's causal kernel skips the
+blocks above the diagonal, about half.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from jaxlm.config import ModelConfig
+from jaxlm.models.layers import attention_backend, dtype_of
+
+TRAIN_PASSES = 3  # forward + backward (activation and weight gradients)
+
+
+def dense(tokens: float, d_in: int, d_out: int) -> float:
+    """FLOPs of `tokens` rows through a [d_in, d_out] matrix."""
+    return 2.0 * tokens * d_in * d_out
+
+
+def attention_share(cfg: ModelConfig, causal: bool) -> float:
+    """Share of a row's query-key pairs the configured attention kernel computes."""
+    kernel = attention_backend(cfg.attention_impl, dtype_of(cfg), cfg.embed_dim // cfg.num_heads)
+    return 0.5 if causal and kernel == "cudnn" else 1.0
+
+
+def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool) -> float:
+    """Forward FLOPs of the Transformer blocks over `batch` rows of `seq_len` tokens.
+
+    Per layer: query, key, value and output projections, the MLP's two matrices, and attention's
+    scores (q k^T) and weighted values, each [length, length] x head dims over all heads.
+    """
+    tokens = batch * seq_len
+    mlp = cfg.mlp_dim or 4 * cfg.embed_dim
+    projections = 4 * dense(tokens, cfg.embed_dim, cfg.embed_dim)
+    feed_forward = 2 * dense(tokens, cfg.embed_dim, mlp)
+    scores = 2 * 2.0 * batch * seq_len * seq_len * cfg.embed_dim * attention_share(cfg, causal)
+    return cfg.num_layers * (projections + feed_forward + scores)
+
+
+def train_step(forward: float) -> float:
+    """Model FLOPs of a training step whose forward pass costs `forward`."""
+    return TRAIN_PASSES * forward
