@@ -83,3 +83,19 @@ def test_bench_bad_arguments_exit_2(capsys):
         bench.main(["--steps", "0"])
     assert info.value.code == 2
     assert "--steps=0 must be at least 1" in capsys.readouterr().err
+
+
+def test_gpu_script_dry_run_writes_its_table(tmp_path):
+    """bench/gpu.sh runs the same commands on tiny shapes on CPU with --dry-run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(["bash", str(root / "bench/gpu.sh"), "--dry-run", str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["gpt2_small", "gpt_350m", "bert_large_mlm"]
+    table = (tmp_path / "gpu.md").read_text().splitlines()
+    assert table[0].startswith("| model | device |") and len(table) == 2 + 3

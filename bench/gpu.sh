@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Benchmarks the large presets on one GPU at realistic batch and sequence lengths and writes a
+# table: gpt2_small, gpt_350m and bert_large_mlm in bfloat16 (float32 master weights), with
+# cuDNN's fused attention (model.attention_impl=auto). Target: at least 50% MFU on an H100/H200.
+#
+#   bash bench/gpu.sh [OUT_DIR]            # on a machine with a GPU and jax[cuda12] installed
+#   bash bench/gpu.sh --dry-run [OUT_DIR]  # anywhere: the same commands on tiny shapes on CPU
+#
+# Writes OUT_DIR/gpu.jsonl (one `python -m jaxlm.bench --json` line a model), OUT_DIR/gpu.md
+# (the table) and OUT_DIR/gpu.log (everything printed). OUT_DIR defaults to bench-out/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+dry=0
+if [[ "${1:-}" == "--dry-run" ]]; then dry=1; shift; fi
+out=${1:-bench-out}
+mkdir -p "$out"
+: > "$out/gpu.jsonl"
+python=${PYTHON:-python}
+
+if [[ $dry == 0 ]] && ! "$python" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")'; then
+    echo "no GPU backend in jax here: install jax[cuda12], or pass --dry-run" >&2
+    exit 2
+fi
+
+# name | preset | overrides: batch and length per device that keep a GPU busy
+models=(
+    "gpt2_small|configs/gpt2_small.yaml|train.batch_size=32 data.seq_len=1024 model.logits_chunk=256"
+    "gpt_350m|configs/gpt_350m.yaml|train.batch_size=8 data.seq_len=2048 model.logits_chunk=256"
+    "bert_large_mlm|configs/bert_large_mlm.yaml|train.batch_size=128 data.seq_len=128 model.remat=none"
+)
+common="mesh.data=1 mesh.fsdp=1 mesh.tensor=1 model.dtype=bfloat16"
+args=(--steps 10 --warmup 3)
+if [[ $dry == 1 ]]; then
+    common="mesh.data=-1 model.num_layers=1 model.embed_dim=64 model.num_heads=2 model.mlp_dim=128 model.vocab_size=512"
+    args=(--steps 1 --warmup 0 --matmul-size 128)
+fi
+
+for entry in "${models[@]}"; do
+    IFS='|' read -r name preset overrides <<< "$entry"
+    if [[ $dry == 1 ]]; then overrides="train.batch_size=8 data.seq_len=32"; fi
+    echo "== $name" | tee -a "$out/gpu.log"
+    # shellcheck disable=SC2086
+    "$python" -m jaxlm.bench --config "$preset" "${args[@]}" --json $overrides $common 2>&1 \
+        | tee -a "$out/gpu.log" | tail -n 1 >> "$out/gpu.jsonl"
+done
+
+"$python" - "$out" <<'EOF'
+import json
+import sys
+
+out = sys.argv[1]
+rows = [json.loads(line) for line in open(f"{out}/gpu.jsonl")]
+pct = lambda x: "n/a" if x is None else f"{100 * x:.1f}%"
+gib = lambda x: "n/a" if x is None else f"{x:.1f}"
+lines = ["| model | device | batch x length | step (s) | tokens/s | model TFLOP/s | MFU (datasheet) "
+         "| MFU (measured matmul) | peak memory (GiB) |", "| --- " * 9 + "|"]
+for r in rows:
+    lines.append(f"| {r['config']} | {r['device']} | {r['batch']} x {r['seq_len']} | {r['step_s_median']:.4f} "
+                 f"| {r['tokens_per_s']:,.0f} | {r['model_tflops_per_device']:.1f} | {pct(r['mfu_datasheet'])} "
+                 f"| {pct(r['mfu_matmul'])} | {gib(r['peak_memory_gib'])} |")
+open(f"{out}/gpu.md", "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+EOF
