@@ -6,7 +6,8 @@
 #   bash bench/gpu.sh [OUT_DIR]            # on a machine with a GPU and jax[cuda12] installed
 #   bash bench/gpu.sh --dry-run [OUT_DIR]  # anywhere: the same commands on tiny shapes on CPU
 #
-# Writes OUT_DIR/gpu.jsonl (one `python -m jaxlm.bench --json` line a model), OUT_DIR/gpu.md
+# Checks the attention kernels first (tests/test_attention.py, cuDNN's included on a GPU). Writes
+# OUT_DIR/gpu.jsonl (one `python -m jaxlm.bench --json` line a model), OUT_DIR/gpu.md
 # (the table) and OUT_DIR/gpu.log (everything printed). OUT_DIR defaults to bench-out/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +23,11 @@ if [[ $dry == 0 ]] && ! "$python" -c 'import jax, sys; sys.exit(jax.default_back
     echo "no GPU backend in jax here: install jax[cuda12], or pass --dry-run" >&2
     exit 2
 fi
+
+# first, the attention kernels against the reference math on packed and padded batches
+# (cuDNN's on a GPU; XLA's everywhere)
+platform=$([[ $dry == 1 ]] && echo cpu || echo cuda)
+JAX_PLATFORMS=$platform "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tee "$out/gpu.log"
 
 # name | preset | overrides: batch and length per device that keep a GPU busy
 models=(

@@ -26,7 +26,7 @@ class ClmTask(Documents):
     Metric sums (divided on the host, after aggregation over devices and steps):
       loss_sum   summed token cross-entropy in nats
       tokens     number of predicted (non-padding) tokens
-      correct    tokens whose argmax prediction is the target
+      correct    tokens whose target has the largest logit (the argmax prediction)
       bytes      UTF-8 bytes the predicted tokens stand for (bits-per-byte denominator)
     """
 

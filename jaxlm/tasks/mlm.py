@@ -32,7 +32,7 @@ from jaxlm.data import pairs, pipeline
 from jaxlm.data.sources import Corpus
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
-from jaxlm.metrics import objective, token_metrics
+from jaxlm.metrics import objective, token_metrics, token_sums
 from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderMLM
 from jaxlm.tasks.base import Documents
@@ -192,9 +192,8 @@ class MlmTask(Documents):
         logits, nsp_logits = self.model.apply(
             {"params": params}, inputs, _types(batch), batch["segment_ids"], batch["positions"],
             picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab], [batch, 2]
-        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-        sums = {"loss_sum": (losses * weights).sum(), "predictions": weights.sum(),
-                "correct": ((logits.argmax(-1) == targets) * weights).sum()}
+        loss_sum, correct = token_sums(logits, targets, weights)
+        sums = {"loss_sum": loss_sum, "predictions": weights.sum(), "correct": correct}
         if self.cfg.nsp:
             labels = batch["nsp_labels"]  # [batch]
             real = (labels >= 0).astype(jnp.float32)

@@ -1,0 +1,66 @@
+"""Attention kernels against the reference math on packed and padded batches.
+
+XLA's kernel runs everywhere; cuDNN's only on a GPU (`bash bench/gpu.sh` runs this file there
+first). Each kernel must respect segment ids (packed documents never see each other), padding
+(segment 0 is never attended to) and causality, and give padding queries finite outputs.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxlm.models.layers import attention, make_attention_mask
+
+IMPLS = ["xla", pytest.param("cudnn", marks=pytest.mark.skipif(
+    jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU"))]
+TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
+
+
+def packed_and_padded(rows: int = 2, length: int = 128, heads: int = 4, head_dim: int = 64, seed: int = 0):
+    """q, k, v [rows, length, heads, head_dim] and segment ids: row 0 packs three documents and
+    ends in padding; row 1 is one document and more padding."""
+    rng = np.random.default_rng(seed)
+    q, k, v = (rng.standard_normal((rows, length, heads, head_dim)).astype(np.float32) for _ in range(3))
+    segments = np.zeros((rows, length), np.int32)
+    segments[0, :40], segments[0, 40:90], segments[0, 90:120] = 1, 2, 3
+    segments[1, :70] = 1
+    return q, k, v, segments
+
+
+def reference(q, k, v, segments, causal: bool) -> np.ndarray:
+    """Softmax attention in float64 over the keys each query may see (zeros where none)."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    scores = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    index = np.arange(q.shape[1])
+    visible = (segments[:, :, None] == segments[:, None, :]) & (segments[:, None, :] != 0)
+    if causal:
+        visible &= index[None, None, :] <= index[None, :, None]
+    scores = np.where(visible[:, None], scores, -np.inf)
+    top = np.max(scores, axis=-1, keepdims=True)
+    weights = np.exp(scores - np.where(np.isfinite(top), top, 0))
+    weights = weights / np.maximum(weights.sum(-1, keepdims=True), 1e-300)
+    return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_matches_the_reference_on_packed_and_padded_rows(impl, dtype, causal):
+    if impl == "cudnn" and dtype == "float32":
+        pytest.skip("cuDNN's fused attention takes 16-bit inputs")
+    q, k, v, segments = packed_and_padded()
+    index = jnp.arange(q.shape[1])
+    # as the models call it: causal masks go to the kernel as is_causal, segments as the mask
+    mask = make_attention_mask(jnp.asarray(segments), jnp.asarray(segments), index, index, causal=False)
+    cast = lambda x: jnp.asarray(x, jnp.dtype(dtype))  # noqa: E731
+    out = jax.jit(lambda q, k, v, m: attention(q, k, v, m, impl, is_causal=causal))(cast(q), cast(k), cast(v), mask)
+    out = np.asarray(out, np.float64)
+    assert np.isfinite(out).all()  # padding queries see no key and still get finite outputs
+    real = segments != 0
+    want = reference(q, k, v, segments, causal)
+    err = np.abs(out - want)[real].max()
+    assert err < TOLERANCE[dtype], f"{impl} {dtype} causal={causal}: max error {err:.2e}"
+    # the mask matters: attending across documents would be far off
+    crossed = reference(q, k, v, np.where(real, 1, 0), causal)
+    assert np.abs(crossed - want)[real].max() > 10 * TOLERANCE[dtype]
