@@ -29,26 +29,34 @@ fi
 platform=$([[ $dry == 1 ]] && echo cpu || echo cuda)
 JAX_PLATFORMS=$platform "$python" -m pytest -q -p no:cacheprovider tests/test_attention.py 2>&1 | tee "$out/gpu.log"
 
-# name | preset | overrides: batch and length per device that keep a GPU busy
+# name | preset | overrides: batch and length that keep one GPU busy (microbatches of 16 x 1024,
+# 4 x 2048 and 128 x 128 rows x tokens)
 models=(
-    "gpt2_small|configs/gpt2_small.yaml|train.batch_size=32 data.seq_len=1024 model.logits_chunk=256"
-    "gpt_350m|configs/gpt_350m.yaml|train.batch_size=8 data.seq_len=2048 model.logits_chunk=256"
+    "gpt2_small|configs/gpt2_small.yaml|train.batch_size=32 train.grad_accum_steps=2 data.seq_len=1024"
+    "gpt_350m|configs/gpt_350m.yaml|train.batch_size=8 train.grad_accum_steps=2 data.seq_len=2048"
     "bert_large_mlm|configs/bert_large_mlm.yaml|train.batch_size=128 data.seq_len=128 model.remat=none"
 )
 common="mesh.data=1 mesh.fsdp=1 mesh.tensor=1 model.dtype=bfloat16"
 args=(--steps 10 --warmup 3)
 if [[ $dry == 1 ]]; then
-    common="mesh.data=-1 model.num_layers=1 model.embed_dim=64 model.num_heads=2 model.mlp_dim=128 model.vocab_size=512"
+    common="mesh.data=-1 model.num_layers=1 model.embed_dim=64 model.num_heads=2 model.mlp_dim=128 data.vocab_size=512"
     args=(--steps 1 --warmup 0 --matmul-size 128)
 fi
 
 for entry in "${models[@]}"; do
     IFS='|' read -r name preset overrides <<< "$entry"
-    if [[ $dry == 1 ]]; then overrides="train.batch_size=8 data.seq_len=32"; fi
+    if [[ $dry == 1 ]]; then overrides="train.batch_size=8 train.grad_accum_steps=1 data.seq_len=32 model.logits_chunk=0"; fi
     echo "== $name" | tee -a "$out/gpu.log"
     # shellcheck disable=SC2086
-    "$python" -m jaxlm.bench --config "$preset" "${args[@]}" --json $overrides $common 2>&1 \
-        | tee -a "$out/gpu.log" | tail -n 1 >> "$out/gpu.jsonl"
+    if ! "$python" -m jaxlm.bench --config "$preset" "${args[@]}" --json $overrides $common > "$out/$name.out" 2>&1; then
+        cat "$out/$name.out" >> "$out/gpu.log"
+        echo "$name failed:" >&2
+        tail -n 20 "$out/$name.out" >&2
+        exit 1
+    fi
+    cat "$out/$name.out" >> "$out/gpu.log"
+    tail -n 1 "$out/$name.out" >> "$out/gpu.jsonl"
+    rm "$out/$name.out"
 done
 
 "$python" - "$out" <<'EOF'

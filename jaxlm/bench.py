@@ -146,7 +146,9 @@ def _row(name: str, value: Any, unit: str = "") -> str:
 
 def report(r: dict[str, Any]) -> str:
     """The console table of a step benchmark."""
-    pct = (lambda x: None if x is None else 100 * x)
+    def pct(x: float | None) -> float | None:
+        return None if x is None else 100 * x
+
     lines = [
         f"{r['config']} (task={r['task']}) on {r['devices']} x {r['device']} {r['mesh']}, {r['dtype']}, "
         f"batch {r['batch']} x {r['seq_len']}, {r['parameters']:,} parameters",

@@ -338,6 +338,8 @@ def validate(c: Config) -> None:
     _choice("model.remat", m.remat, REMAT)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
+    _require(not m.logits_chunk or c.task == "clm",
+             f"model.logits_chunk is for decoders (task=clm), not task={c.task}; leave it 0")
     _require(not m.logits_chunk or d.seq_len % m.logits_chunk == 0,
              f"model.logits_chunk={m.logits_chunk} does not divide data.seq_len={d.seq_len}; pick a divisor (or 0)")
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")

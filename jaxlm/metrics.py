@@ -5,9 +5,8 @@ Writers (console, metrics.jsonl, TensorBoard) live in `jaxlm.writers`."""
 from __future__ import annotations
 
 import math
-from typing import Any
-
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp

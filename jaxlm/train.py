@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import signal
 import sys
 import time
@@ -34,7 +33,15 @@ from jaxlm.metrics import add_sums
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.layers import restack
-from jaxlm.workdir import Run, build, check_same_run, inherit_model, open_run, shapes_run, with_vocab
+from jaxlm.workdir import (
+    Run,
+    build,
+    check_same_run,
+    inherit_model,
+    open_run,
+    shapes_run,
+    with_vocab,
+)
 from jaxlm.writers import Writers
 
 # Steps the host may dispatch beyond the one the device is finishing. One keeps input preparation
@@ -210,22 +217,6 @@ class _StopFlag:
         self.stop = True
 
 
-def utilisation_peak(cfg: Config) -> float | None:
-    """Peak FLOP/s of one device for the logged mfu (`train.peak_tflops`, else the datasheet's);
-    says once where it comes from, or how to get mfu logged where no peak is known."""
-    device = jax.devices()[0]
-    if cfg.train.peak_tflops:
-        peak, source = cfg.train.peak_tflops * 1e12, "train.peak_tflops"
-    else:
-        peak, source = perf.datasheet_peak(device, cfg.model.dtype), f"the {device.device_kind} datasheet"
-    if peak:
-        print(f"mfu: model FLOPs over {peak / 1e12:g} TFLOP/s a device ({cfg.model.dtype}, {source})", file=sys.stderr)
-    else:
-        print(f"mfu: no {cfg.model.dtype} peak known for '{device.device_kind}'; set train.peak_tflops "
-              "(python -m jaxlm.bench measures a matmul peak) to log it", file=sys.stderr)
-    return peak
-
-
 class Profile:
     """A `jax.profiler` trace of steps [first, last] (`train.profile_steps`) in `directory`, for
     TensorBoard's profile plugin or Perfetto. The trace covers the steps' device work: it starts
@@ -255,70 +246,6 @@ class Profile:
             print(f"wrote a profile of steps {self.first}-{self.last}: "
                   f"tensorboard --logdir {self.directory} (Profile tab), or open the .trace.json.gz in "
                   "https://ui.perfetto.dev", file=sys.stderr)
-
-
-def compile_only(run: Run, device_memory_gib: float = 0.0) -> bool:
-    """Compiles the train step and prints per-device memory and FLOPs; with `device_memory_gib`,
-    also whether the step fits a device of that size and, if not, which knobs to turn.
-
-    Returns False when it does not fit.
-    """
-    c, cfg = run.compiled, run.config
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=c.batch_sharding)
-             for k, v in run.task.dummy_batch(cfg.train.batch_size, cfg.data.seq_len).items()}
-    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-    start = time.time()
-    with c.context():
-        exe = c.train_step.lower(c.abstract_state, batch, rng).compile()
-    params = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(c.abstract_state.params))
-    mem = exe.memory_analysis()
-    cost = exe.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    gib = 2 ** 30
-    print(f"compiled the train step in {time.time() - start:.1f}s on {c.mesh.size} devices {dict(c.mesh.shape)}")
-    print(f"parameters: {params:,}")
-    print(f"per device: params {sharding.bytes_per_device(c.abstract_state.params) / gib:.3f} GiB, "
-          f"optimizer {sharding.bytes_per_device(c.abstract_state.opt_state) / gib:.3f} GiB")
-    model_flops = flops.train_step(run.task.forward_flops(cfg.train.batch_size, cfg.data.seq_len))
-    print(f"model FLOPs per step (analytic, all devices): {model_flops:.3e}")
-    if cost and "flops" in cost:
-        print(f"FLOPs per step (per device, XLA's count): {cost['flops']:.3e}")
-    if mem is None:
-        if device_memory_gib:
-            print("this backend reports no compiled memory: cannot say whether the step fits")
-        return True
-    total = sharding.compiled_bytes(mem)
-    print(f"per device (compiled): arguments {mem.argument_size_in_bytes / gib:.3f} GiB, "
-          f"activations and temporaries {mem.temp_size_in_bytes / gib:.3f} GiB, total {total / gib:.3f} GiB")
-    if not device_memory_gib:
-        return True
-    if total <= device_memory_gib * gib:
-        print(f"fits a {device_memory_gib:g} GiB device ({100 * total / (device_memory_gib * gib):.0f}% of it)")
-        return True
-    print(f"does not fit a {device_memory_gib:g} GiB device: needs {total / gib:.1f} GiB; "
-          + "; ".join(memory_knobs(cfg, mem.temp_size_in_bytes > mem.argument_size_in_bytes)))
-    return False
-
-
-def memory_knobs(cfg: Config, activations_dominate: bool) -> list[str]:
-    """What to change, in the order that costs least speed, for a step that does not fit."""
-    m, t = cfg.model, cfg.train
-    knobs = []
-    if activations_dominate:
-        if cfg.task == "clm" and not m.logits_chunk:
-            knobs.append("model.logits_chunk=128 (the output layer's logits a slice of each row at a time)")
-        if m.remat == "none":
-            knobs.append("model.remat=save_dots_no_batch (or full: recompute activations in the backward pass)")
-        elif m.remat != "full":
-            knobs.append("model.remat=full")
-        rows = t.batch_size // t.grad_accum_steps
-        if rows % 2 == 0:
-            knobs.append(f"train.grad_accum_steps={2 * t.grad_accum_steps} (half the rows at a time, same update)")
-    if cfg.mesh.fsdp == 1:
-        knobs.append("mesh.fsdp=-1 mesh.data=1 (shard parameters and optimizer state over the devices)")
-    if m.dtype == "float32":
-        knobs.append("model.dtype=bfloat16")
-    return knobs or ["use more devices (mesh.fsdp) or a smaller model"]
 
 
 def train(config: Config, workdir: Path) -> dict[str, float]:
@@ -357,7 +284,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     rng = jax.random.key(cfg.seed)  # the run's key; the step draws from its streams (jaxlm.rngs)
     tokens_per_step = tcfg.batch_size * cfg.data.seq_len
     flops_per_device = flops.train_step(run.task.forward_flops(tcfg.batch_size, cfg.data.seq_len)) / jax.device_count()
-    peak = utilisation_peak(cfg)
+    peak = perf.utilisation_peak(cfg)
     profile = Profile(workdir / "profile", tcfg.profile_steps)
     last_eval: dict[str, float] = {}
     clock, clock_step = time.time(), start_step
@@ -444,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.compile_only:  # shapes only: no data, no workdir
         if config.mesh.mode == "pmap":
             print("pmap mode: compiling the equivalent data-parallel mesh", file=sys.stderr)
-        if not compile_only(shapes_run(config, mode="jit"), args.device_memory_gib):
+        if not perf.compile_only(shapes_run(config, mode="jit"), args.device_memory_gib):
             sys.exit(1)
         return
     workdir = Path(args.workdir or time.strftime("runs/%Y%m%d-%H%M%S"))

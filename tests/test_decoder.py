@@ -214,7 +214,7 @@ def test_chunked_logits_need_less_memory():
     for chunk in (0, 8):
         cfg = dataclasses.replace(CFG, vocab_size=8192, max_len=64, logits_chunk=chunk)
         loss, params = _clm_loss(cfg, batch)
-        compiled = jax.jit(jax.grad(lambda p: loss(p)[0])).lower(params).compile()
+        compiled = jax.jit(jax.grad(lambda p, loss=loss: loss(p)[0])).lower(params).compile()
         temps[chunk] = compiled.memory_analysis().temp_size_in_bytes
     logits_bytes = rows * length * 8192 * 4
     assert temps[0] > logits_bytes  # the whole float32 logits (and their gradient) ...

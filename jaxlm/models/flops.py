@@ -13,8 +13,6 @@ blocks above the diagonal, about half.
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from jaxlm.config import ModelConfig
 from jaxlm.models.layers import attention_backend, dtype_of
 
