@@ -7,12 +7,12 @@
 Both sides train the same architecture and shapes from random weights with AdamW (float32
 master weights, the preset's betas, epsilon and weight decay) and gradient clipping at 1.0, on
 random tokens, in one process: the two alternate round by round, so a change in the machine's
-load hits both. tokens/s is batch x length over the wall time of `--steps` steps after warm-up
+load hits both. Each side runs the whole batch in one pass (no microbatches). tokens/s is batch x length over the wall time of `--steps` steps after warm-up
 (jaxlm's steps dispatched back to back and waited for at the end, as its training loop runs).
 
 What is compared, model by model:
   gpt2_small        configs/gpt2_small.yaml vs GPT2LMHeadModel (no dropout on either side),
-                    vocabulary 50,304 on both sides.
+                    vocabulary 50,304 on both sides, whole logits as Hugging Face computes them.
   bert_base_mlm     configs/bert_base_mlm.yaml without next-sentence prediction (mlm.nsp=false)
                     vs BertForMaskedLM: jaxlm computes the output layer on the 15% of positions it
                     predicts, Hugging Face's BertForMaskedLM on every token (its loss ignores the
@@ -56,7 +56,8 @@ class Shape:
 
 
 SHAPES = {
-    "gpt2_small": Shape("gpt2_small.yaml", ["model.vocab_size=50304", "model.dropout=0.0"], 8, 128),
+    "gpt2_small": Shape("gpt2_small.yaml", ["model.vocab_size=50304", "model.dropout=0.0",
+                                            "model.logits_chunk=0"], 8, 128),
     "bert_base_mlm": Shape("bert_base_mlm.yaml", ["model.vocab_size=30592", "mlm.nsp=false"], 8, 128),
     "minilm_sentiment": Shape("minilm_sentiment.yaml", [
         'init.from_workdir=""', "model.num_layers=6", "model.embed_dim=384", "model.num_heads=12",
@@ -70,7 +71,8 @@ def jaxlm_side(name: str, dtype: str, steps: int):
     shape = SHAPES[name]
     config = config_lib.load(str(ROOT / "configs" / shape.config), shape.overrides + [
         f"train.batch_size={shape.batch}", f"data.seq_len={shape.seq_len}", f"model.dtype={dtype}",
-        "model.attention_impl=xla", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "optim.clip_norm=1.0"])
+        "model.attention_impl=xla", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "optim.clip_norm=1.0",
+        "train.grad_accum_steps=1"])
     run = shapes_run(config, mode="jit")
     c = run.compiled
     with c.context():

@@ -114,18 +114,42 @@ def rotary(x: Array, positions: Array, base: float) -> Array:
     return out.astype(x.dtype)
 
 
+class _NormParams(nn.Module):
+    """The scale (and bias) of a norm, where Flax's `LayerNorm` / `RMSNorm` kept them (so
+    checkpoints and Hugging Face mappings name them as before)."""
+
+    features: int
+    bias: bool
+
+    @nn.compact
+    def __call__(self) -> tuple[Array, Array | None]:
+        scale = self.param("scale", param_init(nn.initializers.ones, ("embed",)), (self.features,), jnp.float32)
+        if not self.bias:
+            return scale, None
+        return scale, self.param("bias", param_init(nn.initializers.zeros, ("embed",)), (self.features,), jnp.float32)
+
+
 class Norm(nn.Module):
-    """LayerNorm or RMSNorm over the last axis, scale (and bias) named `embed`."""
+    """LayerNorm or RMSNorm over the last axis in float32, scale (and bias) named `embed`.
+
+    Written out rather than Flax's modules: there the per-row factor times the scale became a
+    separate broadcast of the whole activation on CPUs (about 4% of a MiniLM step); here it
+    fuses into one pass. The variance is the mean of squared deviations (two passes over a row).
+    """
 
     cfg: ModelConfig
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        kw = dict(epsilon=self.cfg.norm_eps, dtype=dtype_of(self.cfg), param_dtype=jnp.float32,
-                  scale_init=param_init(nn.initializers.ones, ("embed",)))
-        if self.cfg.norm == "rmsnorm":
-            return nn.RMSNorm(**kw)(x)
-        return nn.LayerNorm(bias_init=param_init(nn.initializers.zeros, ("embed",)), **kw)(x)
+        layer = self.cfg.norm == "layernorm"
+        scale, bias = _NormParams(x.shape[-1], layer, name="LayerNorm_0" if layer else "RMSNorm_0")()
+        h = x.astype(jnp.float32)  # [..., embed]
+        if layer:
+            h = h - h.mean(-1, keepdims=True)
+        h = h * jax.lax.rsqrt((h * h).mean(-1, keepdims=True) + self.cfg.norm_eps) * scale
+        if bias is not None:
+            h = h + bias
+        return h.astype(dtype_of(self.cfg))
 
 
 class Dense(nn.Module):
