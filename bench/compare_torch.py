@@ -7,8 +7,9 @@
 Both sides train the same architecture and shapes from random weights with AdamW (float32
 master weights, the preset's betas, epsilon and weight decay) and gradient clipping at 1.0, on
 random tokens, in one process: the two alternate round by round, so a change in the machine's
-load hits both. Each side runs the whole batch in one pass (no microbatches). tokens/s is batch x length over the wall time of `--steps` steps after warm-up
-(jaxlm's steps dispatched back to back and waited for at the end, as its training loop runs).
+load hits both. Each side runs the whole batch in one pass (no microbatches). tokens/s is batch x
+length over the wall time of `--steps` steps after warm-up (jaxlm's steps dispatched back to
+back and waited for at the end, as its training loop runs).
 
 What is compared, model by model:
   gpt2_small        configs/gpt2_small.yaml vs GPT2LMHeadModel (no dropout on either side),
