@@ -72,8 +72,9 @@ def test_bench_times_the_step_and_reports_flops_and_mfu(tiny, capsys):
     assert r["mfu_datasheet"] is None  # no datasheet for a CPU
 
 
-def test_bench_data_only_reads_the_configs_data(tiny, capsys):
-    bench.main(["--data-only", "--batches", "3", "--json", *tiny])
+def test_bench_data_only_reads_the_configs_data(tiny, tmp_path, capsys):
+    # a cache of its own: the session's stores are built with the shard sizes their tests expect
+    bench.main(["--data-only", "--batches", "3", "--json", *tiny, f"data.cache_dir={tmp_path}"])
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert r["batches"] == 3 and r["batch_tokens_per_s"] > 0 and r["tokenize_tokens_per_s"] > 0
 
