@@ -141,18 +141,20 @@ def compile_only(run: Run, device_memory_gib: float = 0.0) -> bool:
         print(f"fits a {device_memory_gib:g} GiB device ({100 * total / (device_memory_gib * gib):.0f}% of it)")
         return True
     print(f"does not fit a {device_memory_gib:g} GiB device: needs {total / gib:.1f} GiB; "
-          + "; ".join(memory_knobs(cfg, mem.temp_size_in_bytes > mem.argument_size_in_bytes)))
+          + "; ".join(memory_knobs(cfg, mem.temp_size_in_bytes > mem.argument_size_in_bytes,
+                                   c.mesh.shape["data"] * c.mesh.shape["fsdp"])))
     return False
 
 
-def memory_knobs(cfg: Config, activations_dominate: bool) -> list[str]:
-    """What to change, in the order that costs least speed, for a step that does not fit."""
+def memory_knobs(cfg: Config, activations_dominate: bool, batch_devices: int) -> list[str]:
+    """What to change, in the order that costs least speed, for a step that does not fit
+    (`batch_devices`: the devices a batch's rows split over)."""
     m, t = cfg.model, cfg.train
     knobs = []
     if activations_dominate:
         if not m.logits_chunk:
             knobs.append("model.logits_chunk=128 for a decoder (its output logits a slice of each row at a time)")
-        if (t.batch_size // t.grad_accum_steps) % 2 == 0:
+        if t.batch_size % (2 * t.grad_accum_steps * batch_devices) == 0:
             knobs.append(f"train.grad_accum_steps={2 * t.grad_accum_steps} (half the rows at a time, same update)")
         if m.remat == "none":
             knobs.append("model.remat=save_dots_no_batch or full (recompute activations in the backward pass; "
