@@ -318,8 +318,8 @@ def validate(c: Config) -> None:
         _require(value > 0, f"{name}={value} must be a positive integer")
     for name, value in [("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
                         ("optim.warmup_steps", o.warmup_steps), ("train.eval_batches", t.eval_batches),
-                        ("data.prefetch", d.prefetch), ("model.logits_chunk", m.logits_chunk), ("data.prepare_workers", d.prepare_workers),
-                        ("data.tokenizer_sample_mb", d.tokenizer_sample_mb)]:
+                        ("data.prefetch", d.prefetch), ("data.prepare_workers", d.prepare_workers),
+                        ("data.tokenizer_sample_mb", d.tokenizer_sample_mb), ("model.logits_chunk", m.logits_chunk)]:
         _require(value >= 0, f"{name}={value} must be >= 0")
     _require(m.embed_dim % m.num_heads == 0,
              f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "

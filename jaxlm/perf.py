@@ -30,29 +30,35 @@ if TYPE_CHECKING:
 # Sources: NVIDIA H100 and H200 datasheets (SXM; H100 PCIe 756 / 378), A100 datasheet, L4 and A10
 # datasheets, B200 (DGX B200 datasheet, per GPU); Google Cloud TPU system architecture pages
 # (per chip; TPU v3 per core, as JAX sees a v3 core as a device).
-PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
-    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
-    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
-    ("GH200", {"bfloat16": 989.4, "float32": 494.7}),
-    ("B200", {"bfloat16": 2250.0, "float32": 1100.0}),
-    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
-    ("L4", {"bfloat16": 121.0, "float32": 60.0}),
-    ("A10", {"bfloat16": 125.0, "float32": 62.5}),
-    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
-    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
-    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
-    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
-    ("TPU v3", {"bfloat16": 61.5, "float32": 61.5}),
+PEAKS: tuple[tuple[str, float, float], ...] = (  # (device kind, bfloat16, float32)
+    ("H100 PCIe", 756.0, 378.0),
+    ("H100", 989.4, 494.7),
+    ("H200", 989.4, 494.7),  # also GH200
+    ("B200", 2250.0, 1100.0),
+    ("A100", 312.0, 156.0),
+    ("L4", 121.0, 60.0),
+    ("A10", 125.0, 62.5),
+    ("TPU v6 lite", 918.0, 918.0),
+    ("TPU v5 lite", 197.0, 197.0),
+    ("TPU v5", 459.0, 459.0),
+    ("TPU v4", 275.0, 275.0),
+    ("TPU v3", 61.5, 61.5),
 )
 
 
 def datasheet_peak(device: jax.Device, dtype: str) -> float | None:
     """Peak FLOP/s of one device in `dtype` ("float32" or "bfloat16"), or None if not in `PEAKS`."""
-    for kind, peaks in PEAKS:
+    for kind, bf16, f32 in PEAKS:
         if kind.lower() in device.device_kind.lower():
-            return peaks[dtype] * 1e12
+            return (bf16 if dtype == "bfloat16" else f32) * 1e12
     return None
+
+
+def xla_flops(compiled: jax.stages.Compiled) -> float | None:
+    """XLA's own FLOP count of a compiled program, per device (a loop's body counted once)."""
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def matmul_peak(dtype: str, size: int = 2048, seconds: float = 1.0, device: jax.Device | None = None) -> float:
@@ -117,8 +123,6 @@ def compile_only(run: Run, device_memory_gib: float = 0.0) -> bool:
         exe = c.train_step.lower(c.abstract_state, batch, rng).compile()
     params = sum(math.prod(a.shape) for a in jax.tree_util.tree_leaves(c.abstract_state.params))
     mem = exe.memory_analysis()
-    cost = exe.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
     gib = 2 ** 30
     print(f"compiled the train step in {time.time() - start:.1f}s on {c.mesh.size} devices {dict(c.mesh.shape)}")
     print(f"parameters: {params:,}")
@@ -126,8 +130,9 @@ def compile_only(run: Run, device_memory_gib: float = 0.0) -> bool:
           f"optimizer {sharding.bytes_per_device(c.abstract_state.opt_state) / gib:.3f} GiB")
     model_flops = flops.train_step(run.task.forward_flops(cfg.train.batch_size, cfg.data.seq_len))
     print(f"model FLOPs per step (analytic, all devices): {model_flops:.3e}")
-    if cost and "flops" in cost:
-        print(f"FLOPs per step (per device, XLA's count): {cost['flops']:.3e}")
+    counted = xla_flops(exe)
+    if counted is not None:
+        print(f"FLOPs per step (per device, XLA's count): {counted:.3e}")
     if mem is None:
         if device_memory_gib:
             print("this backend reports no compiled memory: cannot say whether the step fits")

@@ -26,8 +26,7 @@ def xla_forward_flops(run) -> float:
     params = jax.eval_shape(lambda: nn.meta.unbox(task.init(jax.random.key(0), batch))["params"])
     compiled = jax.jit(lambda p, b: task.loss(p, b, jax.random.key(0), train=False)[0]).lower(
         params, batch).compile()
-    cost = compiled.cost_analysis()
-    return (cost[0] if isinstance(cost, list) else cost)["flops"]
+    return perf.xla_flops(compiled)
 
 
 @pytest.mark.parametrize("task", ["clm", "mlm", "mlm_nsp", "classify"])

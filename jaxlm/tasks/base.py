@@ -84,6 +84,11 @@ class Task(Protocol):
         """Reported metrics from metric sums aggregated over devices and steps."""
 
 
+def one_document_a_row(batch_size: int, seq_len: int) -> np.ndarray:
+    """Positions [batch, length] of rows that each hold one document: 0 .. seq_len - 1."""
+    return np.tile(np.arange(seq_len, dtype=np.int32), (batch_size, 1))
+
+
 class Documents:
     """Defaults for tasks trained on documents (language modelling): the config as it is, the
     splits of `data.source`, rows used as they are."""

@@ -18,6 +18,7 @@ from jaxlm.metrics import objective
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderClassifier
+from jaxlm.tasks.base import one_document_a_row
 
 Array = jax.Array
 
@@ -80,7 +81,7 @@ class ClassifyTask:
         batch = self.dummy_batch(batch_size, seq_len)
         batch["inputs"] = rng.integers(0, self.model.cfg.vocab_size, (batch_size, seq_len), dtype=np.int32)
         batch["token_types"] = np.zeros((batch_size, seq_len), np.int32)
-        batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()
+        batch["positions"] = one_document_a_row(batch_size, seq_len)
         batch["labels"] = rng.integers(0, self.num_labels, batch_size, dtype=np.int32)
         return batch
 

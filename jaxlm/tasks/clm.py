@@ -15,7 +15,7 @@ from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import chunked_token_sums, objective, token_metrics, token_sums
 from jaxlm.models import flops
 from jaxlm.models.decoder import DecoderLM, output_logits
-from jaxlm.tasks.base import Documents
+from jaxlm.tasks.base import Documents, one_document_a_row
 
 Array = jax.Array
 
@@ -55,9 +55,9 @@ class ClmTask(Documents):
     def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random tokens, one document a row (benchmarks)."""
         tokens = rng.integers(0, self.model.cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
-        positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len))
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
-                "segment_ids": np.ones((batch_size, seq_len), np.int32), "positions": positions.copy()}
+                "segment_ids": np.ones((batch_size, seq_len), np.int32),
+                "positions": one_document_a_row(batch_size, seq_len)}
 
     def forward_flops(self, batch_size: int, seq_len: int) -> float:
         """Model FLOPs of a forward pass: causal blocks and the output layer on every token."""

@@ -35,7 +35,7 @@ from jaxlm.errors import UserError
 from jaxlm.metrics import objective, token_metrics, token_sums
 from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderMLM
-from jaxlm.tasks.base import Documents
+from jaxlm.tasks.base import Documents, one_document_a_row
 
 Array = jax.Array
 
@@ -130,7 +130,7 @@ class MlmTask(Documents):
         """Random text tokens, one document (or pair) a row, random row ids (benchmarks)."""
         batch = self.dummy_batch(batch_size, seq_len)
         batch["inputs"] = rng.choice(self._text_ids, (batch_size, seq_len)).astype(np.int32)
-        batch["positions"] = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch_size, seq_len)).copy()
+        batch["positions"] = one_document_a_row(batch_size, seq_len)
         batch["row_ids"] = rng.integers(0, 2 ** 32, (batch_size, 2), dtype=np.uint32)
         if self.cfg.nsp:
             batch["token_types"] = (np.arange(seq_len) >= seq_len // 2).astype(np.int32)[None].repeat(batch_size, 0)
