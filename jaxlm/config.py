@@ -21,8 +21,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
-SOURCES = ("builtin", "text", "tfds", "labeled")
-TASKS = ("clm", "mlm", "classify")
+SOURCES = ("builtin", "text", "tfds", "labeled", "squad")
+TASKS = ("clm", "mlm", "classify", "qa")
 POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
@@ -76,6 +76,7 @@ class DataConfig:
     source: str = "builtin"
     paths: list[str] = field(default_factory=list)
     eval_paths: list[str] = field(default_factory=list)
+    test_paths: list[str] = field(default_factory=list)  # files read only by `evaluate --split test`
     name: str = ""  # TFDS catalog name, for source=tfds
     tfds_dir: str = ""  # where catalog datasets are kept; empty: $TFDS_DATA_DIR, else <cache_dir>/tfds
     text_key: str = "text"
@@ -113,6 +114,18 @@ class ClassifyConfig:
     labels: list[str] = field(default_factory=list)  # label names in id order; empty: the file holds ids
     label_key: str = "label"  # column / field with the label
     pair_key: str = ""  # optional second text column (sentence pairs)
+
+
+@dataclass
+class QAConfig:
+    """Extractive question answering (task=qa): a span of a context answers a question."""
+
+    doc_stride: int = 128  # tokens a context window shares with the one before (Hugging Face's doc_stride)
+    max_question_tokens: int = 64  # longer questions are cut
+    max_answer_tokens: int = 30  # longest span predicted
+    n_best: int = 20  # start and end candidates tried per window
+    null_answers: bool = False  # SQuAD 2.0: some questions have no answer in their context
+    null_threshold: float = 0.0  # with null_answers: answer "" when [CLS] outscores the best span by more than this
 
 
 @dataclass
@@ -216,6 +229,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     mlm: MlmConfig = field(default_factory=MlmConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
+    qa: QAConfig = field(default_factory=QAConfig)
     init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -345,13 +359,24 @@ def validate(c: Config) -> None:
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
-    _require(d.source not in ("text", "labeled") or bool(d.paths),
+    _require(d.source not in ("text", "labeled", "squad") or bool(d.paths),
              f"data.source={d.source} needs data.paths, e.g. data.paths=[corpus/*.txt]")
     _require(c.task == "classify" or d.source != "labeled",
              f"data.source=labeled (TSV/CSV/JSONL examples) is for task=classify, not task={c.task}")
     _require(c.task != "classify" or d.source in ("labeled", "tfds"),
              f"task=classify reads labeled files (data.source=labeled) or a TFDS catalog dataset "
              f"(data.source=tfds data.name=glue/sst2), not data.source={d.source}")
+    _require(c.task == "qa" or d.source != "squad",
+             f"data.source=squad (SQuAD JSON files) is for task=qa, not task={c.task}")
+    _require(c.task != "qa" or d.source in ("squad", "tfds"),
+             f"task=qa reads SQuAD JSON files (data.source=squad) or a TFDS catalog dataset "
+             f"(data.source=tfds data.name=squad), not data.source={d.source}")
+    q = c.qa
+    _require(q.max_answer_tokens > 0 and q.n_best > 0 and q.max_question_tokens > 0,
+             "qa.max_answer_tokens, qa.n_best and qa.max_question_tokens must be positive")
+    _require(c.task != "qa" or 0 <= q.doc_stride < d.seq_len - q.max_question_tokens - 3,
+             f"qa.doc_stride={q.doc_stride} must be >= 0 and leave each window new context: below "
+             f"data.seq_len - qa.max_question_tokens - 3 = {d.seq_len - q.max_question_tokens - 3}")
     _require(c.classify.num_labels >= 2, f"classify.num_labels={c.classify.num_labels} must be at least 2")
     _require(not c.classify.labels or len(c.classify.labels) == c.classify.num_labels,
              f"classify.labels has {len(c.classify.labels)} names but classify.num_labels={c.classify.num_labels}")

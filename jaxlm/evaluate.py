@@ -1,18 +1,27 @@
-"""`python -m jaxlm.evaluate`: eval loss, perplexity and bits per byte of a checkpoint.
+"""`python -m jaxlm.evaluate`: the metrics of a checkpoint on a split.
 
     python -m jaxlm.evaluate --workdir DIR [--step N] [--split NAME] [--json] [key=value ...]
+
+Each task reports its own: loss, perplexity and bits per byte of a language model; accuracy and
+macro-F1 of a classifier; exact match and F1 of a question-answering reader. Where a task's
+metrics come from predictions, the predictions are written beside the metrics, so any figure
+can be recomputed by hand: `<workdir>/eval/predictions-<split>-<step>.json` (SQuAD's official
+format, question id -> answer), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 
 from jaxlm import tasks
-from jaxlm.errors import cli
-from jaxlm.train import evaluate
+from jaxlm.config import Config
+from jaxlm.errors import UserError, cli
+from jaxlm.train import evaluate_outputs
 from jaxlm.workdir import open_run
 
 
@@ -20,12 +29,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxlm.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", required=True, help="a training run's directory")
     parser.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-    parser.add_argument("--split", choices=("eval", "train"), default="eval",
-                        help="held-out split (default) or the training split")
+    parser.add_argument("--split", choices=("eval", "test", "train"), default="eval",
+                        help="held-out split (default), the test split (data.test_paths, or a catalog "
+                             "dataset's test split) or the training split")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.eval_batches=0 for the whole split")
     return parser.parse_args(argv)
+
+
+def test_config(config: Config) -> Config:
+    """The config whose eval split is the test split: `data.test_paths`, or a catalog dataset's
+    `test` split."""
+    data = config.data
+    if data.source == "tfds":
+        return dataclasses.replace(config, data=dataclasses.replace(data, eval_split="test"))
+    if not data.test_paths:
+        raise UserError("--split test needs data.test_paths (held-out files for final figures), e.g. "
+                        "data.test_paths=[test.json]")
+    return dataclasses.replace(config, data=dataclasses.replace(data, eval_paths=data.test_paths))
 
 
 @cli
@@ -34,9 +56,18 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
     run, ckpt = open_run(args.workdir, args.overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    task = tasks.task_class(run.config)
-    rows = task.rows(run.config, task.load_splits(run.config), run.tokenizer)[args.split]
-    metrics = evaluate(run, params, rows)
+    config = test_config(run.config) if args.split == "test" else run.config
+    task = tasks.task_class(config)
+    rows = task.rows(config, task.load_splits(config), run.tokenizer)["train" if args.split == "train" else "eval"]
+    metrics, files = evaluate_outputs(run, params, rows)
+    if files:  # the predictions behind the metrics, and the metrics, beside each other
+        out = Path(args.workdir) / "eval"
+        out.mkdir(exist_ok=True)
+        files = {**files, "metrics.json": json.dumps({"step": step, "split": args.split, **metrics}, indent=1)}
+        for name, text in files.items():
+            stem, _, suffix = name.rpartition(".")
+            (out / f"{stem}-{args.split}-{step}.{suffix}").write_text(text, encoding="utf-8")
+        print(f"wrote {', '.join(files)} of step {step} ({args.split}) to {out}", file=sys.stderr)
     if args.json:
         print(json.dumps({"step": step, "split": args.split, **metrics}))
     else:

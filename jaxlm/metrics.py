@@ -5,6 +5,9 @@ Writers (console, metrics.jsonl, TensorBoard) live in `jaxlm.writers`."""
 from __future__ import annotations
 
 import math
+import re
+import string
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -80,3 +83,52 @@ def add_sums(total: dict[str, Any] | None, sums: dict[str, Any]) -> dict[str, fl
     if total is None:
         return sums
     return {k: total[k] + sums[k] for k in total}
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's official answer normalization: lower case, no punctuation, no articles (a, an,
+    the), single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def exact_match(prediction: str, gold: str) -> float:
+    return float(normalize_answer(prediction) == normalize_answer(gold))
+
+
+def span_f1(prediction: str, gold: str) -> float:
+    """Token-overlap F1 of normalized answers (both empty: 1; one empty: 0), as the official script."""
+    pred, ref = normalize_answer(prediction).split(), normalize_answer(gold).split()
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if not common:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> dict[str, float]:
+    """Exact match and F1 (percent, max over each question's gold answers) of predictions keyed
+    by question id; an unanswerable question's gold is [""]. Where a split has unanswerable
+    questions (SQuAD 2.0), also the answerable (`has_ans_*`) and unanswerable (`no_ans_*`) parts."""
+    rows = {}
+    for qid, answers in golds.items():
+        answers = answers or [""]
+        pred = predictions.get(qid, "")
+        rows[qid] = (max(exact_match(pred, a) for a in answers), max(span_f1(pred, a) for a in answers),
+                     answers == [""])
+
+    def mean(part: list[tuple[float, float, bool]]) -> tuple[float, float]:
+        n = max(len(part), 1)
+        return 100 * sum(r[0] for r in part) / n, 100 * sum(r[1] for r in part) / n
+
+    out = dict(zip(("exact_match", "f1"), mean(list(rows.values()))))
+    if any(r[2] for r in rows.values()):
+        out.update(zip(("has_ans_exact_match", "has_ans_f1"), mean([r for r in rows.values() if not r[2]])))
+        out["no_ans_exact_match"] = mean([r for r in rows.values() if r[2]])[0]
+    return out

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 
 from jaxlm import rngs, sharding
@@ -130,6 +131,9 @@ class Compiled:
         self.eval_step = jax.jit(
             partial(eval_step, task=task),
             in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=repl)
+        if hasattr(task, "predict"):  # replicated outputs: every process reads the whole batch's
+            self._predict = jax.jit(task.predict, in_shardings=(self.state_sharding.params, self.batch_sharding),
+                                    out_shardings=repl)
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -145,6 +149,11 @@ class Compiled:
     def put_batch(self, local: dict) -> dict[str, Array]:
         """This host's rows -> global batch arrays."""
         return sharding.global_batch({k: local[k] for k in self.task.batch_keys}, self.batch_sharding)
+
+    def predict(self, params: Any, local: dict) -> dict[str, np.ndarray]:
+        """The task's per-row prediction outputs (`Task.predict`) for a global batch, of which
+        `local` is this host's rows: every row of the global batch, in order."""
+        return jax.tree_util.tree_map(np.asarray, self._predict(params, self.put_batch(local)))
 
     def adopt(self, state: TrainState) -> TrainState:
         """A restored state in the layout the steps take."""
@@ -180,6 +189,8 @@ class PmapCompiled(Compiled):
         broadcast = jax.pmap(lambda _, tree: tree, in_axes=(0, None), devices=self.devices)
         self._replicate = lambda tree: broadcast(np.arange(n), tree)  # one copy per device
         self.train_step, self.eval_step = self._train_step, self._eval_step
+        if hasattr(task, "predict"):
+            self._predict = jax.pmap(task.predict, devices=self.devices)
 
     def _train_step(self, state: TrainState, batch: dict[str, Array], rng: Array):
         state, metrics = self._train(state, batch, rng)
@@ -200,6 +211,11 @@ class PmapCompiled(Compiled):
         n = len(self.devices)
         return {k: local[k].reshape(n, local[k].shape[0] // n, *local[k].shape[1:])
                 for k in self.task.batch_keys}
+
+    def predict(self, params: Any, local: dict) -> dict[str, np.ndarray]:
+        out = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]),
+                                     self._predict(params, self.put_batch(local)))  # this host's rows
+        return out if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
 
     def adopt(self, state: TrainState) -> TrainState:
         return self._replicate(state)

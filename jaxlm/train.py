@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxlm import config as config_lib
 from jaxlm import optim, perf, sharding, tasks
@@ -112,11 +113,31 @@ def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
     """Metrics over eval rows (or their first `train.eval_batches` batches); where the rows
-    come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`."""
+    come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`;
+    where the task scores predictions (e.g. exact match of answers), those over all the rows."""
+    return evaluate_outputs(run, params, rows)[0]
+
+
+def evaluate_outputs(run: Run, params, rows: Any) -> tuple[dict[str, float], dict[str, str]]:
+    """`evaluate`'s metrics, and the files the task's predictions make (name -> text), if any."""
     sums = {label: _eval_sums(run, params, part) for label, part in pipeline.parts_of(rows).items()}
     total = {k: sum(s[k] for s in sums.values()) for k in next(iter(sums.values()))}
     parts = {f"{label}/{k}": v for label, s in sums.items() if label for k, v in run.task.summarize(s).items()}
-    return {**run.task.summarize(total), **parts}
+    metrics, files = {**run.task.summarize(total), **parts}, {}
+    if hasattr(run.task, "score"):
+        scored, files = run.task.score(rows, _predictions(run, params, rows))
+        metrics.update(scored)
+    return metrics, files
+
+
+def _predictions(run: Run, params, rows: Any) -> dict[str, np.ndarray]:
+    """The task's per-row prediction outputs over all of `rows`, in order, on every process."""
+    outputs = []
+    with run.compiled.context():
+        for batch in pipeline.eval_batches(rows, run.config.train.batch_size, 0, jax.process_index(),
+                                           jax.process_count()):
+            outputs.append(run.compiled.predict(params, batch))
+    return {k: np.concatenate([o[k] for o in outputs])[:len(rows)] for k in outputs[0]}
 
 
 def _eval_sums(run: Run, params, rows: Any) -> dict[str, float]:

@@ -1,4 +1,5 @@
-"""BERT-style encoder (post-LN) and its heads: masked LM (tied), next-sentence, classification.
+"""BERT-style encoder (post-LN) and its heads: masked LM (tied), next-sentence, classification,
+answer spans.
 
 The layout follows BERT so Hugging Face weights map one to one: token + position + token-type
 embeddings and a LayerNorm, blocks of `x = norm(x + attention(x)); x = norm(x + mlp(x))`, and a
@@ -129,3 +130,19 @@ class EncoderClassifier(nn.Module):
                                                        deterministic, pool_at)
         pooled = nn.Dropout(self.cfg.dropout)(pooled, deterministic=deterministic)
         return Dense((self.num_labels,), ("embed", None), self.cfg, name="classifier")(pooled).astype(jnp.float32)
+
+
+class EncoderQA(nn.Module):
+    """Extractive question answering: a start and an end logit for every token (a dense layer
+    of width 2 over the hidden states, as Hugging Face's `BertForQuestionAnswering`)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, tokens: Array, token_types: Array, segment_ids: Array, positions: Array,
+                 deterministic: bool = True) -> tuple[Array, Array]:
+        """Returns float32 start and end logits, each [batch, length]."""
+        hidden, _ = Encoder(self.cfg, name="encoder")(tokens, token_types, segment_ids, positions,
+                                                      deterministic)
+        logits = Dense((2,), ("embed", None), self.cfg, name="qa_outputs")(hidden).astype(jnp.float32)
+        return logits[..., 0], logits[..., 1]

@@ -9,11 +9,12 @@ from jaxlm.tasks.base import Task
 from jaxlm.tasks.classify import ClassifyTask
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
+from jaxlm.tasks.qa import QATask
 
 if TYPE_CHECKING:
     from jaxlm.data.tokenizer import TextTokenizer
 
-REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask}
+REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask, "qa": QATask}
 assert set(REGISTRY) == set(TASKS), "config.TASKS and the registry must name the same tasks"
 
 
