@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxlm import config as config_lib
-from jaxlm import perf, sharding
+from jaxlm import perf, sharding, tasks
 from jaxlm import train as train_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError, cli
@@ -117,7 +117,7 @@ def bench_data(config: Config, batches: int) -> dict[str, Any]:
         run, rows = train_lib.prepare(config, Path(tmp))
         prepare_s = time.perf_counter() - start
         cfg = run.config
-        texts = list(run.task.load_splits(cfg).sample(4_000_000, cfg.seed))
+        texts = list(tasks.load_splits(cfg).sample(4_000_000, cfg.seed))
         start = time.perf_counter()
         tokens = sum(len(ids) for ids in run.tokenizer.encode_batch(texts))
         tokenize_s = time.perf_counter() - start

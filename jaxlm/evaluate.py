@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     config = test_config(run.config) if args.split == "test" else run.config
     task = tasks.task_class(config)
-    rows = task.rows(config, task.load_splits(config), run.tokenizer)["train" if args.split == "train" else "eval"]
+    rows = task.rows(config, tasks.load_splits(config), run.tokenizer)["train" if args.split == "train" else "eval"]
     metrics, files = evaluate_outputs(run, params, rows)
     if files:  # the predictions behind the metrics, and the metrics, beside each other
         out = Path(args.workdir) / "eval"

@@ -3,14 +3,14 @@
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
     python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N]
 
-`import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining` or
-`BertForSequenceClassification` directory (config.json, model.safetensors, and tokenizer.json
-or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
+`import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining`,
+`BertForSequenceClassification` or `BertForQuestionAnswering` directory (config.json,
+model.safetensors, and tokenizer.json or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
 `train`, `evaluate` and `infer` accept it, and a fine-tuning run initialises its encoder from
 it (`init.from_workdir=W`). `export` writes a masked-LM run as `BertForMaskedLM` (with
-next-sentence prediction: `BertForPreTraining`) and a classification run as
-`BertForSequenceClassification` (config.json, model.safetensors, tokenizer.json) that
-`from_pretrained` loads.
+next-sentence prediction: `BertForPreTraining`), a classification run as
+`BertForSequenceClassification` and a question-answering run as `BertForQuestionAnswering`
+(config.json, model.safetensors, tokenizer.json) that `from_pretrained` loads.
 
 This is the only module that knows Hugging Face names.
 """
@@ -112,7 +112,8 @@ def encoder_mapping(cfg: ModelConfig, prefix: str, vocab: int) -> Mapping:
 
 
 def head_mapping(cfg: ModelConfig, vocab: int) -> Mapping:
-    """HF names of the heads beside `encoder`: masked-LM (decoder tied), NSP and the classifier."""
+    """HF names of the heads beside `encoder`: masked-LM (decoder tied), NSP, the classifier and
+    the span head."""
     p = "cls.predictions."
     return {
         p + "transform.dense.weight": (("mlm_transform", "kernel"), LINEAR),
@@ -124,6 +125,8 @@ def head_mapping(cfg: ModelConfig, vocab: int) -> Mapping:
         "cls.seq_relationship.bias": (("nsp", "bias"), SAME),
         "classifier.weight": (("classifier", "kernel"), LINEAR),
         "classifier.bias": (("classifier", "bias"), SAME),
+        "qa_outputs.weight": (("qa_outputs", "kernel"), LINEAR),  # BertForQuestionAnswering's span head
+        "qa_outputs.bias": (("qa_outputs", "bias"), SAME),
     }
 
 
@@ -225,12 +228,13 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
         raise UserError(f"'{workdir}' already holds checkpoints; import into a new --workdir")
     hf = json.loads((hf_dir / "config.json").read_text())
     arch = (hf.get("architectures") or ["BertModel"])[0]
-    defaults = {"BertForSequenceClassification": ["task=classify",
+    defaults = {"BertForSequenceClassification": ["task=classify", "data.source=none",
                                                   f"classify.num_labels={len(hf.get('id2label', {})) or 2}"],
+                "BertForQuestionAnswering": ["task=qa", "data.source=none"],
                 "BertForPreTraining": ["task=mlm", "mlm.nsp=true"]}
     config = config_lib.load(None, [*defaults.get(arch, ["task=mlm"]), *overrides])
-    if config.task not in ("mlm", "classify"):
-        raise UserError(f"task={config.task} cannot start from a BERT checkpoint; use task=mlm or task=classify")
+    if config.task not in ("mlm", "classify", "qa"):
+        raise UserError(f"task={config.task} cannot start from a BERT checkpoint; use task=mlm, classify or qa")
     model = model_config(hf, config.model)
     data = dataclasses.replace(config.data, seq_len=min(config.data.seq_len, model.max_len))
     config = dataclasses.replace(config, model=model, data=data)
@@ -258,16 +262,16 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
     masked-LM or classification run; returns the architecture written."""
     run, ckpt = open_run(workdir)
     cfg, m = run.config, run.config.model
-    if cfg.task not in ("mlm", "classify"):
+    if cfg.task not in ("mlm", "classify", "qa"):
         raise UserError(f"only encoder runs export to BERT; '{workdir}' trains task={cfg.task}")
     if m.positions != "learned" or m.norm != "layernorm" or not m.use_bias:
         raise UserError("BERT needs learned positions, LayerNorm and biases; this model differs")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
     vocab = run.tokenizer.vocab_size
     tensors = from_params(restack(jax.device_get(params), scanned=False), m, vocab)
-    arch = ("BertForSequenceClassification" if cfg.task == "classify"
-            else "BertForPreTraining" if cfg.mlm.nsp else "BertForMaskedLM")
-    if arch == "BertForMaskedLM":  # it has no pooler
+    arch = {"classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}.get(
+        cfg.task, "BertForPreTraining" if cfg.mlm.nsp else "BertForMaskedLM")
+    if arch in ("BertForMaskedLM", "BertForQuestionAnswering"):  # they have no pooler
         tensors = {k: v for k, v in tensors.items() if not k.startswith("bert.pooler.")}
     hf = {"architectures": [arch], "model_type": "bert", "vocab_size": vocab, "hidden_size": m.embed_dim,
           "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,

@@ -100,7 +100,7 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
 def task_data(config: Config, workdir: Path) -> tuple[TextTokenizer, dict[str, Any]]:
     """The run's tokenizer (trained on the task's train split, or loaded) and the task's rows."""
     task = tasks.task_class(config)
-    splits = task.load_splits(config)
+    splits = tasks.load_splits(config)
     tok = tokenizer_lib.obtain(config.data, splits, workdir, config.seed)
     return tok, task.rows(config, splits, tok)
 

@@ -65,6 +65,20 @@ def test_random_bert_logits_match_transformers(name, tmp_path):
         np.testing.assert_allclose(np.asarray(nsp_logits), golden["nsp_logits"], atol=1e-4)
 
 
+def test_random_bert_qa_logits_match_transformers(tmp_path):
+    run, params = imported(GOLDEN / "tiny_bert_qa", tmp_path / "w")
+    assert run.config.task == "qa" and run.config.data.source == "none"
+    golden = np.load(GOLDEN / "tiny_bert_qa" / "logits.npz")
+    start, end = run.task.model.apply({"params": params}, *inputs(golden))
+    real = golden["attention_mask"] == 1
+    for got, want in ((start, golden["start_logits"]), (end, golden["end_logits"])):
+        diff = np.abs(np.asarray(got) - want)[real]
+        assert diff.max() <= 1e-4, diff.max()
+    with pytest.raises(UserError, match="names no data"):  # an imported reader answers, but cannot train as it is
+        from jaxlm import tasks
+        tasks.load_splits(run.config)
+
+
 def test_missing_or_misshapen_tensors_are_named(tmp_path):
     from safetensors.numpy import load_file, save_file
     broken = tmp_path / "broken"
@@ -84,7 +98,8 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("name,arch", [("tiny_bert_mlm", "BertForMaskedLM"),
-                                       ("tiny_bert_pretraining", "BertForPreTraining")])
+                                       ("tiny_bert_pretraining", "BertForPreTraining"),
+                                       ("tiny_bert_qa", "BertForQuestionAnswering")])
 def test_export_then_import_gives_identical_params(name, arch, tmp_path):
     import json
 

@@ -112,6 +112,9 @@ class QARows:
     def __init__(self, examples: Sequence[dict[str, Any]], tokenizer: TextTokenizer, seq_len: int,
                  cfg: QAConfig):
         self.examples, self.seq_len = examples, seq_len
+        if cfg.doc_stride >= seq_len - cfg.max_question_tokens - 3:
+            raise UserError(f"qa.doc_stride={cfg.doc_stride} leaves a window no new context: keep it below "
+                            f"data.seq_len - qa.max_question_tokens - 3 = {seq_len - cfg.max_question_tokens - 3}")
         cls, sep = tokenizer.bos_id, tokenizer.eos_id
         inputs, types, lengths, example, offsets, starts, ends = [], [], [], [], [], [], []
         questions = tokenizer.encode_batch([e["question"] for e in examples])

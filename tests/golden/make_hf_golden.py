@@ -10,6 +10,8 @@ Writes:
                        vocab.txt, and logits.npz (its MLM logits for a padded batch)
   tiny_bert_pretraining/  the same for a random BertForPreTraining (seed 1): logits.npz holds
                        its MLM logits and NSP logits for a padded batch of sentence pairs
+  tiny_bert_qa/        the same for a random BertForQuestionAnswering (seed 2): logits.npz
+                       holds its start and end logits
 """
 
 import os
@@ -80,7 +82,14 @@ def tiny_pretraining() -> None:
              nsp_logits=result.seq_relationship_logits.numpy())
 
 
+def tiny_qa() -> None:
+    out, batch, result = tiny("tiny_bert_qa", transformers.BertForQuestionAnswering, 2)
+    np.savez(out / "logits.npz", **batch, start_logits=result.start_logits.numpy(),
+             end_logits=result.end_logits.numpy())
+
+
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
     tiny_pretraining()
+    tiny_qa()
