@@ -1,4 +1,5 @@
-"""Inference with encoders: fill-mask (masked-LM runs) and classify (classification runs).
+"""Inference with encoders: fill-mask (masked-LM runs), classify (classification runs) and
+answer (question-answering runs).
 
 The compiled functions live at module level with the model as a static argument, and batch
 shapes are rounded up (rows to the mesh, lengths to powers of two), so a command that runs
@@ -13,7 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import labeled
+from jaxlm.data import labeled, squad
+from jaxlm.tasks.qa import answer_questions
 from jaxlm.errors import UserError
 from jaxlm.workdir import Run
 
@@ -86,3 +88,28 @@ def classify(run: Run, params, texts: list[str]) -> list[tuple[str, float]]:
         probs = np.asarray(_label_probabilities(params, batch, task=run.task))[: len(texts)]
     names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]
     return [(names[int(p.argmax())], float(p.max())) for p in probs]
+
+
+def answer(run: Run, params, questions: list[tuple[str, str]]) -> list[tuple[str, float]]:
+    """(answer, score) for each (question, context): the best span over the context's windows
+    (the score is its start + end logit)."""
+    cfg = run.config
+    examples = [{"id": str(i), "question": q, "context": c, "answers": [], "impossible": True}
+                for i, (q, c) in enumerate(questions)]
+    rows = squad.QARows(examples, run.tokenizer, cfg.data.seq_len, cfg.qa)
+    size = _rows(run, min(len(rows), 64))
+    starts, ends = [], []
+    with run.compiled.context():
+        for first in range(0, len(rows), size):
+            picked = [rows[i] if i < len(rows) else rows.empty() for i in range(first, first + size)]
+            batch = {k: np.stack([r[k] for r in picked]) for k in squad.KEYS}
+            out = _span_logits(params, batch, task=run.task)
+            starts.append(np.asarray(out["start"]))
+            ends.append(np.asarray(out["end"]))
+    start, end = np.concatenate(starts)[:len(rows)], np.concatenate(ends)[:len(rows)]
+    return [(text, score) for text, score, _ in answer_questions(rows, start, end, cfg.qa)]
+
+
+@partial(jax.jit, static_argnames=("task",))
+def _span_logits(params, batch, *, task):
+    return task.predict(params, batch)

@@ -4,16 +4,20 @@
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
+    python -m jaxlm.infer answer --workdir DIR --context TEXT [QUESTION ...] [--input FILE]
 
 Texts come from positional TEXT, repeated --prompt, and --input FILE (one per line) and are
 run together in batches. generate decodes with a KV cache (--temperature 0 is greedy and
 deterministic); fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
-classify prints the label and its probability for a classification run.
+classify prints the label and its probability for a classification run; answer prints the span
+of the context that answers each question, and its score, for a question-answering run (a
+.jsonl --input gives each question its own context: {"question": ..., "context": ...}).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from functools import partial
@@ -55,6 +59,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
         if name == "fill-mask":
             cmd.add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
+    ans = commands.add_parser("answer", help="answer questions from a context with a question-answering run",
+                              description="Answer questions with the span of a context that a "
+                                          "question-answering run scores best.")
+    ans.add_argument("--workdir", required=True, help="a question-answering run's directory")
+    ans.add_argument("text", nargs="*", help="questions")
+    ans.add_argument("--prompt", action="append", default=[], help="a question (repeatable)")
+    ans.add_argument("--context", help="the text that holds the answers (or --context-file)")
+    ans.add_argument("--context-file", help="a file whose text holds the answers")
+    ans.add_argument("--input", help="one question a line, or JSONL of {question, context}")
+    ans.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     return parser.parse_args(argv)
 
 
@@ -158,9 +172,58 @@ def encoder_command(args: argparse.Namespace, texts: list[str]) -> None:
     print(f"checkpoint step {step}: {len(texts)} texts in {time.time() - start:.1f}s", file=sys.stderr)
 
 
+def read_questions(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(question, context) pairs from the command line, --context / --context-file and --input."""
+    context = args.context
+    if args.context_file:
+        path = Path(args.context_file)
+        if not path.is_file():
+            raise UserError(f"--context-file '{path}' not found")
+        context = path.read_text(encoding="utf-8")
+    pairs = [(q, context) for q in [*args.text, *args.prompt]]
+    if args.input and args.input.endswith(".jsonl"):
+        path = Path(args.input)
+        if not path.is_file():
+            raise UserError(f"--input '{path}' not found")
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+            if not isinstance(record, dict) or "question" not in record or not (record.get("context") or context):
+                raise UserError(f"{path}:{number}: needs a \"question\" and a \"context\" (or --context)")
+            pairs.append((str(record["question"]), str(record.get("context") or context)))
+    elif args.input:
+        args.text, args.prompt = [], []
+        pairs += [(q, context) for q in read_prompts(args)]
+    if not pairs:
+        raise UserError("no question given; pass QUESTION, --prompt QUESTION or --input FILE")
+    if any(c is None or not c.strip() for _, c in pairs):
+        raise UserError("no context given; pass --context TEXT or --context-file FILE (or a .jsonl --input "
+                        "with a context per question)")
+    return pairs
+
+
+def answer_command(args: argparse.Namespace) -> None:
+    pairs = read_questions(args)
+    run, ckpt = open_run(args.workdir)
+    if run.config.task != "qa":
+        raise UserError(f"answer needs a task=qa run; '{args.workdir}' trains task={run.config.task}")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
+    start = time.time()
+    for (question, _), (text, score) in zip(pairs, encoder_infer.answer(run, params, pairs)):
+        print(f"{text or '(no answer)'}\t{score:.2f}\t{question}", flush=True)
+    print(f"checkpoint step {step}: {len(pairs)} questions in {time.time() - start:.1f}s", file=sys.stderr)
+
+
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.command == "answer":
+        answer_command(args)
+        return
     prompts = read_prompts(args)
     if args.command != "generate":
         encoder_command(args, prompts)
