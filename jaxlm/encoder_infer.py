@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.data import labeled, squad
-from jaxlm.tasks.qa import answer_questions
 from jaxlm.errors import UserError
+from jaxlm.models.encoder import Encoder
+from jaxlm.tasks.qa import answer_questions
 from jaxlm.workdir import Run
 
 
@@ -113,3 +114,36 @@ def answer(run: Run, params, questions: list[tuple[str, str]]) -> list[tuple[str
 @partial(jax.jit, static_argnames=("task",))
 def _span_logits(params, batch, *, task):
     return task.predict(params, batch)
+
+
+def embed(run: Run, params, texts: list[str], max_tokens: int, batch_size: int = 64) -> np.ndarray:
+    """Unit-length embeddings [texts, embed] of texts: the encoder's hidden states averaged over
+    each text's tokens (`[CLS] text [SEP]`, cut to `max_tokens`), then L2-normalized, the way
+    sentence-transformers models such as all-MiniLM-L6-v2 are trained to be used. Batched by
+    length, so short texts never pay for long ones."""
+    tok = run.tokenizer
+    encoded = [[tok.bos_id, *ids[:max_tokens - 2], tok.eos_id] for ids in tok.encode_batch(texts)]
+    order = np.argsort([len(e) for e in encoded], kind="stable")
+    out = np.zeros((len(texts), run.config.model.embed_dim), np.float32)
+    encoder = Encoder(run.config.model)
+    with run.compiled.context():
+        for first in range(0, len(order), batch_size):
+            chunk = order[first:first + batch_size]
+            length = _bucket(max(len(encoded[i]) for i in chunk), max_tokens)
+            rows = _rows(run, len(chunk))
+            inputs = np.zeros((rows, length), np.int32)
+            segments = np.zeros((rows, length), np.int32)
+            for r, i in enumerate(chunk):
+                inputs[r, :len(encoded[i])], segments[r, :len(encoded[i])] = encoded[i], 1
+            vectors = _mean_pooled(params["encoder"], inputs, segments, encoder=encoder)
+            out[chunk] = np.asarray(vectors)[:len(chunk)]
+    return out
+
+
+@partial(jax.jit, static_argnames=("encoder",))
+def _mean_pooled(params, inputs, segments, *, encoder):
+    positions = jnp.broadcast_to(jnp.arange(inputs.shape[1]), inputs.shape)
+    hidden, _ = encoder.apply({"params": params}, inputs, jnp.zeros_like(inputs), segments, positions)
+    weights = segments[..., None].astype(jnp.float32)  # [batch, length, 1]: real tokens only
+    mean = (hidden.astype(jnp.float32) * weights).sum(1) / jnp.maximum(weights.sum(1), 1.0)
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)

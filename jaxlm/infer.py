@@ -5,13 +5,15 @@
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
     python -m jaxlm.infer answer --workdir DIR --context TEXT [QUESTION ...] [--input FILE]
+    python -m jaxlm.infer answer --workdir DIR --index INDEX [--retriever-workdir E] [--top-k K] [QUESTION ...]
 
 Texts come from positional TEXT, repeated --prompt, and --input FILE (one per line) and are
 run together in batches. generate decodes with a KV cache (--temperature 0 is greedy and
 deterministic); fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
 classify prints the label and its probability for a classification run; answer prints the span
 of the context that answers each question, and its score, for a question-answering run (a
-.jsonl --input gives each question its own context: {"question": ..., "context": ...}).
+.jsonl --input gives each question its own context: {"question": ..., "context": ...}; with
+--index, the contexts are the top-k passages an index retrieves, and the answer names its passage).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import numpy as np
 
 from jaxlm import decoding, encoder_infer
 from jaxlm.errors import UserError, cli
+from jaxlm.index import Index
 from jaxlm.workdir import Run, open_run
 
 
@@ -68,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ans.add_argument("--context", help="the text that holds the answers (or --context-file)")
     ans.add_argument("--context-file", help="a file whose text holds the answers")
     ans.add_argument("--input", help="one question a line, or JSONL of {question, context}")
+    ans.add_argument("--index", help="retrieve contexts from this index (python -m jaxlm.index build)")
+    ans.add_argument("--retriever-workdir", help="the index's encoder run (default: the one that built it)")
+    ans.add_argument("--top-k", type=int, default=5, help="passages retrieved and read per question")
     ans.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     return parser.parse_args(argv)
 
@@ -200,10 +206,30 @@ def read_questions(args: argparse.Namespace) -> list[tuple[str, str]]:
         pairs += [(q, context) for q in read_prompts(args)]
     if not pairs:
         raise UserError("no question given; pass QUESTION, --prompt QUESTION or --input FILE")
+    if args.index:
+        if context is not None or any(c is not None for _, c in pairs):
+            raise UserError("--index retrieves the contexts: give either --index or --context, not both")
+        return pairs
     if any(c is None or not c.strip() for _, c in pairs):
         raise UserError("no context given; pass --context TEXT or --context-file FILE (or a .jsonl --input "
                         "with a context per question)")
     return pairs
+
+
+def retrieve_and_read(run: Run, params, index: Index, questions: list[str], top_k: int
+                      ) -> list[tuple[str, float, dict[str, str]]]:
+    """For each question: (answer, score, passage) of the best span the reader finds in the
+    `top_k` passages the index retrieves for it."""
+    hits = index.search(questions, top_k)
+    pairs = [(q, passage["text"]) for q, found in zip(questions, hits) for _, passage in found]
+    read = encoder_infer.answer(run, params, pairs)
+    out, first = [], 0
+    for found in hits:
+        answers = read[first:first + len(found)]
+        first += len(found)
+        best = max(range(len(found)), key=lambda j: answers[j][1])
+        out.append((*answers[best], found[best][1]))
+    return out
 
 
 def answer_command(args: argparse.Namespace) -> None:
@@ -213,8 +239,16 @@ def answer_command(args: argparse.Namespace) -> None:
         raise UserError(f"answer needs a task=qa run; '{args.workdir}' trains task={run.config.task}")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     start = time.time()
-    for (question, _), (text, score) in zip(pairs, encoder_infer.answer(run, params, pairs)):
-        print(f"{text or '(no answer)'}\t{score:.2f}\t{question}", flush=True)
+    if args.index:
+        if args.top_k < 1:
+            raise UserError(f"--top-k={args.top_k} must be at least 1")
+        results = retrieve_and_read(run, params, Index(args.index, args.retriever_workdir),
+                                    [q for q, _ in pairs], args.top_k)
+        for (question, _), (text, score, passage) in zip(pairs, results):
+            print(f"{text or '(no answer)'}\t{score:.2f}\t[{passage['id']}]\t{question}", flush=True)
+    else:
+        for (question, _), (text, score) in zip(pairs, encoder_infer.answer(run, params, pairs)):
+            print(f"{text or '(no answer)'}\t{score:.2f}\t{question}", flush=True)
     print(f"checkpoint step {step}: {len(pairs)} questions in {time.time() - start:.1f}s", file=sys.stderr)
 
 

@@ -189,3 +189,26 @@ def test_tiny_reader_trains_evaluates_and_answers(tmp_path, corpus_dir, cache_di
     answer, score, question = capsys.readouterr().out.strip().split("\t")
     assert answer in contexts[0] and question == paragraphs[0][1][0][1]
     float(score)
+
+    # retrieval: the reader's encoder indexes the contexts; each context queried by its own text
+    # ranks first, and answer --index reads the passages it retrieves
+    from jaxlm import index
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"id": f"c{k}", "text": c}) + "\n" for k, c in enumerate(contexts)))
+    assert index.build(work, docs, tmp_path / "index", max_tokens=48) > len(contexts)  # long ones are cut
+    built = index.Index(tmp_path / "index")
+    texts = [p["text"] for p in built.passages]
+    assert all(0 < len(built.run.tokenizer.encode(t)) <= 46 for t in texts)
+    assert {p["document"] for p in built.passages} == {f"c{k}" for k in range(len(contexts))}
+    hits = built.search(texts, 2)
+    assert [h[0][1]["text"] for h in hits] == texts and all(h[0][0] == pytest.approx(1.0, abs=1e-5) for h in hits)
+    capsys.readouterr()
+    infer.main(["answer", "--workdir", str(work), "--index", str(tmp_path / "index"), "--top-k", "3",
+                texts[0], texts[5]])
+    lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
+    assert [q for *_, q in lines] == [texts[0], texts[5]]
+    by_id = {p["id"]: p["text"] for p in built.passages}
+    for answer, score, passage, _ in lines:
+        assert answer in by_id[passage.strip("[]")]  # the answer is a span of the passage it names
+    with pytest.raises(SystemExit):  # not both
+        infer.main(["answer", "--workdir", str(work), "--index", str(tmp_path / "index"), "--context", "x", "q"])
