@@ -29,10 +29,11 @@ def xla_forward_flops(run) -> float:
     return perf.xla_flops(compiled)
 
 
-@pytest.mark.parametrize("task", ["clm", "mlm", "mlm_nsp", "classify"])
+@pytest.mark.parametrize("task", ["clm", "mlm", "mlm_nsp", "classify", "qa"])
 def test_analytic_forward_flops_match_xlas_count(task, corpus_dir):
     extra = {"clm": ["task=clm"], "mlm": ["task=mlm"], "mlm_nsp": ["task=mlm", "mlm.nsp=true"],
-             "classify": ["task=classify", "data.source=labeled", f"data.paths=[{corpus_dir}/x.tsv]"]}[task]
+             "classify": ["task=classify", "data.source=labeled", f"data.paths=[{corpus_dir}/x.tsv]"],
+             "qa": ["task=qa", "data.source=squad", f"data.paths=[{corpus_dir}/x.json]"]}[task]
     run = shapes_run(config_lib.load(None, SHAPES + extra))
     analytic = run.task.forward_flops(run.config.train.batch_size, run.config.data.seq_len)
     # (the masked-LM head on every token instead of the gathered 15% would add 85% here)
