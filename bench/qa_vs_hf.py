@@ -116,7 +116,7 @@ def run_hf(data: Path) -> dict:
     sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for epoch in range(3):
+    for _ in range(3):  # epochs
         order = torch.randperm(count, generator=gen)
         for b in range(0, count, 16):
             idx = order[b:b + 16]

@@ -208,7 +208,7 @@ def test_tiny_reader_trains_evaluates_and_answers(tmp_path, corpus_dir, cache_di
     lines = [line.split("\t") for line in capsys.readouterr().out.strip().splitlines()]
     assert [q for *_, q in lines] == [texts[0], texts[5]]
     by_id = {p["id"]: p["text"] for p in built.passages}
-    for answer, score, passage, _ in lines:
+    for answer, _, passage, _ in lines:
         assert answer in by_id[passage.strip("[]")]  # the answer is a span of the passage it names
     with pytest.raises(SystemExit):  # not both
         infer.main(["answer", "--workdir", str(work), "--index", str(tmp_path / "index"), "--context", "x", "q"])

@@ -6,7 +6,6 @@ answer of a question is the best span over all its windows, mapped back to conte
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import jax
 import jax.numpy as jnp
