@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 transformers        # the reference side only
     python bench/compare_torch.py [--model gpt2_small] [--model bert_base_mlm] [--model minilm_sentiment]
+                                  [--model minilm_qa]
                                   [--dtype float32|bfloat16] [--steps 8] [--rounds 3]
 
 Both sides train the same architecture and shapes from random weights with AdamW (float32
@@ -20,6 +21,8 @@ What is compared, model by model:
                     rest). Dropout 0.1 on both sides; vocabulary 30,592.
   minilm_sentiment  configs/minilm_sentiment.yaml's shapes (all-MiniLM-L6-v2: 6 layers, width
                     384, 12 heads; batch 32 x 64) vs BertForSequenceClassification, dropout 0.1.
+  minilm_qa         configs/minilm_qa.yaml's shapes (the same model; batch 16 x 256) vs
+                    BertForQuestionAnswering, dropout 0.1.
 
 MFU on both sides is the same analytic model FLOP count (`jaxlm.models.flops`; for
 BertForMaskedLM the output layer on every token, as it computes) over a float32 (or bfloat16)
@@ -64,6 +67,10 @@ SHAPES = {
         'init.from_workdir=""', "model.num_layers=6", "model.embed_dim=384", "model.num_heads=12",
         "model.mlp_dim=1536", "model.max_len=512", "model.positions=learned", "model.activation=gelu",
         "model.norm_eps=1e-12", "model.vocab_size=30592", "data.vocab_size=30522"], 32, 64),
+    "minilm_qa": Shape("minilm_qa.yaml", [
+        'init.from_workdir=""', "model.num_layers=6", "model.embed_dim=384", "model.num_heads=12",
+        "model.mlp_dim=1536", "model.max_len=512", "model.positions=learned", "model.activation=gelu",
+        "model.norm_eps=1e-12", "model.vocab_size=30592", "data.vocab_size=30522"], 16, 256),
 }
 
 
@@ -122,6 +129,11 @@ def hf_side(name: str, run, dtype: str, steps: int):
             every = rows * length  # BertForMaskedLM's head runs on every token
             forward = (flops.blocks(m, rows, length, causal=False) + flops.dense(every, m.embed_dim, m.embed_dim)
                        + flops.dense(every, m.embed_dim, m.vocab_size) + flops.dense(rows, m.embed_dim, m.embed_dim))
+        elif name == "minilm_qa":
+            model = transformers.BertForQuestionAnswering(cfg)
+            first = torch.randint(length // 4, length - 4, (rows,))
+            inputs = {"input_ids": ids, "start_positions": first, "end_positions": first + 3}
+            forward = run.task.forward_flops(rows, length)
         else:
             model = transformers.BertForSequenceClassification(cfg)
             inputs = {"input_ids": ids, "labels": torch.randint(0, 2, (rows,))}
@@ -155,10 +167,10 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--steps", type=int, default=8, help="timed steps a side and round")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds")
-    parser.add_argument("--matmul-size", type=int, default=2048)
+    parser.add_argument("--matmul-size", type=int, default=2048, help="0: skip the matmul peak (no MFU)")
     args = parser.parse_args()
     import torch
-    peak = perf.matmul_peak(args.dtype, args.matmul_size)
+    peak = perf.matmul_peak(args.dtype, args.matmul_size) if args.matmul_size else float("nan")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); {args.dtype} matmul peak {peak / 1e9:.0f} GFLOP/s", flush=True)
     results = []

@@ -235,7 +235,8 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU feed-forward block."""
+    """Two-layer GELU feed-forward block, dropout on its output only (as BERT and GPT-2: none on
+    the wide hidden activation)."""
 
     cfg: ModelConfig
 
@@ -245,7 +246,6 @@ class Mlp(nn.Module):
         hidden = cfg.mlp_dim or 4 * cfg.embed_dim
         h = Dense((hidden,), ("embed", "mlp"), cfg, name="wi")(x)
         h = constrain(ACTIVATIONS[cfg.activation](h), ("batch", "length", "act_mlp"))  # [batch, length, mlp]
-        h = nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
         out = Dense((cfg.embed_dim,), ("mlp", "embed"), cfg, std=0.02 / (2 * cfg.num_layers) ** 0.5,
                     name="wo")(h)
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
