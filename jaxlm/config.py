@@ -164,6 +164,8 @@ class TrainConfig:
     eval_batches: int = 20  # 0 means the whole eval split
     peak_tflops: float = 0.0  # a device's peak, for the logged mfu; 0: its datasheet figure (jaxlm.perf.PEAKS)
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: a jax.profiler trace of those steps in <workdir>/profile
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: the update is dropped, then stop (checkpoint, exit 3) or skip
+    max_skipped: int = 5  # on_nonfinite=skip: stop after this many non-finite steps in a row
 
 
 @dataclass
@@ -357,6 +359,8 @@ def validate(c: Config) -> None:
     _require(not m.logits_chunk or d.seq_len % m.logits_chunk == 0,
              f"model.logits_chunk={m.logits_chunk} does not divide data.seq_len={d.seq_len}; pick a divisor (or 0)")
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
+    _choice("train.on_nonfinite", t.on_nonfinite, ("stop", "skip"))
+    _require(t.max_skipped > 0, f"train.max_skipped={t.max_skipped} must be a positive integer")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
     _require(d.source not in ("text", "labeled", "squad") or bool(d.paths),

@@ -18,6 +18,13 @@ class UserError(Exception):
     """
 
 
+class Diverged(UserError):
+    """Training met a loss or gradient that is not finite (`train.on_nonfinite`); the last good
+    state is saved. Exit code 3."""
+
+    exit_code = 3
+
+
 def _line(text: str) -> None:
     """One line on stderr in one write: processes sharing a log (several on one host) cannot
     split it, even with unbuffered output (PYTHONUNBUFFERED), where `print` writes the newline
@@ -27,7 +34,8 @@ def _line(text: str) -> None:
 
 
 def cli(main: Callable[..., T]) -> Callable[..., T]:
-    """Wraps a command's `main` so a `UserError` exits 2 with one line on stderr."""
+    """Wraps a command's `main` so a `UserError` exits 2 (a `Diverged` run 3) with one line on
+    stderr."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
@@ -35,7 +43,7 @@ def cli(main: Callable[..., T]) -> Callable[..., T]:
             return main(*args, **kwargs)
         except UserError as e:
             _line(f"error: {e}")
-            sys.exit(2)
+            sys.exit(getattr(e, "exit_code", 2))
         except KeyboardInterrupt:
             _line("interrupted")
             sys.exit(130)

@@ -82,15 +82,27 @@ def train_step(state: TrainState, batch: dict[str, Array], rng: Array, *, task: 
     Under `jax.pmap`, `axis_name` names the device axis: gradients and metric sums are summed
     over devices, each device's loss already divided by the whole batch's denominators.
 
+    A step whose loss or gradient is not finite (NaN or Inf) leaves the parameters and the
+    optimizer state as they were (the step count still advances past its batch) and says so in
+    its `nonfinite` metric: parameters are never written with NaN or Inf.
+
     Returns the new state and metric sums (plus the gradient norm before clipping).
     """
     step_rng = rngs.stream(rng, rngs.DROPOUT, state.step)
     if axis_name is not None:
         step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     grads, sums = gradients(state.params, batch, step_rng, task, accum_steps, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {**sums, "grad_norm": optax.global_norm(grads)}
+    grad_norm = optax.global_norm(grads)
+    finite = jnp.isfinite(grad_norm)
+    for key, _ in task.terms:
+        finite &= jnp.isfinite(sums[key])
+
+    def update(_: None) -> tuple[Any, Any]:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        return optax.apply_updates(state.params, updates), opt_state
+
+    params, opt_state = jax.lax.cond(finite, update, lambda _: (state.params, state.opt_state), None)
+    metrics = {**sums, "grad_norm": grad_norm, "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return TrainState(state.step + 1, params, opt_state), metrics
 
 
@@ -99,6 +111,13 @@ def eval_step(params: Any, batch: dict[str, Array], *, task: Any, axis_name: str
     """Metric sums of one eval batch (no dropout)."""
     _, sums = task.loss(params, batch, jax.random.key(0), train=False)
     return sums if axis_name is None else jax.lax.psum(sums, axis_name)
+
+
+def predict_step(params: Any, batch: dict[str, Array], *, task: Any, axis_name: str | None = None
+                 ) -> tuple[dict[str, Array], dict[str, Array]]:
+    """Metric sums and the task's per-row prediction outputs (`Task.predict`) of one eval batch,
+    in one pass (the two share the forward pass once compiled)."""
+    return eval_step(params, batch, task=task, axis_name=axis_name), task.predict(params, batch)
 
 
 class Compiled:
@@ -132,8 +151,8 @@ class Compiled:
             partial(eval_step, task=task),
             in_shardings=(self.state_sharding.params, self.batch_sharding), out_shardings=repl)
         if hasattr(task, "predict"):  # replicated outputs: every process reads the whole batch's
-            self._predict = jax.jit(task.predict, in_shardings=(self.state_sharding.params, self.batch_sharding),
-                                    out_shardings=repl)
+            self._predict = jax.jit(partial(predict_step, task=task), out_shardings=repl,
+                                    in_shardings=(self.state_sharding.params, self.batch_sharding))
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:
@@ -150,10 +169,11 @@ class Compiled:
         """This host's rows -> global batch arrays."""
         return sharding.global_batch({k: local[k] for k in self.task.batch_keys}, self.batch_sharding)
 
-    def predict(self, params: Any, local: dict) -> dict[str, np.ndarray]:
-        """The task's per-row prediction outputs (`Task.predict`) for a global batch, of which
-        `local` is this host's rows: every row of the global batch, in order."""
-        return jax.tree_util.tree_map(np.asarray, self._predict(params, self.put_batch(local)))
+    def predict(self, params: Any, local: dict) -> tuple[dict[str, Array], dict[str, np.ndarray]]:
+        """Metric sums of a global batch, of which `local` is this host's rows, and the task's
+        per-row prediction outputs (`Task.predict`) for every row of it, in order."""
+        sums, outputs = self._predict(params, self.put_batch(local))
+        return sums, jax.tree_util.tree_map(np.asarray, outputs)
 
     def adopt(self, state: TrainState) -> TrainState:
         """A restored state in the layout the steps take."""
@@ -190,7 +210,8 @@ class PmapCompiled(Compiled):
         self._replicate = lambda tree: broadcast(np.arange(n), tree)  # one copy per device
         self.train_step, self.eval_step = self._train_step, self._eval_step
         if hasattr(task, "predict"):
-            self._predict = jax.pmap(task.predict, devices=self.devices)
+            self._predict = jax.pmap(partial(predict_step, task=task, axis_name=self.AXIS), axis_name=self.AXIS,
+                                     devices=self.devices)
 
     def _train_step(self, state: TrainState, batch: dict[str, Array], rng: Array):
         state, metrics = self._train(state, batch, rng)
@@ -212,10 +233,12 @@ class PmapCompiled(Compiled):
         return {k: local[k].reshape(n, local[k].shape[0] // n, *local[k].shape[1:])
                 for k in self.task.batch_keys}
 
-    def predict(self, params: Any, local: dict) -> dict[str, np.ndarray]:
-        out = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]),
-                                     self._predict(params, self.put_batch(local)))  # this host's rows
-        return out if jax.process_count() == 1 else multihost_utils.process_allgather(out, tiled=True)
+    def predict(self, params: Any, local: dict) -> tuple[dict[str, Array], dict[str, np.ndarray]]:
+        sums, outputs = self._predict(params, self.put_batch(local))
+        outputs = jax.tree_util.tree_map(lambda x: np.asarray(x).reshape(-1, *x.shape[2:]), outputs)  # this host's rows
+        if jax.process_count() > 1:
+            outputs = multihost_utils.process_allgather(outputs, tiled=True)
+        return _first(sums), outputs
 
     def adopt(self, state: TrainState) -> TrainState:
         return self._replicate(state)

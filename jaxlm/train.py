@@ -29,7 +29,7 @@ from jaxlm.config import Config
 from jaxlm.data import pipeline
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.data.tokenizer import TextTokenizer
-from jaxlm.errors import UserError, cli
+from jaxlm.errors import Diverged, UserError, cli
 from jaxlm.metrics import add_sums
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
@@ -113,31 +113,34 @@ def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
 
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
     """Metrics over eval rows (or their first `train.eval_batches` batches); where the rows
-    come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`;
-    where the task scores predictions (e.g. exact match of answers), those over all the rows."""
+    come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`.
+    A task that scores predictions (e.g. exact match of answers) is evaluated on all the rows."""
     return evaluate_outputs(run, params, rows)[0]
 
 
 def evaluate_outputs(run: Run, params, rows: Any) -> tuple[dict[str, float], dict[str, str]]:
     """`evaluate`'s metrics, and the files the task's predictions make (name -> text), if any."""
+    if hasattr(run.task, "score"):  # one pass over all the rows: metric sums and predictions
+        sums, outputs = _predictions(run, params, rows)
+        scored, files = run.task.score(rows, outputs)
+        return {**run.task.summarize(sums), **scored}, files
     sums = {label: _eval_sums(run, params, part) for label, part in pipeline.parts_of(rows).items()}
     total = {k: sum(s[k] for s in sums.values()) for k in next(iter(sums.values()))}
     parts = {f"{label}/{k}": v for label, s in sums.items() if label for k, v in run.task.summarize(s).items()}
-    metrics, files = {**run.task.summarize(total), **parts}, {}
-    if hasattr(run.task, "score"):
-        scored, files = run.task.score(rows, _predictions(run, params, rows))
-        metrics.update(scored)
-    return metrics, files
+    return {**run.task.summarize(total), **parts}, {}
 
 
-def _predictions(run: Run, params, rows: Any) -> dict[str, np.ndarray]:
-    """The task's per-row prediction outputs over all of `rows`, in order, on every process."""
-    outputs = []
+def _predictions(run: Run, params, rows: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Metric sums over all of `rows`, and the task's per-row prediction outputs, in order, on
+    every process."""
+    total, outputs = None, []
     with run.compiled.context():
         for batch in pipeline.eval_batches(rows, run.config.train.batch_size, 0, jax.process_index(),
                                            jax.process_count()):
-            outputs.append(run.compiled.predict(params, batch))
-    return {k: np.concatenate([o[k] for o in outputs])[:len(rows)] for k in outputs[0]}
+            sums, out = run.compiled.predict(params, batch)
+            total = add_sums(total, sums)
+            outputs.append(out)
+    return total, {k: np.concatenate([o[k] for o in outputs])[:len(rows)] for k in outputs[0]}
 
 
 def _eval_sums(run: Run, params, rows: Any) -> dict[str, float]:
@@ -269,6 +272,32 @@ class Profile:
                   "https://ui.perfetto.dev", file=sys.stderr)
 
 
+class NonFinite:
+    """The loop's answer to steps whose loss or gradient was not finite (the step itself
+    already dropped their update, `steps.train_step`): `stop` at the first, or `skip` up to
+    `max_skipped` in a row; `halt` then holds the message to stop with."""
+
+    def __init__(self, policy: str, max_skipped: int):
+        self.policy, self.max_skipped = policy, max_skipped
+        self.total = self.in_a_row = 0
+        self.halt: str | None = None
+
+    def saw(self, step: int, nonfinite: bool) -> None:
+        if not nonfinite:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        if self.policy == "skip" and self.in_a_row < self.max_skipped:
+            print(f"step {step}: the loss or gradient is not finite; its update was skipped "
+                  f"({self.in_a_row} in a row, {self.total} in all)", file=sys.stderr)
+        elif self.halt is None:
+            what = "is not finite" if self.policy == "stop" else f"was not finite {self.in_a_row} steps in a row"
+            self.halt = (f"step {step}: the loss or gradient {what} (NaN or Inf); no update with it was "
+                         "applied. Lower optim.learning_rate, set optim.clip_norm, or train in float32 "
+                         "(model.dtype); train.on_nonfinite=skip drops such steps and goes on")
+
+
 def train(config: Config, workdir: Path) -> dict[str, float]:
     """Trains (or resumes) the run in `workdir`; returns the final eval metrics."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -311,6 +340,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     clock, clock_step = time.time(), start_step
     inflight: deque = deque()  # (step, device metrics) of dispatched steps not yet seen finished
     data_wait = 0.0  # seconds spent waiting for input batches since the last log
+    nonfinite = NonFinite(tcfg.on_nonfinite, tcfg.max_skipped)
 
     def log_train(step: int, device_metrics) -> None:
         nonlocal clock, clock_step, data_wait
@@ -322,7 +352,8 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         values = {**run.task.summarize(sums), "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
                   "tokens_per_s": tokens_per_step * steps / seconds, "model_tflops_per_device": tflops,
                   **({"mfu": tflops * 1e12 / peak} if peak else {}),
-                  "data_wait_s": data_wait / steps, "eta_s": writers.eta(step)}
+                  "data_wait_s": data_wait / steps, "eta_s": writers.eta(step),
+                  **({"skipped_steps": nonfinite.total} if nonfinite.total else {})}
         clock, clock_step, data_wait = now, step, 0.0
         writers.write(step, "train", values)
 
@@ -331,10 +362,10 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         the finished ones (so the console and TensorBoard show steps the device has done)."""
         while len(inflight) > unfinished:
             done, device_metrics = inflight.popleft()
+            jax.block_until_ready(device_metrics)  # that step, all of it
+            nonfinite.saw(done, bool(device_metrics["nonfinite"]))
             if done % tcfg.log_every == 0 or done == tcfg.steps:
                 log_train(done, device_metrics)
-            else:
-                jax.block_until_ready(device_metrics)
             writers.advance(done)
 
     step = start_step
@@ -357,6 +388,10 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 # wait for step N - 1 while step N runs: the next batch is prepared and dispatched
                 # in the meantime, and a stop (or a checkpoint) never waits for a queue of steps
                 finish(RUN_AHEAD)
+                if nonfinite.halt:  # every update applied so far was finite: save, then stop
+                    finish(0)
+                    ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
+                    break
                 if profile.after(step):
                     finish(0)
                     profile.stop()
@@ -377,6 +412,8 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
         ckpt.close()
         best.close()
         writers.close()
+    if nonfinite.halt:
+        raise Diverged(f"{nonfinite.halt}. The last good state is saved at step {step}; a rerun resumes there")
     if stopping:
         print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)
     return last_eval
