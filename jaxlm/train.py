@@ -292,10 +292,11 @@ class NonFinite:
             print(f"step {step}: the loss or gradient is not finite; its update was skipped "
                   f"({self.in_a_row} in a row, {self.total} in all)", file=sys.stderr)
         elif self.halt is None:
-            what = "is not finite" if self.policy == "stop" else f"was not finite {self.in_a_row} steps in a row"
+            stop = self.policy == "stop"
+            what = "is not finite" if stop else f"was not finite {self.in_a_row} steps in a row"
             self.halt = (f"step {step}: the loss or gradient {what} (NaN or Inf); no update with it was "
                          "applied. Lower optim.learning_rate, set optim.clip_norm, or train in float32 "
-                         "(model.dtype); train.on_nonfinite=skip drops such steps and goes on")
+                         "(model.dtype)" + ("; train.on_nonfinite=skip drops such steps and goes on" if stop else ""))
 
 
 def train(config: Config, workdir: Path) -> dict[str, float]:
