@@ -188,6 +188,7 @@ class CheckpointConfig:
     every: int = 200
     keep: int = 2
     async_save: bool = True
+    preemption_grace_s: float = 30.0  # the scheduler's notice between SIGTERM and SIGKILL; a stop must save within it
     best_metric: str = ""  # also keep the params best by this eval metric in <workdir>/best (e.g. accuracy)
 
 
@@ -332,6 +333,8 @@ def validate(c: Config) -> None:
         ("train.eval_every", t.eval_every), ("checkpoint.every", k.every), ("checkpoint.keep", k.keep),
     ]:
         _require(value > 0, f"{name}={value} must be a positive integer")
+    _require(k.preemption_grace_s > 0, f"checkpoint.preemption_grace_s={k.preemption_grace_s} must be positive "
+             "(the seconds your scheduler gives between SIGTERM and SIGKILL)")
     for name, value in [("model.mlp_dim", m.mlp_dim), ("model.vocab_size", m.vocab_size),
                         ("optim.warmup_steps", o.warmup_steps), ("train.eval_batches", t.eval_batches),
                         ("data.prefetch", d.prefetch), ("data.prepare_workers", d.prepare_workers),

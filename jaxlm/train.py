@@ -223,6 +223,7 @@ class _StopFlag:
 
     def __init__(self):
         self.stop = False
+        self.at: float | None = None  # time.time() of the first signal
         self._previous = {}
 
     def __enter__(self) -> _StopFlag:
@@ -238,7 +239,7 @@ class _StopFlag:
         if self.stop:  # a second signal: give up at once
             raise KeyboardInterrupt
         print(f"\nsignal {signum}: saving a checkpoint, then stopping (again to abort)", file=sys.stderr)
-        self.stop = True
+        self.stop, self.at = True, time.time()
 
 
 class Profile:
@@ -396,15 +397,17 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 if profile.after(step):
                     finish(0)
                     profile.stop()
-                if step % tcfg.eval_every == 0 or step == tcfg.steps:
-                    finish(0)
-                    last_eval = evaluate(run, state.params, rows["eval"])
-                    writers.write(step, "eval", last_eval)
-                    best.offer(step, last_eval, c.saveable(state), data.get_state())
+                ckpt.check()  # a background save that failed ends the run now, not at the next save
                 stopping = vote(step, signal_flag.stop)
                 if stopping and not signal_flag.stop:
                     print(f"another process was signalled: saving a checkpoint at step {step}, then stopping",
                           file=sys.stderr)
+                    signal_flag.at = time.time()
+                if (step % tcfg.eval_every == 0 or step == tcfg.steps) and not stopping:  # a stop saves first
+                    finish(0)
+                    last_eval = evaluate(run, state.params, rows["eval"])
+                    writers.write(step, "eval", last_eval)
+                    best.offer(step, last_eval, c.saveable(state), data.get_state())
                 if step % cfg.checkpoint.every == 0 or step == tcfg.steps or stopping:
                     ckpt.save(step, c.saveable(state), data.get_state(), {"step": step, "time": time.time()})
             finish(0)
@@ -416,7 +419,14 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
     if nonfinite.halt:
         raise Diverged(f"{nonfinite.halt}. The last good state is saved at step {step}; a rerun resumes there")
     if stopping:
-        print(f"stopped at step {step}; rerun the same command to resume", file=sys.stderr)
+        took, grace = time.time() - signal_flag.at, cfg.checkpoint.preemption_grace_s
+        print(f"stopped at step {step}; its checkpoint was complete {took:.1f} s after the signal; "
+              "rerun the same command to resume", file=sys.stderr)
+        if took > grace:
+            print(f"warning: that is more than checkpoint.preemption_grace_s={grace:g}: a preempted run would "
+                  "have been killed before its checkpoint was complete (and resumed from the one before). "
+                  "Ask the scheduler for a longer notice (SLURM: --signal=TERM@<seconds>), and set "
+                  "checkpoint.preemption_grace_s to the notice you have", file=sys.stderr)
     return last_eval
 
 

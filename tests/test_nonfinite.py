@@ -47,9 +47,13 @@ def finite_params(workdir) -> tuple[int, bool]:
     return step, all(bool(np.isfinite(x).all()) for x in jax.tree_util.tree_leaves(jax.device_get(params)))
 
 
-def test_divergence_stops_with_exit_3_and_the_last_good_state_saved(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_divergence_stops_with_exit_3_and_the_last_good_state_saved(tiny, tmp_path, capsys, dtype):
+    """The learning rate blows the weights up until the activations overflow (in bfloat16
+    compute as well); the run stops at that step with the last finite state saved, and a rerun
+    with train.on_nonfinite=skip (what the message suggests) is accepted on the same workdir."""
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--workdir", str(tmp_path / "w"), *tiny, *DIVERGE, "train.steps=30"])
+        train.main(["--workdir", str(tmp_path / "w"), *tiny, *DIVERGE, "train.steps=30", f"model.dtype={dtype}"])
     assert exit_info.value.code == 3
     err = capsys.readouterr().err
     line = next(line for line in err.splitlines() if line.startswith("error: step"))
@@ -58,6 +62,14 @@ def test_divergence_stops_with_exit_3_and_the_last_good_state_saved(tiny, tmp_pa
     step, finite = finite_params(tmp_path / "w")
     assert bad <= step < 30 and finite
     assert Checkpoints(tmp_path / "w" / "checkpoints", read_only=True).latest_step() == step
+    if dtype == "bfloat16":
+        return
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--workdir", str(tmp_path / "w"), *tiny, *DIVERGE, "train.steps=30",
+                    "train.on_nonfinite=skip", "train.max_skipped=2"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 3 and f"resumed from step {step}" in err
+    assert "was not finite 2 steps in a row" in err
 
 
 def test_skip_drops_steps_then_stops_after_max_skipped_in_a_row(tiny, tmp_path, capsys):
