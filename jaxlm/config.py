@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from jaxlm.errors import UserError
@@ -253,6 +253,9 @@ def keys(cls: type | None = None, prefix: str = "") -> list[str]:
     return out
 
 
+SECTIONS = frozenset(name for name, hint in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(hint))
+
+
 def _unknown_key(key: str) -> UserError:
     valid = keys()
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
@@ -266,9 +269,23 @@ def _merge(base: Any, other: Any, origin: str) -> Any:
     except ConfigKeyError as e:
         raise _unknown_key(e.full_key) from None
     except ValidationError as e:
-        raise UserError(f"{origin}: bad value for '{e.full_key}': {e.msg.splitlines()[0]}") from None
+        where = f" for '{e.full_key}'" if e.full_key else ""
+        raise UserError(f"{origin}: bad value{where}: {_first_line(e.msg or str(e))}") from None
     except OmegaConfBaseException as e:
-        raise UserError(f"{origin}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{origin}: {_first_line(str(e))}") from None
+    except (TypeError, ValueError) as e:  # e.g. a mapping where a list goes
+        raise UserError(f"{origin}: {_first_line(str(e))}; see configs/gpt_tiny.yaml for each key's type") from None
+
+
+def _check_sections(node: DictConfig, origin: str) -> None:
+    """A section (e.g. `train`) given a value instead of keys is named as such."""
+    for name in SECTIONS:
+        if name in node and not isinstance(node[name], DictConfig) and node[name] is not None:
+            raise UserError(f"{origin}: '{name}' is a section, not a value; set its keys, e.g. {name}.<key>=...")
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "not accepted")
 
 
 def load(config_file: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -292,19 +309,25 @@ def load(config_file: str | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             file_cfg = OmegaConf.load(path)
         except Exception as e:  # a YAML syntax error
-            raise UserError(f"config file '{config_file}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise UserError(f"config file '{config_file}' is not valid YAML: {_first_line(str(e))}") from None
+        if not isinstance(file_cfg, DictConfig):
+            raise UserError(f"config file '{config_file}' holds a {type(file_cfg).__name__.removesuffix('Config').lower()}, "
+                            "not a mapping of sections; write e.g. 'train:' then '  steps: 200'")
+        _check_sections(file_cfg, f"config file '{config_file}'")
         cfg = _merge(cfg, file_cfg, f"config file '{config_file}'")
     for item in overrides:
+        shown = f"'{item}'" if item.isprintable() else repr(item)  # a message stays one line
         if "=" not in item:
-            raise UserError(f"override '{item}' is not key=value; write e.g. train.steps=200")
+            raise UserError(f"override {shown} is not key=value; write e.g. train.steps=200")
         key = item.split("=", 1)[0]
         if key not in keys() and not key.startswith("mesh.rules."):
             raise _unknown_key(key)
         try:
             dot = OmegaConf.from_dotlist([item])
         except Exception as e:
-            raise UserError(f"override '{item}' cannot be parsed: {str(e).splitlines()[0]}") from None
-        cfg = _merge(cfg, dot, f"override '{item}'")
+            raise UserError(f"override {shown} cannot be parsed: {_first_line(str(e))}") from None
+        _check_sections(dot, f"override {shown}")
+        cfg = _merge(cfg, dot, f"override {shown}")
     config: Config = OmegaConf.to_object(cfg)
     validate(config)
     return config

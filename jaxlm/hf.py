@@ -183,6 +183,10 @@ def to_params(tensors: dict[str, np.ndarray], cfg: ModelConfig, target: dict, so
         _set(params, path, value)
     if wrong:
         raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
+    unused = sorted(set(tensors) - set(mapping) - {"cls.predictions.decoder.bias"})  # that one is tied
+    if unused:
+        print(f"note: {len(unused)} tensor(s) of {source} are not part of this model and were left out, e.g. "
+              f"{', '.join(unused[:3])}", file=sys.stderr)
     return params
 
 
@@ -218,21 +222,60 @@ def load_tokenizer(hf_dir: Path) -> tokenizer_lib.TextTokenizer:
         return tokenizer_lib.from_file(path)
 
 
+ARCHITECTURES = {  # what an imported architecture trains as
+    "BertModel": ["task=mlm"], "BertForMaskedLM": ["task=mlm"], "BertForPreTraining": ["task=mlm", "mlm.nsp=true"],
+    "BertForSequenceClassification": ["task=classify", "data.source=none"],
+    "BertForQuestionAnswering": ["task=qa", "data.source=none"],
+}
+REQUIRED = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size", "max_position_embeddings")
+
+
+def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """A Hugging Face directory's config.json and safetensors weights, checked; never pickle."""
+    if not (hf_dir / "model.safetensors").is_file():
+        pickled = [name for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if (hf_dir / name).is_file()]
+        if pickled:
+            raise UserError(f"'{hf_dir}' holds only {pickled[0]}, which jaxlm does not read (pickle-based formats can run "
+                            "code); convert it once with transformers: from_pretrained(...).save_pretrained(dir, "
+                            "safe_serialization=True)")
+        raise UserError(f"'{hf_dir}' has no model.safetensors; give a Hugging Face model directory saved with "
+                        "safetensors (save_pretrained(..., safe_serialization=True))")
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"'{hf_dir}' has no config.json; give the whole directory save_pretrained wrote")
+    try:
+        hf = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"'{hf_dir / 'config.json'}' is not JSON ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(hf, dict):
+        raise UserError(f"'{hf_dir / 'config.json'}' is not a JSON object")
+    missing = [key for key in REQUIRED if key not in hf]
+    if missing:
+        raise UserError(f"'{hf_dir / 'config.json'}' lacks {', '.join(missing)}; is it a BERT config.json?")
+    arch = (hf.get("architectures") or ["BertModel"])[0]
+    if arch not in ARCHITECTURES:
+        raise UserError(f"architecture {arch} is not supported; jaxlm imports {', '.join(ARCHITECTURES)}")
+    try:
+        tensors = load_file(str(hf_dir / "model.safetensors"))
+    except Exception as e:  # truncated or not safetensors at all
+        raise UserError(f"'{hf_dir / 'model.safetensors'}' is not a readable safetensors file "
+                        f"({str(e).splitlines()[0][:120]}); save it again") from None
+    return hf, tensors
+
+
 def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
-    """Writes a jaxlm workdir (config, tokenizer, step-0 checkpoint) from a HF BERT directory."""
-    for name in ("config.json", "model.safetensors"):
-        if not (hf_dir / name).is_file():
-            raise UserError(f"'{hf_dir}' has no {name}; give a Hugging Face model directory saved with "
-                            "safetensors (save_pretrained(..., safe_serialization=True))")
+    """Writes a jaxlm workdir (config, tokenizer, step-0 checkpoint) from a HF BERT directory.
+
+    Everything is read and checked before anything is written, and `config.yaml` comes last:
+    a failed import leaves no workdir a later `train` would take for an imported one."""
     if (workdir / "checkpoints").is_dir() and any((workdir / "checkpoints").iterdir()):
         raise UserError(f"'{workdir}' already holds checkpoints; import into a new --workdir")
-    hf = json.loads((hf_dir / "config.json").read_text())
+    hf, tensors = read_hf_dir(hf_dir)
     arch = (hf.get("architectures") or ["BertModel"])[0]
-    defaults = {"BertForSequenceClassification": ["task=classify", "data.source=none",
-                                                  f"classify.num_labels={len(hf.get('id2label', {})) or 2}"],
-                "BertForQuestionAnswering": ["task=qa", "data.source=none"],
-                "BertForPreTraining": ["task=mlm", "mlm.nsp=true"]}
-    config = config_lib.load(None, [*defaults.get(arch, ["task=mlm"]), *overrides])
+    defaults = ARCHITECTURES[arch]
+    if arch == "BertForSequenceClassification":
+        defaults = defaults + [f"classify.num_labels={len(hf.get('id2label', {})) or 2}"]
+    config = config_lib.load(None, [*defaults, *overrides])
     if config.task not in ("mlm", "classify", "qa"):
         raise UserError(f"task={config.task} cannot start from a BERT checkpoint; use task=mlm, classify or qa")
     model = model_config(hf, config.model)
@@ -240,20 +283,19 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     config = dataclasses.replace(config, model=model, data=data)
     config_lib.validate(config)
     tok = load_tokenizer(hf_dir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tok.save(workdir / "tokenizer.json")
-    config_lib.save(config, workdir / "config.yaml")
     run = build(config, tok, mode="jit")
     c = run.compiled
     state = c.init_state(config.seed)
     target = restack(jax.device_get(state.params), scanned=False)  # HF names follow unrolled layers
-    params = to_params(load_file(str(hf_dir / "model.safetensors")), config.model, target,
-                       str(hf_dir / "model.safetensors"), hf["vocab_size"])
+    params = to_params(tensors, config.model, target, str(hf_dir / "model.safetensors"), hf["vocab_size"])
     params = restack(params, config.model.scan_layers)
     state = state.replace(params=jax.device_put(params, c.state_sharding.params))
+    workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
     ckpt.save(0, c.saveable(state), {"next_row": 0}, {"step": 0, "imported_from": str(hf_dir), "architecture": arch})
     ckpt.close()
+    tok.save(workdir / "tokenizer.json")
+    config_lib.save(config, workdir / "config.yaml")
     return config
 
 

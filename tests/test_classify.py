@@ -7,6 +7,7 @@ import pytest
 
 from jaxlm.config import ClassifyConfig, DataConfig, ModelConfig
 from jaxlm.data import labeled
+from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.microbatch import Layout
 from jaxlm.tasks.classify import ClassifyTask
@@ -98,6 +99,35 @@ def test_labeled_files_and_their_errors(tmp_path):
     (tmp_path / "train.tsv").write_text("label\ttext\n")
     with pytest.raises(UserError, match="holds no examples"):
         labeled.load_splits(data, ClassifyConfig())
+    (tmp_path / "train.tsv").write_bytes("label\ttext\n1\tcaf\u00e9\n".encode("latin-1"))  # not UTF-8
+    with pytest.raises(UserError, match=r"train.tsv' is not valid UTF-8 \(byte 16: b'\\xe9'\).*encoding_errors=replace"):
+        labeled.load_splits(data, ClassifyConfig())
+    (tmp_path / "test.jsonl").write_text('{"label": 1, "text": "fine"}\n[1, "text"]\n')
+    (tmp_path / "train.tsv").write_text("label\ttext\n1\tgood\n")
+    with pytest.raises(UserError, match=r"test.jsonl:2: not a JSON object \(a list\)"):
+        labeled.load_splits(data, ClassifyConfig())
+    (tmp_path / "test.jsonl").write_text('{"label": 1, "text": "fine"}\n')
+    long = "word " * 400_000  # a 2 MB field: beyond the csv module's default limit, cut to seq_len later
+    (tmp_path / "train.tsv").write_text(f"label\ttext\textra\n1\t{long}\tx\n0\tbad\n")
+    assert [len(e["text"]) for e in labeled.load_splits(data, ClassifyConfig()).train] == [len(long), 3]
+
+
+def test_a_long_text_is_cut_before_tokenizing_into_the_same_row(prepared):
+    """Rows of long texts (cut at a space before tokenizing) equal rows of the texts tokenized
+    whole; a text of long words (no space within the cut) is tokenized whole."""
+    _, splits, tok = prepared
+    joined = " ".join(splits.texts("train"))
+    texts = [joined[:50_000], joined[1000:1100], "x" * 5000 + " tail", "é" * 3000]
+    rows = labeled.ExampleRows([{"text": t, "label": 0} for t in texts], tok, 32)
+    for i, text in enumerate(texts):
+        want = [tok.bos_id, *tok.encode(text)[:30], tok.eos_id]
+        np.testing.assert_array_equal(rows[i]["inputs"][:len(want)], want)
+        assert rows.lengths[i] == len(want)
+    # one token a word: 40 tokens of 60 characters each pass the cut's 1,024 characters at the
+    # 17th, so the text is tokenized whole
+    words = tokenizer_lib.placeholder(64)
+    wide = " ".join(["w5" + " " * 58] * 40)
+    assert [len(ids) for ids in labeled.encode_first(words, [" ".join(["w5"] * 40), wide], 30)] == [40, 40]
 
 
 def test_tfds_catalog_datasets_by_name(tmp_path):

@@ -88,3 +88,63 @@ def test_save_and_reload_round_trip(tmp_path):
     changed = dataclasses.replace(c, seed=4)
     assert config_lib.diff(c, changed) == ["seed"]
     assert OmegaConf.load(tmp_path / "config.yaml").model.num_layers == 3
+
+
+# ----- hostile input: any key, any value, any YAML shape is a Config or one line naming it -----
+
+import string  # noqa: E402
+
+import yaml  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+KEYS = config_lib.keys()
+SCALARS = st.one_of(st.integers(-10**12, 10**12), st.floats(), st.booleans(), st.none(),
+                    st.text(string.printable, max_size=12))
+VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=3), st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=6), inner,
+                                                 max_size=3)), max_leaves=6)
+ONE_LINE = string.printable.translate(str.maketrans("", "", "\n\r\x0b\x0c"))
+HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def accepted_or_one_line(call) -> str | None:
+    """Runs `call`; a refusal must be a `UserError` of one line (any other exception fails)."""
+    try:
+        call()
+    except UserError as e:
+        assert "\n" not in str(e) and str(e).strip(), repr(str(e))
+        return str(e)
+    return None
+
+
+@HOSTILE
+@given(key=st.one_of(st.sampled_from(KEYS), st.text(string.ascii_letters + "._", min_size=1, max_size=20)),
+       value=st.one_of(st.text(ONE_LINE, max_size=20),
+                       VALUES.map(lambda v: yaml.safe_dump(v, default_flow_style=True, width=10**6)
+                                  .strip().removesuffix("...").strip())))
+def test_any_override_is_accepted_or_refused_naming_it(key, value):
+    error = accepted_or_one_line(lambda: config_lib.load(None, [f"{key}={value}"]))
+    if error is not None and "is not key=value" not in error:
+        assert key.split(".")[0] in error or "=" in error, error
+
+
+@HOSTILE
+@given(doc=st.one_of(
+    VALUES,  # any shape at the top: a list, a scalar, a mapping of anything
+    st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in KEYS}) + ["bogus"]), VALUES, max_size=3),
+    st.dictionaries(st.sampled_from(sorted(config_lib.SECTIONS)),  # the right sections, any leaves
+                    st.dictionaries(st.sampled_from(sorted({k.split(".")[-1] for k in KEYS})), VALUES, max_size=2),
+                    max_size=2)))
+def test_any_yaml_file_is_accepted_or_refused_in_one_line(doc, tmp_path_factory):
+    path = tmp_path_factory.mktemp("yaml") / "config.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    accepted_or_one_line(lambda: config_lib.load(str(path)))
+
+
+def test_a_yaml_file_that_is_not_a_mapping_says_so(tmp_path):
+    (tmp_path / "list.yaml").write_text("- train\n- steps\n")
+    with pytest.raises(UserError, match="holds a list, not a mapping of sections"):
+        config_lib.load(str(tmp_path / "list.yaml"))
+    with pytest.raises(UserError, match="override 'mlm=0': 'mlm' is a section, not a value; set its keys, e.g. mlm.<key>="):
+        config_lib.load(None, ["mlm=0"])

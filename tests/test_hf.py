@@ -79,22 +79,63 @@ def test_random_bert_qa_logits_match_transformers(tmp_path):
         tasks.load_splits(run.config)
 
 
-def test_missing_or_misshapen_tensors_are_named(tmp_path):
+def hf_copy(tmp_path: Path, name: str = "tiny_bert_mlm") -> Path:
+    """A writable copy of a golden Hugging Face directory (a new one each call)."""
+    import shutil
+    import tempfile
+    return Path(shutil.copytree(GOLDEN / name, Path(tempfile.mkdtemp(dir=tmp_path)) / name))
+
+
+def test_missing_or_misshapen_tensors_are_named_and_leave_no_workdir(tmp_path):
     from safetensors.numpy import load_file, save_file
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    for name in ("config.json", "vocab.txt"):
-        (broken / name).write_bytes((GOLDEN / "tiny_bert_mlm" / name).read_bytes())
-    tensors = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
+    broken = hf_copy(tmp_path)
+    tensors = load_file(str(broken / "model.safetensors"))
     del tensors["bert.encoder.layer.1.output.dense.weight"]
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(UserError, match="lacks 1 encoder tensor.*layer.1.output.dense.weight"):
         hf.import_hf(broken, tmp_path / "a", [])
+    assert not (tmp_path / "a").exists()  # nothing a later train would take for an imported run
     tensors = load_file(str(GOLDEN / "tiny_bert_mlm" / "model.safetensors"))
     tensors["bert.encoder.layer.0.intermediate.dense.weight"] = np.zeros((36, 32), np.float32)
     save_file(tensors, str(broken / "model.safetensors"))
     with pytest.raises(UserError, match=r"intermediate.dense.weight \(32, 36\) vs encoder/block_0/mlp/wi/kernel \(32, 37\)"):
         hf.import_hf(broken, tmp_path / "b", [])
+
+
+def test_hostile_hugging_face_directories_are_one_line_each(tmp_path, capsys):
+    import json
+    from safetensors.numpy import load_file, save_file
+
+    def refused(hf_dir: Path, match: str) -> None:
+        with pytest.raises(SystemExit) as info:
+            hf.main(["import", "--hf-dir", str(hf_dir), "--workdir", str(tmp_path / "w")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and match in err[0], err
+        assert not (tmp_path / "w" / "config.yaml").exists()
+
+    pickled = hf_copy(tmp_path, "tiny_bert_mlm")
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    refused(pickled, "holds only pytorch_model.bin, which jaxlm does not read")
+    truncated = hf_copy(tmp_path, "tiny_bert_qa")
+    (truncated / "model.safetensors").write_bytes((truncated / "model.safetensors").read_bytes()[:1000])
+    refused(truncated, "model.safetensors' is not a readable safetensors file")
+    other = hf_copy(tmp_path, "tiny_bert_pretraining")
+    config = json.loads((other / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "architectures": ["BertForTokenClassification"]}))
+    refused(other, "architecture BertForTokenClassification is not supported; jaxlm imports BertModel")
+    (other / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    refused(other, "model_type 'gpt2' is not supported")
+    (other / "config.json").write_text("{not json")
+    refused(other, "config.json' is not JSON")
+    (other / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "hidden_size"}))
+    refused(other, "config.json' lacks hidden_size")
+
+    extra = hf_copy(tmp_path, "tiny_bert_mlm")  # tensors the model has no place for: named, then left out
+    tensors = load_file(str(extra / "model.safetensors"))
+    save_file({**tensors, "bert.embeddings.position_ids": np.arange(8, dtype=np.float32)},
+              str(extra / "model.safetensors"))
+    hf.main(["import", "--hf-dir", str(extra), "--workdir", str(tmp_path / "x")])
+    assert "note: 1 tensor(s) of" in capsys.readouterr().err and (tmp_path / "x" / "config.yaml").is_file()
 
 
 @pytest.mark.parametrize("name,arch", [("tiny_bert_mlm", "BertForMaskedLM"),

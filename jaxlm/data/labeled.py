@@ -27,6 +27,7 @@ from jaxlm.config import ClassifyConfig, DataConfig
 from jaxlm.data.catalog import catalog_builder, open_catalog
 from jaxlm.data.sources import (
     Splits,
+    _decoded_blocks,
     _fingerprint,
     _is_eval,
     as_text,
@@ -40,21 +41,26 @@ from jaxlm.microbatch import Layout
 KEYS = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
 
 
-def _records(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def _records(path: Path, encoding_errors: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every example of a file."""
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix not in (".tsv", ".csv", ".jsonl", ".json"):
+        raise UserError(f"'{path}': labeled files must end in .tsv, .csv or .jsonl")
+    text = "".join(_decoded_blocks(path, encoding_errors))  # not UTF-8: one error naming the byte
     if suffix in (".jsonl", ".json"):
         out = []
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    out.append((number, json.loads(line)))
+                    record = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+                if not isinstance(record, dict):
+                    raise UserError(f"{path}:{number}: not a JSON object (a {type(record).__name__}); "
+                                    'write one {"text": ..., "label": ...} a line')
+                out.append((number, record))
         return out
-    if suffix not in (".tsv", ".csv"):
-        raise UserError(f"'{path}': labeled files must end in .tsv, .csv or .jsonl")
+    csv.field_size_limit(2**31 - 1)  # a long text is cut to data.seq_len later, not refused here
     reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
     return [(number, row) for number, row in enumerate(reader, 2) if any(row.values())]
@@ -77,7 +83,7 @@ def _label(value: Any, cfg: ClassifyConfig, where: str) -> int:
 
 def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig, name: str) -> list[dict[str, Any]]:
     """The file's examples; `name` (its path below the files' common folder) keys the held-out share."""
-    records = _records(path)
+    records = _records(path, data.encoding_errors)
     if not records:
         raise UserError(f"'{path}' holds no examples")
     keys = [data.text_key, cfg.label_key] + ([cfg.pair_key] if cfg.pair_key else [])
@@ -167,8 +173,8 @@ class ExampleRows:
     def __init__(self, examples: Sequence[dict[str, Any]], tokenizer: TextTokenizer, seq_len: int):
         self.seq_len = seq_len
         n = len(examples)
-        texts = tokenizer.encode_batch([as_text(examples[i]["text"]) for i in range(n)])
-        pairs = tokenizer.encode_batch([as_text(examples[i].get("pair", "")) for i in range(n)])
+        texts = encode_first(tokenizer, [as_text(examples[i]["text"]) for i in range(n)], seq_len)
+        pairs = encode_first(tokenizer, [as_text(examples[i].get("pair", "")) for i in range(n)], seq_len)
         self.inputs = np.zeros((n, seq_len), np.int32)
         self.types = np.zeros((n, seq_len), np.int32)
         self.lengths = np.zeros(n, np.int32)
@@ -217,6 +223,22 @@ class ExampleRows:
         zeros = np.zeros(self.seq_len, np.int32)
         return {"inputs": zeros, "token_types": zeros, "segment_ids": zeros, "positions": zeros,
                 "pool_at": np.int32(0), "labels": np.int32(-1)}
+
+
+def encode_first(tokenizer: TextTokenizer, texts: list[str], tokens: int) -> list[list[int]]:
+    """Each text's tokens, at least its first `tokens` (all, if it has fewer): a long text is cut
+    at a space well past them first, so a 100 MB line is not tokenized whole. Tokenizers split
+    words at spaces, so the tokens of a prefix cut there are a prefix of the text's tokens."""
+    budget = 32 * tokens  # characters: many more than `tokens` tokens take
+    cut = []
+    for text in texts:
+        at = text.rfind(" ", 0, budget) if len(text) > budget else -1
+        cut.append(text[:at] if at > 0 else text)
+    ids = tokenizer.encode_batch(cut)
+    for i, (text, short) in enumerate(zip(texts, cut)):
+        if len(short) < len(text) and len(ids[i]) < tokens:  # long words: the cut was too short
+            ids[i] = tokenizer.encode(text)
+    return ids
 
 
 def _truncate(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[int]]:
