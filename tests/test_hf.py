@@ -104,6 +104,7 @@ def test_missing_or_misshapen_tensors_are_named_and_leave_no_workdir(tmp_path):
 
 def test_hostile_hugging_face_directories_are_one_line_each(tmp_path, capsys):
     import json
+
     from safetensors.numpy import load_file, save_file
 
     def refused(hf_dir: Path, match: str) -> None:
