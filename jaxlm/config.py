@@ -27,7 +27,9 @@ POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
-ACTIVATIONS = ("gelu_tanh", "gelu", "relu")
+ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
+MLPS = ("plain", "swiglu")
+ROPE_SCALINGS = ("none", "llama3")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
 
 
@@ -38,12 +40,19 @@ class ModelConfig:
     num_layers: int = 2
     embed_dim: int = 128
     num_heads: int = 4
+    num_kv_heads: int = 0  # key/value heads (grouped-query attention; each serves num_heads / num_kv_heads queries); 0: num_heads
+    mlp: str = "plain"  # plain: wo(act(wi x)); swiglu: wo(silu(wi_gate x) * wi x), as Llama
     mlp_dim: int = 0  # 0 means 4 * embed_dim
     vocab_size: int = 0  # 0 means the tokenizer's size, rounded up to vocab_multiple
     vocab_multiple: int = 128
     max_len: int = 1024  # longest sequence (learned positions table, KV cache bound)
     positions: str = "rotary"
     rope_base: float = 10000.0
+    rope_scaling: str = "none"  # llama3: Llama 3.1's long-context rescaling of the rotary frequencies
+    rope_factor: float = 8.0  # rope_scaling=llama3: how much longer than rope_original_max_len
+    rope_low_freq_factor: float = 1.0  # rope_scaling=llama3: wavelengths above original/low are divided by factor
+    rope_high_freq_factor: float = 4.0  # rope_scaling=llama3: wavelengths below original/high are kept
+    rope_original_max_len: int = 8192  # rope_scaling=llama3: the context the frequencies were trained for
     norm: str = "layernorm"
     norm_eps: float = 1e-5
     activation: str = "gelu_tanh"  # MLP nonlinearity: gelu_tanh (GPT-2), gelu (exact erf; BERT), relu
@@ -372,6 +381,14 @@ def validate(c: Config) -> None:
     _choice("model.positions", m.positions, POSITIONS)
     _choice("model.norm", m.norm, NORMS)
     _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("model.mlp", m.mlp, MLPS)
+    _choice("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
+    _require(m.rope_scaling == "none" or (m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
+                                         and m.rope_original_max_len > 0),
+             "model.rope_scaling=llama3 needs rope_factor >= 1, 0 < rope_low_freq_factor < rope_high_freq_factor "
+             "and rope_original_max_len > 0")
+    _require(m.num_kv_heads >= 0 and m.num_heads % (m.num_kv_heads or m.num_heads) == 0,
+             f"model.num_kv_heads={m.num_kv_heads} must divide model.num_heads={m.num_heads} (0: as many as num_heads)")
     _require(m.norm_eps > 0, f"model.norm_eps={m.norm_eps} must be positive")
     _require(m.dtype != "float16", "model.dtype=float16 needs loss scaling, which jaxlm does not do; "
              "use model.dtype=bfloat16 (same speed, float32's range)")

@@ -29,9 +29,11 @@ def xla_forward_flops(run) -> float:
     return perf.xla_flops(compiled)
 
 
-@pytest.mark.parametrize("task", ["clm", "mlm", "mlm_nsp", "classify", "qa"])
+@pytest.mark.parametrize("task", ["clm", "llama", "mlm", "mlm_nsp", "classify", "qa"])
 def test_analytic_forward_flops_match_xlas_count(task, corpus_dir):
-    extra = {"clm": ["task=clm"], "mlm": ["task=mlm"], "mlm_nsp": ["task=mlm", "mlm.nsp=true"],
+    extra = {"clm": ["task=clm"], "mlm": ["task=mlm"],
+             "llama": ["task=clm", "model.num_heads=4", "model.num_kv_heads=2", "model.mlp=swiglu",
+                       "model.norm=rmsnorm", "model.use_bias=false", "model.tie_embeddings=false"], "mlm_nsp": ["task=mlm", "mlm.nsp=true"],
              "classify": ["task=classify", "data.source=labeled", f"data.paths=[{corpus_dir}/x.tsv]"],
              "qa": ["task=qa", "data.source=squad", f"data.paths=[{corpus_dir}/x.json]"]}[task]
     run = shapes_run(config_lib.load(None, SHAPES + extra))

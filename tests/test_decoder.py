@@ -14,6 +14,10 @@ from jaxlm.models.decoder import DecoderLM, output_logits
 from jaxlm.tasks.clm import ClmTask
 
 CFG = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=64, max_len=32)
+# the Llama layout: grouped-query attention, SwiGLU, RMSNorm, no biases, untied output, Llama 3's
+# rotary rescaling (its original context short, so the rescaled band covers these head sizes)
+LLAMA = dataclasses.replace(CFG, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False,
+                            tie_embeddings=False, rope_scaling="llama3", rope_factor=4.0, rope_original_max_len=16)
 
 
 def init(cfg, length=16, batch=2):
@@ -94,9 +98,9 @@ def test_padding_does_not_change_real_positions():
     np.testing.assert_allclose(out[:, :12], apply(model, {"params": params}, ids), atol=1e-5)
 
 
-@pytest.mark.parametrize("positions", ["rotary", "learned"])
+@pytest.mark.parametrize("positions", ["rotary", "learned", "llama"])
 def test_cached_decoding_equals_full_forward(positions):
-    cfg = dataclasses.replace(CFG, positions=positions)
+    cfg = LLAMA if positions == "llama" else dataclasses.replace(CFG, positions=positions)
     model, params = init(cfg)
     ids = tokens(2, 12)
     full = apply(model, {"params": params}, ids)
@@ -219,3 +223,52 @@ def test_chunked_logits_need_less_memory():
     logits_bytes = rows * length * 8192 * 4
     assert temps[0] > logits_bytes  # the whole float32 logits (and their gradient) ...
     assert temps[8] < temps[0] - logits_bytes  # ... are gone with slices of 8 positions
+
+
+def test_grouped_query_attention_equals_full_attention_with_kv_heads_repeated():
+    """Two KV heads serving four query heads = four KV heads that are copies (query head n reads
+    KV head n // 2, as Hugging Face's repeat_kv); the KV cache holds only the two."""
+    model, params = init(LLAMA)
+    full = dataclasses.replace(LLAMA, num_kv_heads=0)
+    repeated = jax.tree_util.tree_map(lambda x: x, params)
+    for i in range(LLAMA.num_layers):
+        attn = repeated[f"block_{i}"]["attention"]
+        for name in ("key", "value"):
+            attn[name] = {"kernel": jnp.repeat(attn[name]["kernel"], 2, axis=1)}  # [embed, heads, head_dim]
+    ids = tokens(2, 12)
+    np.testing.assert_allclose(apply(DecoderLM(full), {"params": repeated}, ids),
+                               apply(model, {"params": params}, ids), atol=1e-5)
+    cache = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, decode=True))["cache"]
+    assert cache["block_0"]["attention"]["cached_key"].shape == (2, 12, 2, 8)  # [batch, length, kv_heads, head_dim]
+
+
+def test_swiglu_is_silu_gate_times_up_then_down():
+    from jaxlm.models.layers import Mlp
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 3, 32)), jnp.float32)
+    mlp = Mlp(LLAMA)
+    params = nn.meta.unbox(mlp.init(jax.random.key(1), x)["params"])
+    assert sorted(params) == ["wi", "wi_gate", "wo"] and "bias" not in params["wi"]
+    gate, up = x @ params["wi_gate"]["kernel"], x @ params["wi"]["kernel"]
+    want = (gate / (1 + jnp.exp(-gate)) * up) @ params["wo"]["kernel"]
+    np.testing.assert_allclose(mlp.apply({"params": params}, x), want, rtol=1e-5, atol=1e-6)
+
+
+# transformers' Llama 3 inverse frequencies (ROPE_INIT_FUNCTIONS["llama3"]) for head size 64,
+# rope_theta 500,000, factor 8, low/high frequency factors 1 and 4, original context 8,192
+LLAMA3_FREQS = [1.0, 0.663601279258728, 0.44036662578582764, 0.2922278344631195, 0.193922758102417,
+                0.12868738174438477, 0.08539710193872452, 0.05666961893439293, 0.03760603070259094,
+                0.02495540864765644, 0.016560440883040428, 0.010989529080688953, 0.00729266507551074,
+                0.00483942124992609, 0.0032114461064338684, 0.0013718936825171113, 0.0005248460220173001,
+                0.0001785077911335975, 7.784655463183299e-05, 5.165906986803748e-05, 3.428102354519069e-05,
+                2.2748929040972143e-05, 1.5096217794052791e-05, 1.0017868589784484e-05, 6.647869668086059e-06,
+                4.411534519022098e-06, 2.927499735960737e-06, 1.9426925064180978e-06, 1.289173155782919e-06,
+                8.554969213037111e-07, 5.677088097399974e-07, 3.76732259610435e-07]
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    from jaxlm.models.layers import rope_frequencies
+    cfg = ModelConfig(embed_dim=256, num_heads=4, rope_base=500000.0, rope_scaling="llama3", rope_factor=8.0,
+                      rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
+    np.testing.assert_allclose(rope_frequencies(cfg, 64), LLAMA3_FREQS, rtol=1e-6)
+    plain = rope_frequencies(dataclasses.replace(cfg, rope_scaling="none"), 64)
+    assert plain[0] == 1.0 and np.allclose(plain[-5:], np.asarray(LLAMA3_FREQS[-5:]) * 8, rtol=1e-6)

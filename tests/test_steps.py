@@ -19,9 +19,13 @@ from jaxlm.tasks.mlm import MlmTask
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32)
 ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32,
                       positions="learned", activation="gelu")
+# the Llama layout: grouped-query attention, SwiGLU, RMSNorm, no biases, untied output, rescaled rotary
+LLAMA = dataclasses.replace(MODEL, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False,
+                            tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16)
 # every model family, as (task factory); the mesh and accumulation checks run for each
 FAMILIES = {
     "decoder": lambda: ClmTask(MODEL, np.ones(128, np.int32)),
+    "llama": lambda: ClmTask(LLAMA, np.ones(128, np.int32)),
     # masked-LM + next-sentence: two loss terms with different denominators (tokens, pairs)
     "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3, nsp=True), 16, 0, np.arange(4),
                                np.zeros(128, bool), 3),
@@ -134,6 +138,8 @@ def test_fsdp_each_device_holds_an_eighth_of_the_state(family):
     # widths where weights dominate, as in real models (biases over `heads`/`mlp` stay replicated)
     model = ModelConfig(num_layers=2, embed_dim=128, num_heads=4, vocab_size=512, max_len=32)
     task = {"decoder": lambda: ClmTask(model, np.ones(512, np.int32)),
+            "llama": lambda: ClmTask(dataclasses.replace(model, num_kv_heads=2, mlp="swiglu", norm="rmsnorm",
+                                                         use_bias=False, tie_embeddings=False), np.ones(512, np.int32)),
             "encoder": lambda: MlmTask(dataclasses.replace(model, positions="learned"), MlmConfig(), 16, 0,
                                        np.arange(4), np.zeros(512, bool), 3)}[family]()
     tx = optim.optimizer(OptimConfig(), 10)

@@ -33,13 +33,16 @@ def attention_share(cfg: ModelConfig, causal: bool) -> float:
 def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool) -> float:
     """Forward FLOPs of the Transformer blocks over `batch` rows of `seq_len` tokens.
 
-    Per layer: query, key, value and output projections, the MLP's two matrices, and attention's
-    scores (q k^T) and weighted values, each [length, length] x head dims over all heads.
+    Per layer: query, key, value and output projections (keys and values over the KV heads only,
+    under grouped-query attention), the MLP's two matrices (three with `mlp=swiglu`), and
+    attention's scores (q k^T) and weighted values, each [length, length] x head dims over all
+    query heads.
     """
     tokens = batch * seq_len
     mlp = cfg.mlp_dim or 4 * cfg.embed_dim
-    projections = 4 * dense(tokens, cfg.embed_dim, cfg.embed_dim)
-    feed_forward = 2 * dense(tokens, cfg.embed_dim, mlp)
+    kv_width = cfg.embed_dim // cfg.num_heads * (cfg.num_kv_heads or cfg.num_heads)
+    projections = 2 * dense(tokens, cfg.embed_dim, cfg.embed_dim) + 2 * dense(tokens, cfg.embed_dim, kv_width)
+    feed_forward = (3 if cfg.mlp == "swiglu" else 2) * dense(tokens, cfg.embed_dim, mlp)
     scores = 2 * 2.0 * batch * seq_len * seq_len * cfg.embed_dim * attention_share(cfg, causal)
     return cfg.num_layers * (projections + feed_forward + scores)
 

@@ -32,6 +32,7 @@ ACTIVATIONS = {
     "gelu_tanh": partial(nn.gelu, approximate=True),
     "gelu": gelu_exact,
     "relu": nn.relu,
+    "silu": nn.silu,
 }
 
 
@@ -102,11 +103,27 @@ def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: b
     return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
 
 
-def rotary(x: Array, positions: Array, base: float) -> Array:
-    """Rotary position embedding (half-split form) of x [batch, length, heads, head_dim]."""
+def rope_frequencies(cfg: ModelConfig, head_dim: int) -> np.ndarray:
+    """The rotary angle per position of each of the head's `head_dim / 2` pairs [half]: the
+    base's geometric series, rescaled as Llama 3.1 does under `rope_scaling=llama3` (long
+    wavelengths slowed by `rope_factor`, short ones kept, the band between interpolated)."""
+    half = head_dim // 2
+    freqs = cfg.rope_base ** (-np.arange(half, dtype=np.float64) / half)
+    if cfg.rope_scaling == "llama3":
+        wavelen = 2 * np.pi / freqs
+        low, high = cfg.rope_original_max_len / cfg.rope_low_freq_factor, cfg.rope_original_max_len / cfg.rope_high_freq_factor
+        smooth = (cfg.rope_original_max_len / wavelen - cfg.rope_low_freq_factor) / (
+            cfg.rope_high_freq_factor - cfg.rope_low_freq_factor)
+        blended = (1 - smooth) * freqs / cfg.rope_factor + smooth * freqs
+        freqs = np.where(wavelen > low, freqs / cfg.rope_factor, np.where(wavelen < high, freqs, blended))
+    return freqs.astype(np.float32)
+
+
+def rotary(x: Array, positions: Array, freqs: np.ndarray) -> Array:
+    """Rotary position embedding (half-split form) of x [batch, length, heads, head_dim], with
+    the angle per position of each pair `freqs` [head_dim / 2] (`rope_frequencies`)."""
     half = x.shape[-1] // 2
-    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)  # [half]
-    angles = positions[:, :, None].astype(jnp.float32) * freqs  # [batch, length, half]
+    angles = positions[:, :, None].astype(jnp.float32) * jnp.asarray(freqs)  # [batch, length, half]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
     x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
@@ -196,14 +213,16 @@ class SelfAttention(nn.Module):
                  deterministic: bool = True) -> Array:
         cfg = self.cfg
         heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+        kv_heads = cfg.num_kv_heads or heads  # fewer: grouped-query attention (the cache holds only these)
         batch, length = x.shape[:2]
         proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
         qkv_axes = ("embed", "heads", "kv")
         q = Dense((heads, head_dim), qkv_axes, cfg, name="query")(x)  # [batch, length, heads, head_dim]
-        k = Dense((heads, head_dim), qkv_axes, cfg, name="key")(x)
-        v = Dense((heads, head_dim), qkv_axes, cfg, name="value")(x)
+        k = Dense((kv_heads, head_dim), qkv_axes, cfg, name="key")(x)  # [batch, length, kv_heads, head_dim]
+        v = Dense((kv_heads, head_dim), qkv_axes, cfg, name="value")(x)
         if cfg.positions == "rotary":
-            q, k = rotary(q, positions, cfg.rope_base), rotary(k, positions, cfg.rope_base)
+            freqs = rope_frequencies(cfg, head_dim)
+            q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)
         q = constrain(q, ("batch", "length", "act_heads", None))  # [batch, length, heads, head_dim]
 
         q_index = k_index = jnp.arange(length)
@@ -235,8 +254,8 @@ class SelfAttention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """Two-layer GELU feed-forward block, dropout on its output only (as BERT and GPT-2: none on
-    the wide hidden activation)."""
+    """Feed-forward block, dropout on its output only (as BERT and GPT-2: none on the wide hidden
+    activation): `wo(act(wi x))`, or with `mlp=swiglu` `wo(silu(wi_gate x) * wi x)` (Llama)."""
 
     cfg: ModelConfig
 
@@ -245,7 +264,11 @@ class Mlp(nn.Module):
         cfg = self.cfg
         hidden = cfg.mlp_dim or 4 * cfg.embed_dim
         h = Dense((hidden,), ("embed", "mlp"), cfg, name="wi")(x)
-        h = constrain(ACTIVATIONS[cfg.activation](h), ("batch", "length", "act_mlp"))  # [batch, length, mlp]
+        if cfg.mlp == "swiglu":
+            h = nn.silu(Dense((hidden,), ("embed", "mlp"), cfg, name="wi_gate")(x)) * h
+        else:
+            h = ACTIVATIONS[cfg.activation](h)
+        h = constrain(h, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
         out = Dense((cfg.embed_dim,), ("mlp", "embed"), cfg, std=0.02 / (2 * cfg.num_layers) ** 0.5,
                     name="wo")(h)
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
