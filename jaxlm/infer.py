@@ -103,6 +103,19 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-size={args.batch_size} must be at least 1")
 
 
+def cached_logits(model, params, vocab: int) -> decoding.TokensToLogits:
+    """A decoder's `tokens_to_logits` for `decoding.generate`, through its KV cache. Ids from
+    `vocab` up (the table's padding beyond the tokenizer's vocabulary) are never chosen."""
+
+    def tokens_to_logits(tokens, segment_ids, positions, cache):
+        logits, updated = model.apply({"params": params, "cache": cache}, tokens, segment_ids, positions,
+                                      decode=True, mutable=["cache"])
+        real = jnp.arange(logits.shape[-1]) < vocab  # [vocab]
+        return jnp.where(real, logits, jnp.finfo(logits.dtype).min), updated["cache"]
+
+    return tokens_to_logits
+
+
 class Generator:
     """Batched KV-cached generation with one compiled function per (batch, lengths) shape."""
 
@@ -120,12 +133,8 @@ class Generator:
                                jnp.ones((prompt.shape[0], cache_len), jnp.int32))["cache"]
         cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
-        def tokens_to_logits(tokens, segment_ids, positions, cache):
-            logits, updated = self.model.apply({"params": params, "cache": cache}, tokens, segment_ids,
-                                               positions, decode=True, mutable=["cache"])
-            return logits, updated["cache"]
-
-        return decoding.generate(tokens_to_logits, cache, prompt, mask, rng, **self.settings)
+        return decoding.generate(cached_logits(self.model, params, self.tok.vocab_size), cache, prompt, mask, rng,
+                                 **self.settings)
 
     def __call__(self, prompts: list[str], rng: jax.Array) -> list[str]:
         """Continuations of the prompts (without the prompts)."""

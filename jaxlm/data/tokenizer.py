@@ -19,8 +19,8 @@ from jaxlm.errors import UserError
 PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
 # Names other vocabularies use for the same roles, tried in order.
 _PAD_NAMES = (PAD, "[PAD]", "<|padding|>", "<|endoftext|>")
-_BOS_NAMES = (BOS, "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<|endoftext|>")
-_EOS_NAMES = (EOS, "[SEP]", "<|end_of_text|>", "<|endoftext|>")
+_BOS_NAMES = (BOS, "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<s>", "<|endoftext|>")
+_EOS_NAMES = (EOS, "[SEP]", "<|end_of_text|>", "</s>", "<|endoftext|>")
 _MASK_NAMES = (MASK, "[MASK]")
 
 

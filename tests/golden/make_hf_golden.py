@@ -12,6 +12,11 @@ Writes:
                        its MLM logits and NSP logits for a padded batch of sentence pairs
   tiny_bert_qa/        the same for a random BertForQuestionAnswering (seed 2): logits.npz
                        holds its start and end logits
+  tiny_gpt2/           a random GPT2LMHeadModel (seed 3; tied embeddings) with a word-level
+                       tokenizer.json; logits.npz holds its logits for a batch and the greedy
+                       continuations (32 tokens, transformers' generate) of a few prompts
+  tiny_llama/          the same for a random LlamaForCausalLM (seed 4): grouped-query attention
+                       (4 heads, 2 KV heads), SwiGLU, RMSNorm, untied output, Llama 3 rotary scaling
 """
 
 import os
@@ -88,8 +93,67 @@ def tiny_qa() -> None:
              end_logits=result.end_logits.numpy())
 
 
+DECODER_VOCAB = [f"w{i}" for i in range(93)]
+
+
+def word_tokenizer(specials: list[str], path: Path) -> int:
+    """A word-level tokenizer.json: the special tokens, then `w0`, `w1`, ...; returns its size."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {t: i for i, t in enumerate(specials + DECODER_VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    tok.save(str(path))
+    return len(vocab)
+
+
+def tiny_decoder(name: str, model, seed: int, first: int) -> None:
+    """Saves `model` (random; biases and norms perturbed so every tensor matters) under `name`,
+    with its logits for a batch and its greedy continuations of 3 prompts (ids >= `first`)."""
+    out = HERE / name
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") or "ln" in pname or "norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(out, safe_serialization=True)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(first, model.config.vocab_size, (2, 12))
+    prompts = rng.integers(first, model.config.vocab_size, (3, 6))
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(ids)).logits.numpy()
+        greedy = np.stack([model.generate(torch.tensor(p[None]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                                          pad_token_id=0)[0, 6:].numpy() for p in prompts])
+    np.savez(out / "logits.npz", input_ids=ids, logits=logits, prompts=prompts, greedy=greedy)
+
+
+def tiny_gpt2() -> None:
+    out = HERE / "tiny_gpt2"
+    out.mkdir(exist_ok=True)
+    size = word_tokenizer(["<|endoftext|>"], out / "tokenizer.json")
+    torch.manual_seed(3)
+    cfg = transformers.GPT2Config(vocab_size=size, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                  bos_token_id=0, eos_token_id=0)
+    tiny_decoder("tiny_gpt2", transformers.GPT2LMHeadModel(cfg), 3, 1)
+
+
+def tiny_llama() -> None:
+    out = HERE / "tiny_llama"
+    out.mkdir(exist_ok=True)
+    size = word_tokenizer(["<|begin_of_text|>", "<|end_of_text|>"], out / "tokenizer.json")
+    torch.manual_seed(4)
+    cfg = transformers.LlamaConfig(
+        vocab_size=size, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=10000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 16},
+        tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    tiny_decoder("tiny_llama", transformers.LlamaForCausalLM(cfg), 4, 2)
+
+
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
     tiny_pretraining()
     tiny_qa()
+    tiny_gpt2()
+    tiny_llama()

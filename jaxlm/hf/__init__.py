@@ -28,13 +28,15 @@ from pathlib import Path
 import jax
 import numpy as np
 from safetensors.numpy import load_file, save_file
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import decoders as token_decoders
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
+from jaxlm.hf import decoders
 from jaxlm.models.layers import padded_vocab, restack
 from jaxlm.workdir import build, open_run
 
@@ -213,7 +215,7 @@ def load_tokenizer(hf_dir: Path) -> tokenizer_lib.TextTokenizer:
     tok = Tokenizer(models.WordPiece.from_file(str(vocab_file), unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=settings.get("do_lower_case", True))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
+    tok.decoder = token_decoders.WordPiece()
     tok.add_special_tokens(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
     # a private temporary file: never in hf_dir, which other imports may be reading at once
     with tempfile.TemporaryDirectory() as tmp:
@@ -249,12 +251,14 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
         raise UserError(f"'{hf_dir / 'config.json'}' is not JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(hf, dict):
         raise UserError(f"'{hf_dir / 'config.json'}' is not a JSON object")
-    missing = [key for key in REQUIRED if key not in hf]
-    if missing:
-        raise UserError(f"'{hf_dir / 'config.json'}' lacks {', '.join(missing)}; is it a BERT config.json?")
     arch = (hf.get("architectures") or ["BertModel"])[0]
-    if arch not in ARCHITECTURES:
-        raise UserError(f"architecture {arch} is not supported; jaxlm imports {', '.join(ARCHITECTURES)}")
+    if arch not in ARCHITECTURES and arch not in decoders.ARCHITECTURES:
+        raise UserError(f"architecture {arch} is not supported; jaxlm imports "
+                        f"{', '.join([*ARCHITECTURES, *decoders.ARCHITECTURES])}")
+    required = decoders.REQUIRED[decoders.ARCHITECTURES[arch]] if arch in decoders.ARCHITECTURES else REQUIRED
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise UserError(f"'{hf_dir / 'config.json'}' lacks {', '.join(missing)}; is it the config.json of a {arch}?")
     try:
         tensors = load_file(str(hf_dir / "model.safetensors"))
     except Exception as e:  # truncated or not safetensors at all
@@ -272,6 +276,8 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
         raise UserError(f"'{workdir}' already holds checkpoints; import into a new --workdir")
     hf, tensors = read_hf_dir(hf_dir)
     arch = (hf.get("architectures") or ["BertModel"])[0]
+    if arch in decoders.ARCHITECTURES:
+        return import_decoder(hf_dir, workdir, overrides, hf, tensors)
     defaults = ARCHITECTURES[arch]
     if arch == "BertForSequenceClassification":
         defaults = defaults + [f"classify.num_labels={len(hf.get('id2label', {})) or 2}"]
@@ -289,6 +295,37 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     target = restack(jax.device_get(state.params), scanned=False)  # HF names follow unrolled layers
     params = to_params(tensors, config.model, target, str(hf_dir / "model.safetensors"), hf["vocab_size"])
     params = restack(params, config.model.scan_layers)
+    return _write_import(workdir, run, state, params, tok, hf_dir, arch)
+
+
+def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, tensors: dict) -> Config:
+    """`import_hf` of a GPT-2 or Llama directory: a `task=clm` workdir."""
+    kind = decoders.ARCHITECTURES[hf["architectures"][0]]
+    config = config_lib.load(None, ["task=clm", *overrides])
+    if config.task != "clm":
+        raise UserError(f"task={config.task} cannot start from a {kind} checkpoint; use task=clm")
+    model = decoders.model_config(hf, config.model)
+    data = dataclasses.replace(config.data, seq_len=min(config.data.seq_len, model.max_len))
+    config = dataclasses.replace(config, model=model, data=data)
+    config_lib.validate(config)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"'{hf_dir}' has no tokenizer.json; save the tokenizer beside the model "
+                        "(tokenizer.save_pretrained(dir))")
+    tok = load_tokenizer(hf_dir)
+    run = build(config, tok, mode="jit")
+    state = run.compiled.init_state(config.seed)
+    target = restack(jax.device_get(state.params), scanned=False)
+    params, unused = decoders.to_params(tensors, kind, config.model, target, str(hf_dir / "model.safetensors"))
+    if unused:
+        print(f"note: {len(unused)} tensor(s) of {hf_dir / 'model.safetensors'} are not part of this model and "
+              f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
+    return _write_import(workdir, run, state, restack(params, config.model.scan_layers), tok, hf_dir, kind)
+
+
+def _write_import(workdir: Path, run, state, params: dict, tok, hf_dir: Path, arch: str) -> Config:
+    """The imported workdir: a step-0 checkpoint, then the tokenizer, then config.yaml (last: it
+    marks the workdir complete)."""
+    c, config = run.compiled, run.config
     state = state.replace(params=jax.device_put(params, c.state_sharding.params))
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = Checkpoints(workdir / "checkpoints", keep=config.checkpoint.keep, async_save=False)
@@ -299,13 +336,35 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     return config
 
 
+def export_decoder(run, params: dict, hf_dir: Path) -> str:
+    """`export_hf` of a `task=clm` run as GPT2LMHeadModel or LlamaForCausalLM."""
+    m, tok = run.config.model, run.tokenizer
+    kind = decoders.kind_of(m)
+    tensors = decoders.from_params(params, kind, m, tok.vocab_size)
+    hf = decoders.hf_config(kind, m, tok.vocab_size, tok.bos_id, tok.eos_id)
+    _write_export(hf_dir, tensors, hf, tok)
+    return hf["architectures"][0]
+
+
+def _write_export(hf_dir: Path, tensors: dict, hf: dict, tok) -> None:
+    hf_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    tok.save(hf_dir / "tokenizer.json")
+
+
 def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
     """Writes a transformers directory (config.json, model.safetensors, tokenizer.json) of a
     masked-LM or classification run; returns the architecture written."""
     run, ckpt = open_run(workdir)
     cfg, m = run.config, run.config.model
+    if cfg.task == "clm":
+        params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
+        arch = export_decoder(run, restack(jax.device_get(params), scanned=False), hf_dir)
+        print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)
+        return arch
     if cfg.task not in ("mlm", "classify", "qa"):
-        raise UserError(f"only encoder runs export to BERT; '{workdir}' trains task={cfg.task}")
+        raise UserError(f"'{workdir}' trains task={cfg.task}, which has no Hugging Face architecture")
     if m.positions != "learned" or m.norm != "layernorm" or not m.use_bias:
         raise UserError("BERT needs learned positions, LayerNorm and biases; this model differs")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
@@ -327,10 +386,7 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
         names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]
         hf["id2label"] = dict(enumerate(names))
         hf["label2id"] = {n: i for i, n in enumerate(names)}
-    hf_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
-    (hf_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
-    run.tokenizer.save(hf_dir / "tokenizer.json")
+    _write_export(hf_dir, tensors, hf, run.tokenizer)
     print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)
     return arch
 

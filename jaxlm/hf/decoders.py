@@ -1,0 +1,227 @@
+"""GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`) weights <-> jaxlm decoder parameters.
+
+GPT-2: learned positions, LayerNorm with biases, tanh-GELU, tied output, fused `c_attn` query/key/
+value (Conv1D weights are [in, out]). Llama: rotary positions (half-split, as transformers'
+rotate_half; Llama 3 rescaling), RMSNorm, no biases, SwiGLU, grouped-query attention, untied or
+tied output (Linear weights are [out, in]).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxlm.config import ModelConfig
+from jaxlm.errors import UserError
+from jaxlm.models.layers import padded_vocab
+
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
+REQUIRED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
+            "llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "intermediate_size", "max_position_embeddings")}
+
+
+def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
+    """A jaxlm ModelConfig with the shapes and numerics of a GPT-2 or Llama config.json."""
+    kind = hf.get("model_type")
+    if kind == "gpt2":
+        if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise UserError(f"GPT-2 activation_function '{hf['activation_function']}' is not supported; "
+                            "jaxlm computes gelu_new")
+        return dataclasses.replace(
+            base, num_layers=hf["n_layer"], embed_dim=hf["n_embd"], num_heads=hf["n_head"], num_kv_heads=0,
+            mlp="plain", mlp_dim=hf.get("n_inner") or 4 * hf["n_embd"],
+            vocab_size=padded_vocab(hf["vocab_size"], base.vocab_multiple), max_len=hf["n_positions"],
+            positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            activation="gelu_tanh", use_bias=True, tie_embeddings=True, dropout=hf.get("resid_pdrop", 0.1),
+            rope_scaling="none")
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        raise UserError("this Llama config has biases or an activation other than SiLU, which jaxlm's Llama "
+                        "layout does not have")
+    heads = hf["num_attention_heads"]
+    if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+        raise UserError("head_dim x num_attention_heads must equal hidden_size in jaxlm's Llama layout")
+    rope = dict(hf.get("rope_parameters") or {})  # transformers >= 5 keeps rope_theta in here
+    rope.update(hf.get("rope_scaling") or {})
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in ("default", "llama3"):
+        raise UserError(f"rope_type '{kind}' is not supported; jaxlm rescales rotary positions as Llama 3 does "
+                        "(llama3) or not at all")
+    scaling = {}
+    if kind == "llama3":
+        scaling = dict(rope_scaling="llama3", rope_factor=rope["factor"], rope_low_freq_factor=rope["low_freq_factor"],
+                       rope_high_freq_factor=rope["high_freq_factor"],
+                       rope_original_max_len=rope["original_max_position_embeddings"])
+    return dataclasses.replace(
+        base, num_layers=hf["num_hidden_layers"], embed_dim=hf["hidden_size"], num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads, mlp="swiglu", mlp_dim=hf["intermediate_size"],
+        vocab_size=padded_vocab(hf["vocab_size"], base.vocab_multiple), max_len=hf["max_position_embeddings"],
+        positions="rotary", rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu", use_bias=False,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=hf.get("attention_dropout", 0.0),
+        **({"rope_scaling": "none"} | scaling))
+
+
+def _names(kind: str, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
+    """HF tensor name -> jaxlm parameter path (GPT-2's fused c_attn appears as three names,
+    `c_attn.q/k/v`, split and joined by `to_params` / `from_params`)."""
+    out: dict[str, tuple[str, ...]] = {}
+    if kind == "gpt2":
+        out["transformer.wte.weight"] = ("token_embed", "embedding")
+        out["transformer.wpe.weight"] = ("position_embed", "embedding")
+        for i in range(cfg.num_layers):
+            h, b = f"transformer.h.{i}.", f"block_{i}"
+            for part, name in (("weight", "scale"), ("bias", "bias")):
+                out[f"{h}ln_1.{part}"] = (b, "ln_attention", "LayerNorm_0", name)
+                out[f"{h}ln_2.{part}"] = (b, "ln_mlp", "LayerNorm_0", name)
+                out[f"transformer.ln_f.{part}"] = ("ln_final", "LayerNorm_0", name)
+                for qkv, target in (("q", "query"), ("k", "key"), ("v", "value")):
+                    out[f"{h}attn.c_attn.{qkv}.{part}"] = (b, "attention", target, "kernel" if part == "weight" else "bias")
+                out[f"{h}attn.c_proj.{part}"] = (b, "attention", "out", "kernel" if part == "weight" else "bias")
+                out[f"{h}mlp.c_fc.{part}"] = (b, "mlp", "wi", "kernel" if part == "weight" else "bias")
+                out[f"{h}mlp.c_proj.{part}"] = (b, "mlp", "wo", "kernel" if part == "weight" else "bias")
+        return out
+    out["model.embed_tokens.weight"] = ("token_embed", "embedding")
+    out["model.norm.weight"] = ("ln_final", "RMSNorm_0", "scale")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = ("lm_head", "kernel")
+    for i in range(cfg.num_layers):
+        h, b = f"model.layers.{i}.", f"block_{i}"
+        out[f"{h}input_layernorm.weight"] = (b, "ln_attention", "RMSNorm_0", "scale")
+        out[f"{h}post_attention_layernorm.weight"] = (b, "ln_mlp", "RMSNorm_0", "scale")
+        for proj, target in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
+            out[f"{h}self_attn.{proj}_proj.weight"] = (b, "attention", target, "kernel")
+        for proj, target in (("gate", "wi_gate"), ("up", "wi"), ("down", "wo")):
+            out[f"{h}mlp.{proj}_proj.weight"] = (b, "mlp", target, "kernel")
+    return out
+
+
+def _to_jaxlm(name: str, w: np.ndarray, cfg: ModelConfig, kind: str) -> np.ndarray:
+    """One HF tensor in the layout of its jaxlm parameter."""
+    heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+    if name.endswith(("wte.weight", "embed_tokens.weight")):
+        return np.pad(w, [(0, cfg.vocab_size - w.shape[0]), (0, 0)])
+    if name == "lm_head.weight":  # [vocab, embed] -> [embed, padded vocab]
+        return np.pad(w.T, [(0, 0), (0, cfg.vocab_size - w.shape[0])])
+    if kind == "gpt2":  # Conv1D weights are [in, out] already
+        if ".c_attn." in name:
+            return w.reshape(-1, heads, head_dim) if name.endswith("weight") else w.reshape(heads, head_dim)
+        if "attn.c_proj.weight" in name:
+            return w.reshape(heads, head_dim, -1)
+        return w
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return w.T.reshape(w.shape[1], -1, head_dim)  # [embed, heads or kv heads, head_dim]
+    if name.endswith("o_proj.weight"):
+        return w.T.reshape(heads, head_dim, -1)
+    return w.T if w.ndim == 2 else w
+
+
+def _to_hf(name: str, p: np.ndarray, cfg: ModelConfig, kind: str, vocab: int) -> np.ndarray:
+    """The inverse of `_to_jaxlm` (the padded vocabulary cut back to `vocab`)."""
+    if name.endswith(("wte.weight", "embed_tokens.weight")):
+        return p[:vocab]
+    if name == "lm_head.weight":
+        return p[:, :vocab].T
+    if kind == "gpt2":
+        if ".c_attn." in name or "attn.c_proj.weight" in name:
+            return p.reshape(-1, p.shape[-1]) if "c_proj" in name else p.reshape(p.shape[0], -1) if p.ndim == 3 else p.reshape(-1)
+        return p
+    if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+        return p.reshape(p.shape[0], -1).T
+    if name.endswith("o_proj.weight"):
+        return p.reshape(-1, p.shape[-1]).T
+    return p.T if p.ndim == 2 else p
+
+
+def split_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """GPT-2's c_attn [embed, 3 embed] as three tensors `c_attn.q/k/v` (query, key, value)."""
+    out = {}
+    for name, w in tensors.items():
+        if ".attn.c_attn." in name:
+            for part, piece in zip("qkv", np.split(w, 3, axis=-1)):
+                out[name.replace("c_attn.", f"c_attn.{part}.")] = piece
+        else:
+            out[name] = w
+    return out
+
+
+def join_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The inverse of `split_fused`."""
+    out = {}
+    for name, w in tensors.items():
+        if ".attn.c_attn.q." in name:
+            parts = [tensors[name.replace("c_attn.q.", f"c_attn.{p}.")] for p in "qkv"]
+            out[name.replace("c_attn.q.", "c_attn.")] = np.concatenate(parts, axis=-1)
+        elif ".attn.c_attn." not in name:
+            out[name] = w
+    return out
+
+
+def to_params(tensors: dict[str, np.ndarray], kind: str, cfg: ModelConfig, target: dict, source: str) -> tuple[dict, list[str]]:
+    """`target` (the jaxlm params, numpy, unrolled) filled with the HF tensors; returns it and the
+    names of the tensors left out. Missing or misshapen tensors are one error naming them."""
+    tensors = split_fused(tensors) if kind == "gpt2" else tensors
+    names = _names(kind, cfg)
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise UserError(f"{source} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
+                        f"is it a {kind} checkpoint of this config?")
+    wrong = []
+    for name, path in names.items():
+        value = _to_jaxlm(name, np.asarray(tensors[name], np.float32), cfg, kind)
+        node = target
+        for key in path[:-1]:
+            node = node[key]
+        if np.shape(node[path[-1]]) != value.shape:
+            wrong.append(f"{name} {tuple(tensors[name].shape)} vs {'/'.join(path)} {tuple(np.shape(node[path[-1]]))}")
+            continue
+        node[path[-1]] = value
+    if wrong:
+        raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
+    tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
+    return target, sorted(set(tensors) - set(names) - tied)
+
+
+def from_params(params: dict, kind: str, cfg: ModelConfig, vocab: int) -> dict[str, np.ndarray]:
+    """HF tensors of jaxlm decoder params (unrolled)."""
+    out = {}
+    for name, path in _names(kind, cfg).items():
+        node = params
+        for key in path:
+            node = node[key]
+        out[name] = np.ascontiguousarray(_to_hf(name, np.asarray(node, np.float32), cfg, kind, vocab))
+    return join_fused(out) if kind == "gpt2" else out
+
+
+def hf_config(kind: str, m: ModelConfig, vocab: int, bos: int, eos: int) -> dict:
+    """config.json of a decoder run."""
+    if kind == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": vocab,
+                "n_embd": m.embed_dim, "n_layer": m.num_layers, "n_head": m.num_heads,
+                "n_inner": m.mlp_dim or 4 * m.embed_dim, "n_positions": m.max_len,
+                "activation_function": "gelu_new", "layer_norm_epsilon": m.norm_eps, "resid_pdrop": m.dropout,
+                "embd_pdrop": m.dropout, "attn_pdrop": 0.0, "bos_token_id": bos, "eos_token_id": eos,
+                "tie_word_embeddings": True}
+    rope = {"rope_theta": m.rope_base, "rope_type": "default"}
+    if m.rope_scaling == "llama3":
+        rope.update(rope_type="llama3", factor=m.rope_factor, low_freq_factor=m.rope_low_freq_factor,
+                    high_freq_factor=m.rope_high_freq_factor, original_max_position_embeddings=m.rope_original_max_len)
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+            "hidden_size": m.embed_dim, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
+            "num_key_value_heads": m.num_kv_heads or m.num_heads, "intermediate_size": m.mlp_dim or 4 * m.embed_dim,
+            "max_position_embeddings": m.max_len, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
+            "rope_theta": m.rope_base, "rope_scaling": rope if m.rope_scaling == "llama3" else None,
+            "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
+            "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos, "eos_token_id": eos}
+
+
+def kind_of(m: ModelConfig) -> str:
+    """Which HF layout a decoder's config exports as, or an error saying what does not fit."""
+    if (m.positions, m.norm, m.use_bias, m.tie_embeddings, m.mlp, m.activation, m.num_kv_heads) == (
+            "learned", "layernorm", True, True, "plain", "gelu_tanh", 0):
+        return "gpt2"
+    if (m.positions, m.norm, m.use_bias, m.mlp) == ("rotary", "rmsnorm", False, "swiglu"):
+        return "llama"
+    raise UserError("this decoder is neither GPT-2 (learned positions, LayerNorm, biases, tanh-GELU, tied) "
+                    "nor Llama (rotary, RMSNorm, no biases, SwiGLU) in layout; it cannot be exported")

@@ -1,0 +1,74 @@
+"""GPT-2 and Llama weights from Hugging Face: logits and greedy generation equal transformers'
+(golden fixtures made by tests/golden/make_hf_golden.py); export then import is unchanged."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from jaxlm import decoding, hf, infer
+from jaxlm.errors import UserError
+from jaxlm.workdir import open_run
+
+GOLDEN = Path(__file__).resolve().parent / "golden"
+MODELS = {"tiny_gpt2": "GPT2LMHeadModel", "tiny_llama": "LlamaForCausalLM"}
+
+
+def imported(hf_dir: Path, workdir: Path, *overrides: str):
+    hf.main(["import", "--hf-dir", str(hf_dir), "--workdir", str(workdir), *overrides])
+    run, ckpt = open_run(workdir)
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params)
+    assert step == 0 and run.config.task == "clm"
+    return run, params
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_logits_and_greedy_generation_match_transformers(name, tmp_path):
+    golden = np.load(GOLDEN / name / "logits.npz")
+    run, params = imported(GOLDEN / name, tmp_path / "w")
+    model, vocab = run.task.model, golden["logits"].shape[-1]
+    logits = jax.jit(lambda p, ids: model.apply({"params": p}, ids))(params, jnp.asarray(golden["input_ids"]))
+    np.testing.assert_allclose(np.asarray(logits)[..., :vocab], golden["logits"], atol=1e-4)
+
+    prompts = jnp.asarray(golden["prompts"], jnp.int32)  # [3, 6], generated 32 tokens each, greedy
+    shape = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.ones((3, 38), jnp.int32), decode=True))["cache"]
+    cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+    out = jax.jit(lambda p, c: decoding.generate(
+        infer.cached_logits(model, p, vocab), c, prompts, jnp.ones_like(prompts), jax.random.key(0),
+        max_new_tokens=32, eos_id=-1, pad_id=0, temperature=0.0))(params, cache)
+    np.testing.assert_array_equal(np.asarray(out), golden["greedy"])
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_export_then_import_gives_the_same_tensors(name, tmp_path):
+    imported(GOLDEN / name, tmp_path / "w")
+    hf.main(["export", "--workdir", str(tmp_path / "w"), "--hf-dir", str(tmp_path / "out")])
+    want, got = load_file(str(GOLDEN / name / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert sorted(got) == sorted(want)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+    import json
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["architectures"] == [MODELS[name]]
+    imported(tmp_path / "out", tmp_path / "again")  # what export writes imports again
+
+
+def test_a_decoder_checkpoint_of_another_shape_is_named(tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+    broken = Path(shutil.copytree(GOLDEN / "tiny_llama", tmp_path / "broken"))
+    tensors = load_file(str(broken / "model.safetensors"))
+    tensors["model.layers.1.self_attn.k_proj.weight"] = np.zeros((32, 32), np.float32)  # 4 KV heads, not 2
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(UserError, match="lacks 1 tensor.*layers.0.mlp.up_proj.weight"):
+        hf.import_hf(broken, tmp_path / "a", [])
+    tensors["model.layers.0.mlp.up_proj.weight"] = np.zeros((40, 32), np.float32)
+    save_file(tensors, str(broken / "model.safetensors"))
+    with pytest.raises(UserError, match=r"k_proj.weight \(32, 32\) vs block_1/attention/key/kernel \(32, 2, 8\)"):
+        hf.import_hf(broken, tmp_path / "b", [])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
