@@ -56,6 +56,24 @@ def test_export_then_import_gives_the_same_tensors(name, tmp_path):
     imported(tmp_path / "out", tmp_path / "again")  # what export writes imports again
 
 
+def test_sharded_weights_export_and_import(tmp_path, monkeypatch):
+    """Above the shard size, export writes shards and their index (as save_pretrained does);
+    import reads them back tensor by tensor to the same model."""
+    from jaxlm.hf import files
+    run, params = imported(GOLDEN / "tiny_llama", tmp_path / "w")
+    monkeypatch.setattr(files, "SHARD_BYTES", 8_000)
+    hf.main(["export", "--workdir", str(tmp_path / "w"), "--hf-dir", str(tmp_path / "sharded")])
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 3 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    assert not (tmp_path / "sharded" / "model.safetensors").exists()
+    _, again = imported(tmp_path / "sharded", tmp_path / "again")
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    (tmp_path / "sharded" / shards[1]).unlink()
+    with pytest.raises(UserError, match=f"{shards[1]}' is named by model.safetensors.index.json but missing"):
+        hf.import_hf(tmp_path / "sharded", tmp_path / "x", [])
+
+
 def test_a_decoder_checkpoint_of_another_shape_is_named(tmp_path):
     import shutil
 

@@ -27,7 +27,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from safetensors.numpy import load_file, save_file
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from tokenizers import decoders as token_decoders
 
@@ -36,7 +35,7 @@ from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
-from jaxlm.hf import decoders
+from jaxlm.hf import decoders, files
 from jaxlm.models.layers import padded_vocab, restack
 from jaxlm.workdir import build, open_run
 
@@ -235,7 +234,7 @@ REQUIRED = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers", "num
 
 def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     """A Hugging Face directory's config.json and safetensors weights, checked; never pickle."""
-    if not (hf_dir / "model.safetensors").is_file():
+    if not files.present(hf_dir):
         pickled = [name for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack") if (hf_dir / name).is_file()]
         if pickled:
             raise UserError(f"'{hf_dir}' holds only {pickled[0]}, which jaxlm does not read (pickle-based formats can run "
@@ -259,11 +258,7 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     missing = [key for key in required if key not in hf]
     if missing:
         raise UserError(f"'{hf_dir / 'config.json'}' lacks {', '.join(missing)}; is it the config.json of a {arch}?")
-    try:
-        tensors = load_file(str(hf_dir / "model.safetensors"))
-    except Exception as e:  # truncated or not safetensors at all
-        raise UserError(f"'{hf_dir / 'model.safetensors'}' is not a readable safetensors file "
-                        f"({str(e).splitlines()[0][:120]}); save it again") from None
+    tensors = files.Weights(hf_dir)
     return hf, tensors
 
 
@@ -293,7 +288,7 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     c = run.compiled
     state = c.init_state(config.seed)
     target = restack(jax.device_get(state.params), scanned=False)  # HF names follow unrolled layers
-    params = to_params(tensors, config.model, target, str(hf_dir / "model.safetensors"), hf["vocab_size"])
+    params = to_params(tensors, config.model, target, str(hf_dir), hf["vocab_size"])
     params = restack(params, config.model.scan_layers)
     return _write_import(workdir, run, state, params, tok, hf_dir, arch)
 
@@ -315,9 +310,9 @@ def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, 
     run = build(config, tok, mode="jit")
     state = run.compiled.init_state(config.seed)
     target = restack(jax.device_get(state.params), scanned=False)
-    params, unused = decoders.to_params(tensors, kind, config.model, target, str(hf_dir / "model.safetensors"))
+    params, unused = decoders.to_params(tensors, kind, config.model, target, str(hf_dir))
     if unused:
-        print(f"note: {len(unused)} tensor(s) of {hf_dir / 'model.safetensors'} are not part of this model and "
+        print(f"note: {len(unused)} tensor(s) of {hf_dir} are not part of this model and "
               f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
     return _write_import(workdir, run, state, restack(params, config.model.scan_layers), tok, hf_dir, kind)
 
@@ -348,7 +343,7 @@ def export_decoder(run, params: dict, hf_dir: Path) -> str:
 
 def _write_export(hf_dir: Path, tensors: dict, hf: dict, tok) -> None:
     hf_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(hf_dir / "model.safetensors"), metadata={"format": "pt"})
+    files.write(hf_dir, tensors)
     (hf_dir / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     tok.save(hf_dir / "tokenizer.json")
 
