@@ -1,18 +1,20 @@
-"""Hugging Face BERT weights in and out, through safetensors (never pickle).
+"""Hugging Face weights in and out, through safetensors (never pickle): BERT here, GPT-2 and
+Llama in `decoders`, the weight files (single or sharded) in `files`.
 
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
     python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N]
 
 `import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining`,
-`BertForSequenceClassification` or `BertForQuestionAnswering` directory (config.json,
-model.safetensors, and tokenizer.json or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
+`BertForSequenceClassification`, `BertForQuestionAnswering`, `GPT2LMHeadModel` or
+`LlamaForCausalLM` directory (config.json, model.safetensors or its shards, and tokenizer.json
+or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
 `train`, `evaluate` and `infer` accept it, and a fine-tuning run initialises its encoder from
 it (`init.from_workdir=W`). `export` writes a masked-LM run as `BertForMaskedLM` (with
 next-sentence prediction: `BertForPreTraining`), a classification run as
-`BertForSequenceClassification` and a question-answering run as `BertForQuestionAnswering`
-(config.json, model.safetensors, tokenizer.json) that `from_pretrained` loads.
+`BertForSequenceClassification`, a question-answering run as `BertForQuestionAnswering` and a
+decoder as `GPT2LMHeadModel` or `LlamaForCausalLM` (by its layout), that `from_pretrained` loads.
 
-This is the only module that knows Hugging Face names.
+This package is the only place that knows Hugging Face names.
 """
 
 from __future__ import annotations
@@ -389,11 +391,11 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m jaxlm.hf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="a Hugging Face BERT directory -> a jaxlm workdir")
+    imp = sub.add_parser("import", help="a Hugging Face BERT, GPT-2 or Llama directory -> a jaxlm workdir")
     imp.add_argument("--hf-dir", required=True, help="directory with config.json and model.safetensors")
     imp.add_argument("--workdir", required=True, help="new jaxlm workdir")
     imp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for the workdir")
-    exp = sub.add_parser("export", help="a jaxlm masked-LM or classification workdir -> a transformers directory")
+    exp = sub.add_parser("export", help="a jaxlm workdir (encoder or decoder) -> a transformers directory")
     exp.add_argument("--workdir", required=True, help="a training run's directory")
     exp.add_argument("--hf-dir", required=True, help="directory to write")
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
