@@ -46,7 +46,7 @@ def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int = 0,
 
 
 def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
-             rng: Array, max_new_tokens: int, eos_id: int, pad_id: int, temperature: float = 1.0,
+             rng: Array, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0) -> Array:
     """Continues left-padded prompts; returns the new tokens [batch, max_new_tokens].
 
@@ -66,7 +66,8 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
     rng, first_rng = jax.random.split(rng)
     token = sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-    done = token == eos_id
+    ends = jnp.asarray(eos_id, jnp.int32).reshape(-1)  # any of these ends a row
+    done = jnp.isin(token, ends)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -80,7 +81,7 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
         new = sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p)
         new = jnp.where(done, pad_id, new)
         out = out.at[:, i].set(new)
-        return i + 1, cache, new, done | (new == eos_id), out, rng
+        return i + 1, cache, new, done | jnp.isin(new, ends), out, rng
 
     carry = (jnp.asarray(1), cache, token, done, out, rng)
     return jax.lax.while_loop(cond, body, carry)[4]

@@ -124,7 +124,7 @@ class Generator:
         self.run, self.params = run, params
         self.model = run.task.model
         self.tok = run.tokenizer
-        self.settings = dict(max_new_tokens=max_new_tokens, eos_id=self.tok.eos_id,
+        self.settings = dict(max_new_tokens=max_new_tokens, eos_id=self.tok.end_ids,
                              pad_id=self.tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
         self._fn = jax.jit(self._generate, static_argnames=("cache_len",))
 
@@ -157,8 +157,8 @@ class Generator:
         texts = []
         for row in out[: len(prompts)]:
             ids = row.tolist()
-            if self.tok.eos_id in ids:
-                ids = ids[: ids.index(self.tok.eos_id)]
+            end = next((k for k, i in enumerate(ids) if i in self.tok.end_ids), len(ids))
+            ids = ids[:end]
             texts.append(self.tok.decode(ids))
         return texts
 

@@ -36,3 +36,26 @@ def test_generate_stops_at_eos_and_pads():
     out = generate(counter, jnp.zeros(()), prompt, mask, jax.random.key(0), max_new_tokens=5,
                    eos_id=eos, pad_id=pad, temperature=0.0)
     assert out.tolist() == [[2, 3, 4, 0, 0], [3, 4, 0, 0, 0]]
+
+
+def test_generate_stops_at_any_of_several_end_tokens():
+    """A chat model ends its turn with one token and its text with another: either stops a row."""
+    vocab = 6
+
+    def counter(tokens, segment_ids, positions, cache):
+        logits = jax.nn.one_hot((tokens + 1) % vocab, vocab) * 10.0
+        return logits, cache
+
+    prompt = jnp.asarray([[1], [3]])
+    out = generate(counter, jnp.zeros(()), prompt, jnp.ones_like(prompt), jax.random.key(0), max_new_tokens=4,
+                   eos_id=(3, 5), pad_id=0, temperature=0.0)
+    assert out.tolist() == [[2, 3, 0, 0], [4, 5, 0, 0]]
+
+
+def test_tokenizer_end_ids_include_end_of_turn_tokens():
+    from tokenizers import Tokenizer, models
+
+    from jaxlm.data.tokenizer import TextTokenizer
+    vocab = {"<|begin_of_text|>": 0, "<|end_of_text|>": 1, "<|eot_id|>": 2, "hi": 3}
+    tok = TextTokenizer(Tokenizer(models.WordLevel(vocab, unk_token="hi")), 1, 0, 1)
+    assert tok.end_ids == (1, 2)

@@ -21,6 +21,7 @@ PAD, BOS, EOS, MASK = "<pad>", "<s>", "</s>", "<mask>"
 _PAD_NAMES = (PAD, "[PAD]", "<|padding|>", "<|endoftext|>")
 _BOS_NAMES = (BOS, "[CLS]", "<|startoftext|>", "<|begin_of_text|>", "<s>", "<|endoftext|>")
 _EOS_NAMES = (EOS, "[SEP]", "<|end_of_text|>", "</s>", "<|endoftext|>")
+_END_NAMES = (EOS, "<|end_of_text|>", "</s>", "<|endoftext|>", "<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>")
 _MASK_NAMES = (MASK, "[MASK]")
 
 
@@ -37,6 +38,13 @@ class TextTokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.get_vocab_size()
+
+    @property
+    def end_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generated text: `eos_id`, and the end-of-text and end-of-turn
+        tokens of the vocabulary (a chat model ends its turn with `<|eot_id|>` or `<|im_end|>`)."""
+        found = (self.tokenizer.token_to_id(name) for name in _END_NAMES)
+        return tuple(sorted({self.eos_id, *(i for i in found if i is not None)}))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of text, with no special tokens added."""
