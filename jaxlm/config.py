@@ -21,8 +21,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
-SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "none")
-TASKS = ("clm", "mlm", "classify", "qa")
+SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "prompts", "none")
+TASKS = ("clm", "mlm", "classify", "qa", "sft")
+DECODER_TASKS = ("clm", "sft")  # the tasks of a decoder-only language model
 POSITIONS = ("rotary", "learned")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
@@ -138,6 +139,15 @@ class QAConfig:
 
 
 @dataclass
+class SftConfig:
+    """Supervised fine-tuning of a decoder (task=sft): the loss counts only the response tokens."""
+
+    prompt_key: str = "prompt"  # JSONL field with the prompt
+    response_key: str = "response"  # JSONL field with the response the model learns to give
+    prompt_format: str = "{prompt}\n"  # the text before the response; {prompt} is the prompt
+
+
+@dataclass
 class InitConfig:
     """Where a new run's parameters start (fine-tuning)."""
 
@@ -242,6 +252,7 @@ class Config:
     mlm: MlmConfig = field(default_factory=MlmConfig)
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     qa: QAConfig = field(default_factory=QAConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
     init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -397,8 +408,8 @@ def validate(c: Config) -> None:
     _choice("model.remat", m.remat, REMAT)
     _require(0.0 <= m.dropout < 1.0, f"model.dropout={m.dropout} must be in [0, 1)")
     _require(d.seq_len <= m.max_len, f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}; raise model.max_len")
-    _require(not m.logits_chunk or c.task == "clm",
-             f"model.logits_chunk is for decoders (task=clm), not task={c.task}; leave it 0")
+    _require(not m.logits_chunk or c.task in DECODER_TASKS,
+             f"model.logits_chunk is for decoders (task=clm or sft), not task={c.task}; leave it 0")
     _require(not m.logits_chunk or d.seq_len % m.logits_chunk == 0,
              f"model.logits_chunk={m.logits_chunk} does not divide data.seq_len={d.seq_len}; pick a divisor (or 0)")
     _require(0.0 < c.mlm.mask_rate < 1.0, f"mlm.mask_rate={c.mlm.mask_rate} must be in (0, 1)")
@@ -406,13 +417,17 @@ def validate(c: Config) -> None:
     _require(t.max_skipped > 0, f"train.max_skipped={t.max_skipped} must be a positive integer")
     _choice("data.source", d.source, SOURCES)
     _choice("data.encoding_errors", d.encoding_errors, ("strict", "replace"))
-    _require(d.source not in ("text", "labeled", "squad") or bool(d.paths),
+    _require(d.source not in ("text", "labeled", "squad", "prompts") or bool(d.paths),
              f"data.source={d.source} needs data.paths, e.g. data.paths=[corpus/*.txt]")
     _require(c.task == "classify" or d.source != "labeled",
              f"data.source=labeled (TSV/CSV/JSONL examples) is for task=classify, not task={c.task}")
     _require(c.task != "classify" or d.source in ("labeled", "tfds", "none"),
              f"task=classify reads labeled files (data.source=labeled) or a TFDS catalog dataset "
              f"(data.source=tfds data.name=glue/sst2), not data.source={d.source}")
+    _require(d.source in ("prompts", "none") if c.task == "sft" else d.source != "prompts",
+             f"task=sft reads JSONL prompt/response files (data.source=prompts), and data.source=prompts is for "
+             f"task=sft; got task={c.task} with data.source={d.source}")
+    _require("{prompt}" in c.sft.prompt_format, f"sft.prompt_format={c.sft.prompt_format!r} must contain {{prompt}}")
     _require(c.task == "qa" or d.source != "squad",
              f"data.source=squad (SQuAD JSON files) is for task=qa, not task={c.task}")
     _require(c.task != "qa" or d.source in ("squad", "tfds", "none"),

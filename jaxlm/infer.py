@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm import decoding, encoder_infer
+from jaxlm.config import DECODER_TASKS
 from jaxlm.errors import UserError, cli
 from jaxlm.index import Index
 from jaxlm.workdir import Run, open_run
@@ -273,8 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     check_sampling(args)
     run, ckpt = open_run(args.workdir)
-    if run.config.task != "clm":
-        raise UserError(f"generate needs a causal LM run; '{args.workdir}' trains task={run.config.task}")
+    if run.config.task not in DECODER_TASKS:
+        raise UserError(f"generate needs a decoder run (task=clm or sft); '{args.workdir}' trains task={run.config.task}")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     gen = Generator(run, params, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     rng = jax.random.key(args.seed)

@@ -34,7 +34,7 @@ from tokenizers import decoders as token_decoders
 
 from jaxlm import config as config_lib
 from jaxlm.checkpoint import Checkpoints
-from jaxlm.config import Config, ModelConfig
+from jaxlm.config import DECODER_TASKS, Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
 from jaxlm.hf import decoders, files
@@ -296,11 +296,11 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
 
 
 def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, tensors: dict) -> Config:
-    """`import_hf` of a GPT-2 or Llama directory: a `task=clm` workdir."""
+    """`import_hf` of a GPT-2 or Llama directory: a `task=clm` workdir (or `task=sft`, given)."""
     kind = decoders.ARCHITECTURES[hf["architectures"][0]]
     config = config_lib.load(None, ["task=clm", *overrides])
-    if config.task != "clm":
-        raise UserError(f"task={config.task} cannot start from a {kind} checkpoint; use task=clm")
+    if config.task not in DECODER_TASKS:
+        raise UserError(f"task={config.task} cannot start from a {kind} checkpoint; use task=clm or task=sft")
     model = decoders.model_config(hf, config.model)
     data = dataclasses.replace(config.data, seq_len=min(config.data.seq_len, model.max_len))
     config = dataclasses.replace(config, model=model, data=data)
@@ -334,7 +334,7 @@ def _write_import(workdir: Path, run, state, params: dict, tok, hf_dir: Path, ar
 
 
 def export_decoder(run, params: dict, hf_dir: Path) -> str:
-    """`export_hf` of a `task=clm` run as GPT2LMHeadModel or LlamaForCausalLM."""
+    """`export_hf` of a decoder run as GPT2LMHeadModel or LlamaForCausalLM."""
     m, tok = run.config.model, run.tokenizer
     kind = decoders.kind_of(m)
     tensors = decoders.from_params(params, kind, m, tok.vocab_size)
@@ -355,7 +355,7 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
     masked-LM or classification run; returns the architecture written."""
     run, ckpt = open_run(workdir)
     cfg, m = run.config, run.config.model
-    if cfg.task == "clm":
+    if cfg.task in DECODER_TASKS:
         params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
         arch = export_decoder(run, restack(jax.device_get(params), scanned=False), hf_dir)
         print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)

@@ -12,11 +12,13 @@ from jaxlm.tasks.classify import ClassifyTask
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
 from jaxlm.tasks.qa import QATask
+from jaxlm.tasks.sft import SftTask
 
 if TYPE_CHECKING:
     from jaxlm.data.tokenizer import TextTokenizer
 
-REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask, "qa": QATask}
+REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask, "qa": QATask,
+                                   "sft": SftTask}
 assert set(REGISTRY) == set(TASKS), "config.TASKS and the registry must name the same tasks"
 
 

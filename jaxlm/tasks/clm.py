@@ -69,9 +69,13 @@ class ClmTask(Documents):
         """Boxed (logically annotated) variables of the model."""
         return self.model.init(rng, batch["inputs"], batch["segment_ids"], batch["positions"])
 
+    def weights(self, batch: dict[str, Array]) -> Array:
+        """[batch, length] 1.0 on the targets the loss counts: every real token."""
+        return (batch["segment_ids"] != 0).astype(jnp.float32)
+
     def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
         """The loss's denominators over `batch`."""
-        return {"tokens": (batch["segment_ids"] != 0).sum().astype(jnp.float32)}
+        return {"tokens": self.weights(batch).sum()}
 
     def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
              totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
@@ -82,7 +86,7 @@ class ClmTask(Documents):
         """
         cfg = self.model.cfg
         chunk = cfg.logits_chunk
-        weights = (batch["segment_ids"] != 0).astype(jnp.float32)
+        weights = self.weights(batch)
         out = self.model.apply(
             {"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
             deterministic=not train, hidden_only=bool(chunk), rngs={"dropout": rng})

@@ -1,0 +1,83 @@
+"""Supervised fine-tuning: prompt tokens carry zero weight; a run trains and generates."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import infer, train
+from jaxlm.config import DataConfig, ModelConfig, SftConfig
+from jaxlm.data import prompts
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError
+from jaxlm.tasks.sft import SftTask
+
+WORDS = tokenizer_lib.placeholder(64)  # one token a word: w4, w5, ...
+EXAMPLES = [{"prompt": "w4 w5 w6", "response": "w7 w8"}, {"prompt": "w9", "response": "w10 w11 w12 w13"}]
+
+
+def test_rows_mark_only_the_response_and_its_eos():
+    rows = prompts.PromptRows(EXAMPLES, WORDS, 8, "{prompt}")
+    row = rows[0]  # [BOS] w4 w5 w6 | w7 w8 [EOS]: targets w4 w5 w6 w7 w8 EOS
+    assert row["inputs"][:6].tolist() == [WORDS.bos_id, 4, 5, 6, 7, 8]
+    assert row["targets"][:6].tolist() == [4, 5, 6, 7, 8, WORDS.eos_id]
+    assert row["loss_mask"].tolist() == [0, 0, 0, 1, 1, 1, 0, 0]
+    assert rows[1]["loss_mask"].tolist() == [0, 1, 1, 1, 1, 1, 0, 0] and rows.tokens == 8
+    short = prompts.PromptRows(EXAMPLES[1:], WORDS, 4, "{prompt}")  # too long: the response's end is cut
+    assert short[0]["targets"].tolist() == [9, 10, 11, 12] and short[0]["loss_mask"].tolist() == [0, 1, 1, 1]
+
+
+def test_prompt_tokens_carry_zero_weight():
+    """The loss is the mean cross-entropy of the response targets: changing a prompt target
+    changes nothing, changing a response target changes it."""
+    task = SftTask(ModelConfig(num_layers=1, embed_dim=32, num_heads=4, vocab_size=64, max_len=16), np.ones(64, np.int32))
+    rows = prompts.PromptRows(EXAMPLES, WORDS, 8, "{prompt}")
+    batch = {k: np.stack([rows[i][k] for i in range(2)]) for k in task.batch_keys}
+    params = jax.tree_util.tree_map(lambda x: getattr(x, "value", x), task.init(jax.random.key(0), batch)["params"],
+                                    is_leaf=lambda x: hasattr(x, "value"))
+
+    def loss(b):
+        value, sums = task.loss(params, b, jax.random.key(0), train=False)
+        return float(value), float(sums["tokens"])
+
+    base, tokens = loss(batch)
+    assert tokens == 8  # 3 + 5 response targets (with EOS), not the 11 real tokens
+    prompt_changed = {**batch, "targets": batch["targets"].copy()}
+    prompt_changed["targets"][0, 1] = 40  # a prompt target
+    assert loss(prompt_changed)[0] == base
+    response_changed = {**batch, "targets": batch["targets"].copy()}
+    response_changed["targets"][0, 4] = 40  # a response target
+    assert loss(response_changed)[0] != base
+
+
+def test_files_and_their_errors(tmp_path):
+    data = DataConfig(source="prompts", paths=[str(tmp_path / "train.jsonl")], eval_paths=[str(tmp_path / "dev.jsonl")])
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(e) for e in EXAMPLES) + "\n")
+    (tmp_path / "dev.jsonl").write_text(json.dumps(EXAMPLES[0]) + "\n")
+    splits = prompts.load_splits(data, SftConfig())
+    assert [e["response"] for e in splits.train] == ["w7 w8", "w10 w11 w12 w13"] and len(splits.eval) == 1
+    (tmp_path / "train.jsonl").write_text('{"prompt": "w4"}\n')
+    with pytest.raises(UserError, match="train.jsonl:1: no text field 'response'.*sft.response_key"):
+        prompts.load_splits(data, SftConfig())
+    with pytest.raises(UserError, match="task=sft reads JSONL prompt/response files"):
+        config_lib.load(None, ["task=sft", "data.source=text", "data.paths=[x.txt]"])
+
+
+def test_a_tiny_sft_run_learns_its_responses_and_generates_them(tmp_path, capsys):
+    """Ten prompts, each with its own fixed response: after training, greedy generation gives
+    the responses back."""
+    pairs = [{"prompt": f"say {w}", "response": f"{w} {w} done"} for w in ("alpha", "beta", "gamma", "delta", "omega")]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    overrides = ["task=sft", "data.source=prompts", f"data.paths=[{tmp_path}/train.jsonl]",
+                 f"data.eval_paths=[{tmp_path}/train.jsonl]", f"data.cache_dir={tmp_path}/cache", "data.vocab_size=300",
+                 "data.seq_len=16", "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
+                 "train.batch_size=8", "train.steps=80", "train.log_every=20", "train.eval_every=80",
+                 "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
+    final = train.train(config_lib.load(None, overrides), tmp_path / "w")
+    assert final["loss"] < 0.3, final
+    capsys.readouterr()
+    infer.main(["generate", "--workdir", str(tmp_path / "w"), "--temperature", "0", "--max-new-tokens", "6",
+                "say gamma\n"])
+    assert "gamma gamma done" in capsys.readouterr().out
