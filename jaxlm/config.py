@@ -30,6 +30,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 MLPS = ("plain", "swiglu")
+LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_gate", "wo")  # attention and MLP projections
 ROPE_SCALINGS = ("none", "llama3")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
 
@@ -66,6 +67,9 @@ class ModelConfig:
     remat: str = "none"  # recompute activations in the backward pass: none, full, save_dots, ...
     scan_layers: bool = False  # one compiled block under nn.scan (faster compiles for deep models)
     logits_chunk: int = 0  # decoders: row positions whose output logits the loss computes at a time; 0: whole rows
+    lora_rank: int = 0  # > 0: low-rank adapters on the lora_targets projections train, every other weight is frozen
+    lora_alpha: float = 16.0  # adapters' output scale is lora_alpha / lora_rank
+    lora_targets: str = "query,key,value,out,wi,wi_gate,wo"  # projections that get adapters (comma-separated)
 
 
 @dataclass
@@ -393,6 +397,9 @@ def validate(c: Config) -> None:
     _choice("model.norm", m.norm, NORMS)
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("model.mlp", m.mlp, MLPS)
+    _require(m.lora_rank >= 0 and m.lora_alpha > 0, "model.lora_rank must be >= 0 (0: no adapters) and model.lora_alpha > 0")
+    unknown = set(m.lora_targets.split(",")) - set(LORA_TARGETS)
+    _require(not unknown, f"model.lora_targets names {', '.join(sorted(unknown))}; pick from {', '.join(LORA_TARGETS)}")
     _choice("model.rope_scaling", m.rope_scaling, ROPE_SCALINGS)
     _require(m.rope_scaling == "none" or (m.rope_factor >= 1 and 0 < m.rope_low_freq_factor < m.rope_high_freq_factor
                                          and m.rope_original_max_len > 0),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxlm.config import OptimConfig
@@ -43,7 +44,8 @@ def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 # Parameters that get weight decay, by name: projection kernels and embedding tables. Biases
 # (`bias`, `mlm_bias`) and norm scales are not decayed, whatever their rank: attention biases are
 # [heads, head_dim], and under `model.scan_layers` every parameter gains a leading layer axis.
-DECAYED = frozenset({"kernel", "embedding"})
+DECAYED = frozenset({"kernel", "embedding", "lora_a", "lora_b"})
+ADAPTERS = frozenset({"lora_a", "lora_b"})  # with these in the model, they alone train (LoRA)
 
 
 def decay_mask(params) -> object:
@@ -54,10 +56,45 @@ def decay_mask(params) -> object:
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def optimizer(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """Global-norm clipping, then AdamW with the schedule."""
+def _boxed(x) -> bool:  # a logically annotated (boxed) parameter: one leaf here
+    return hasattr(x, "unbox")
+
+
+def trainable(params) -> object | None:
+    """True for the parameters an update may change: the adapters when the model has any
+    (LoRA), else None (all of them). Boxed (annotated) parameters count as one leaf each."""
+    def adapter(path, _) -> bool:
+        return bool(ADAPTERS & {k.key for k in path if isinstance(k, jax.tree_util.DictKey)})
+    flags = jax.tree_util.tree_map_with_path(adapter, params, is_leaf=_boxed)
+    return flags if any(jax.tree_util.tree_leaves(flags)) else None
+
+
+def optimizer(cfg: OptimConfig, total_steps: int, adapters: bool = False) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW with the schedule. With `adapters` (LoRA), only the
+    adapters are updated and only they have optimizer state; every other parameter stays."""
     adamw = optax.adamw(schedule(cfg, total_steps), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
-    if cfg.clip_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw)
-    return adamw
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw) if cfg.clip_norm > 0 else adamw
+    return only_adapters(tx) if adapters else tx
+
+
+def only_adapters(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`tx` over the adapters alone: its state holds nothing for the other parameters (they are
+    empty subtrees, not masked arrays), and their updates are zero (scalars: nothing is
+    allocated for them)."""
+
+    def select(tree, flags):
+        return jax.tree_util.tree_map(lambda x, f: x if f else None, tree, flags, is_leaf=_boxed)
+
+    def init(params):
+        return tx.init(select(params, trainable(params)))
+
+    def update(updates, state, params=None):
+        flags = trainable(params)
+        picked, state = tx.update(select(updates, flags), state, select(params, flags))
+        leaves, treedef = jax.tree_util.tree_flatten(updates)
+        it = iter(jax.tree_util.tree_leaves(picked))
+        full = [next(it) if f else jnp.zeros((), x.dtype) for x, f in zip(leaves, jax.tree_util.tree_leaves(flags))]
+        return treedef.unflatten(full), state
+
+    return optax.GradientTransformation(init, update)

@@ -16,7 +16,7 @@ import optax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh
 
-from jaxlm import rngs, sharding
+from jaxlm import optim, rngs, sharding
 from jaxlm.microbatch import Layout
 
 Array = jax.Array
@@ -47,9 +47,21 @@ def gradients(params: Any, batch: dict[str, Array], rng: Array, task: Any, accum
         if axis_name is not None:
             totals = jax.lax.psum(totals, axis_name)
 
+    # with adapters (LoRA) only they are differentiated: frozen weights get no gradient
+    # computation or memory, just a scalar zero in the gradient tree (the optimizer skips them)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    flags = optim.trainable(params)
+    train = [True] * len(leaves) if flags is None else jax.tree_util.tree_leaves(flags)
+
     def one(mb: dict[str, Array], mb_rng: Array):
-        (_, sums), grads = jax.value_and_grad(
-            lambda p: task.loss(p, mb, mb_rng, train=True, totals=totals), has_aux=True)(params)
+        def loss(trained: list[Array]):
+            it = iter(trained)
+            full = treedef.unflatten([next(it) if t else x for x, t in zip(leaves, train)])
+            return task.loss(full, mb, mb_rng, train=True, totals=totals)
+
+        (_, sums), trained = jax.value_and_grad(loss, has_aux=True)([x for x, t in zip(leaves, train) if t])
+        it = iter(trained)
+        grads = treedef.unflatten([next(it) if t else jnp.zeros((), x.dtype) for x, t in zip(leaves, train)])
         return grads, sums
 
     if accum_steps == 1:

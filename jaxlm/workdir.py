@@ -98,7 +98,7 @@ def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     if pmap:
         sharding.check_pmap_processes()
     task = tasks.build(config, tok)
-    tx = optim.optimizer(config.optim, config.train.steps)
+    tx = optim.optimizer(config.optim, config.train.steps, adapters=config.model.lora_rank > 0)
     mesh = sharding.make_mesh(config.mesh)
     batch = config.train.batch_size
     rows = mesh.shape["data"] * mesh.shape["fsdp"]

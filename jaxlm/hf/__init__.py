@@ -38,6 +38,7 @@ from jaxlm.config import DECODER_TASKS, Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
 from jaxlm.hf import decoders, files
+from jaxlm.models import layers
 from jaxlm.models.layers import padded_vocab, restack
 from jaxlm.workdir import build, open_run
 
@@ -350,23 +351,30 @@ def _write_export(hf_dir: Path, tensors: dict, hf: dict, tok) -> None:
     tok.save(hf_dir / "tokenizer.json")
 
 
-def export_hf(workdir: Path, hf_dir: Path, step: int | None = None) -> str:
-    """Writes a transformers directory (config.json, model.safetensors, tokenizer.json) of a
-    masked-LM or classification run; returns the architecture written."""
+def export_hf(workdir: Path, hf_dir: Path, step: int | None = None, merge_lora: bool = False) -> str:
+    """Writes a transformers directory (config.json, model.safetensors, tokenizer.json) of an
+    encoder or decoder run; returns the architecture written. A run with LoRA adapters exports
+    only with `merge_lora`: the adapters folded into the weights they adapt."""
     run, ckpt = open_run(workdir)
     cfg, m = run.config, run.config.model
+    if cfg.task not in (*DECODER_TASKS, "mlm", "classify", "qa"):
+        raise UserError(f"'{workdir}' trains task={cfg.task}, which has no Hugging Face architecture")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
+    params = restack(jax.device_get(params), scanned=False)  # HF names follow unrolled layers
+    if m.lora_rank:
+        if not merge_lora:
+            raise UserError(f"'{workdir}' trains LoRA adapters (model.lora_rank={m.lora_rank}); pass --merge-lora "
+                            "to export the adapted model as plain weights")
+        params, m = layers.merge_lora(params, m), dataclasses.replace(m, lora_rank=0)
+        run = dataclasses.replace(run, config=dataclasses.replace(cfg, model=m))
     if cfg.task in DECODER_TASKS:
-        params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
-        arch = export_decoder(run, restack(jax.device_get(params), scanned=False), hf_dir)
+        arch = export_decoder(run, params, hf_dir)
         print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)
         return arch
-    if cfg.task not in ("mlm", "classify", "qa"):
-        raise UserError(f"'{workdir}' trains task={cfg.task}, which has no Hugging Face architecture")
     if m.positions != "learned" or m.norm != "layernorm" or not m.use_bias:
         raise UserError("BERT needs learned positions, LayerNorm and biases; this model differs")
-    params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
     vocab = run.tokenizer.vocab_size
-    tensors = from_params(restack(jax.device_get(params), scanned=False), m, vocab)
+    tensors = from_params(params, m, vocab)
     arch = {"classify": "BertForSequenceClassification", "qa": "BertForQuestionAnswering"}.get(
         cfg.task, "BertForPreTraining" if cfg.mlm.nsp else "BertForMaskedLM")
     if arch in ("BertForMaskedLM", "BertForQuestionAnswering"):  # they have no pooler
@@ -399,6 +407,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     exp.add_argument("--workdir", required=True, help="a training run's directory")
     exp.add_argument("--hf-dir", required=True, help="directory to write")
     exp.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    exp.add_argument("--merge-lora", action="store_true",
+                     help="fold LoRA adapters into the weights they adapt (a run with adapters needs it)")
     return parser.parse_args(argv)
 
 
@@ -411,7 +421,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"imported {args.hf_dir} into {args.workdir}: task={config.task}, {m.num_layers} layers, "
               f"width {m.embed_dim}, vocabulary {m.vocab_size}", file=sys.stderr)
     else:
-        export_hf(Path(args.workdir), Path(args.hf_dir), args.step)
+        export_hf(Path(args.workdir), Path(args.hf_dir), args.step, args.merge_lora)
 
 
 if __name__ == "__main__":

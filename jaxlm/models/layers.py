@@ -190,11 +190,39 @@ class Dense(nn.Module):
         dtype = dtype_of(self.cfg)
         dims = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
         y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (dims, ((), ())))
+        if self.cfg.lora_rank and self.name in self.cfg.lora_targets.split(","):
+            y = y + self._adapter(x, in_shape, dims, dtype)
         if self.cfg.use_bias:
             bias = self.param("bias", param_init(nn.initializers.zeros, self.axes[self.contract:]),
                               self.features, jnp.float32)
             y = y + bias.astype(dtype)
         return y
+
+
+    def _adapter(self, x: Array, in_shape: tuple[int, ...], dims: tuple, dtype) -> Array:
+        """LoRA: x @ lora_a @ lora_b x (alpha / rank), lora_b starting at zero (the model starts
+        as it was). Rank `r` adapters [*contracted, r] and [r, *features]."""
+        cfg, r = self.cfg, self.cfg.lora_rank
+        fan_in = int(np.prod(in_shape))
+        a = self.param("lora_a", param_init(nn.initializers.normal(fan_in ** -0.5), (*self.axes[:self.contract], None)),
+                       (*in_shape, r), jnp.float32)
+        b = self.param("lora_b", param_init(nn.initializers.zeros, (None, *self.axes[self.contract:])),
+                       (r, *self.features), jnp.float32)
+        h = jax.lax.dot_general(x.astype(dtype), a.astype(dtype), (dims, ((), ())))  # [..., r]
+        return jnp.tensordot(h, b.astype(dtype), axes=1) * (cfg.lora_alpha / r)
+
+
+def merge_lora(params: dict, cfg: ModelConfig) -> dict:
+    """Unrolled parameters (`restack(..., scanned=False)`) with every adapter folded into its
+    kernel (kernel + a @ b x alpha / rank) and removed: the plain weights of the adapted model,
+    for its config without adapters."""
+    if not isinstance(params, dict):
+        return params
+    if "lora_a" in params:
+        delta = np.tensordot(np.asarray(params["lora_a"]), np.asarray(params["lora_b"]), axes=1)
+        rest = {k: v for k, v in params.items() if k not in ("lora_a", "lora_b")}
+        return {**rest, "kernel": np.asarray(params["kernel"]) + delta * (cfg.lora_alpha / cfg.lora_rank)}
+    return {k: merge_lora(v, cfg) for k, v in params.items()}
 
 
 class SelfAttention(nn.Module):
