@@ -156,7 +156,7 @@ class InitConfig:
     """Where a new run's parameters start (fine-tuning)."""
 
     from_workdir: str = ""  # a jaxlm workdir (a pretraining run, or `python -m jaxlm.hf import`)
-    subtree: str = "encoder"  # the parameters taken from it; the rest start fresh
+    subtree: str = "encoder"  # the parameters taken from it; the rest start fresh; all: every one (a decoder; LoRA adapters start fresh)
 
 
 @dataclass

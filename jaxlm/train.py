@@ -174,17 +174,35 @@ def initial_params(run: Run, params: Any) -> Any:
     source, ckpt = open_run(init.from_workdir)
     loaded, step = ckpt.restore_params(source.compiled.abstract_state.params)
     loaded = restack(loaded, run.config.model.scan_layers)  # either layout fine-tunes the other
+    if init.subtree == "all":  # the whole model: every parameter but the adapters comes from the source
+        print(f"initialised every parameter from {init.from_workdir} (step {step})", file=sys.stderr)
+        return _taken(params, loaded, init.from_workdir, run.compiled.state_sharding.params)
     if init.subtree not in loaded or init.subtree not in params:
         raise UserError(f"init.subtree={init.subtree!r} is not in both models' parameters "
                         f"(source has {', '.join(loaded)}; this run has {', '.join(params)})")
-    want = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), params[init.subtree])
-    got = jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), loaded[init.subtree])
-    if want != got:
-        raise UserError(f"the {init.subtree} of '{init.from_workdir}' has other shapes than this model's; "
-                        "fine-tune with the source's model config")
-    sub = jax.device_put(loaded[init.subtree], run.compiled.state_sharding.params[init.subtree])
+    taken = _taken({init.subtree: params[init.subtree]}, {init.subtree: loaded[init.subtree]}, init.from_workdir,
+                   {init.subtree: run.compiled.state_sharding.params[init.subtree]})
     print(f"initialised {init.subtree} from {init.from_workdir} (step {step})", file=sys.stderr)
-    return {**params, init.subtree: sub}
+    return {**params, **taken}
+
+
+def _taken(params: dict, loaded: dict, source: str, shardings: dict) -> dict:
+    """`params` with each parameter `loaded` holds (of the same shape) taken from it; only LoRA
+    adapters may be missing there (they start fresh)."""
+    def pick(path, mine, sharding):
+        theirs = loaded
+        for key in path:
+            theirs = theirs.get(key.key) if isinstance(theirs, dict) else None
+        if theirs is None:
+            if path[-1].key in optim.ADAPTERS:
+                return mine
+            raise UserError(f"'{source}' has no parameter {jax.tree_util.keystr(path)}; fine-tune with the "
+                            "source's model config")
+        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            raise UserError(f"'{source}' has other shapes than this model ({jax.tree_util.keystr(path)}: "
+                            f"{theirs.shape} vs {mine.shape}); fine-tune with the source's model config")
+        return jax.device_put(theirs, sharding)
+    return jax.tree_util.tree_map_with_path(pick, params, shardings)
 
 
 class Best:

@@ -41,9 +41,10 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 
 # What a fine-tuning run takes from the model it starts from (init.from_workdir): its shapes.
 # Numerics of the new run (dropout, dtype, remat, scan, attention backend) stay its own.
-INHERITED_MODEL_FIELDS = ("num_layers", "embed_dim", "num_heads", "mlp_dim", "vocab_size",
-                          "vocab_multiple", "max_len", "positions", "rope_base", "norm", "norm_eps",
-                          "activation", "type_vocab_size", "use_bias", "tie_embeddings")
+INHERITED_MODEL_FIELDS = ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp", "mlp_dim", "vocab_size",
+                          "vocab_multiple", "max_len", "positions", "rope_base", "rope_scaling", "rope_factor",
+                          "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm",
+                          "norm_eps", "activation", "type_vocab_size", "use_bias", "tie_embeddings")
 
 
 def inherit_model(config: Config) -> Config:

@@ -81,3 +81,32 @@ def test_a_tiny_sft_run_learns_its_responses_and_generates_them(tmp_path, capsys
     infer.main(["generate", "--workdir", str(tmp_path / "w"), "--temperature", "0", "--max-new-tokens", "6",
                 "say gamma\n"])
     assert "gamma gamma done" in capsys.readouterr().out
+
+
+def test_lora_sft_from_a_pretrained_decoder_keeps_its_weights(tiny, tmp_path):
+    """init.from_workdir with init.subtree=all takes the whole base decoder (its tokenizer and
+    shapes too); with model.lora_rank only the adapters train, so after fine-tuning every base
+    weight is still the base run's, bit for bit."""
+    from jaxlm.workdir import open_run
+    train.train(config_lib.load(None, tiny + ["train.steps=4"]), tmp_path / "base")
+    pairs = [{"prompt": "Return the", "response": f"value {i}"} for i in range(12)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
+    sft = ["task=sft", "data.source=prompts", f"data.paths=[{tmp_path}/sft.jsonl]", f"data.eval_paths=[{tmp_path}/sft.jsonl]", "data.seq_len=16",
+           "train.batch_size=8", "train.steps=6", "train.eval_every=6", "checkpoint.every=6",
+           f"init.from_workdir={tmp_path / 'base'}", "init.subtree=all", "model.lora_rank=4"]
+    train.train(config_lib.load(None, sft), tmp_path / "sft")
+
+    def params(workdir):
+        run, ckpt = open_run(workdir)
+        return jax.device_get(ckpt.restore_params(run.compiled.abstract_state.params)[0])
+    base, tuned = params(tmp_path / "base"), params(tmp_path / "sft")
+    moved = []
+    for path, value in jax.tree_util.tree_leaves_with_path(tuned):
+        if path[-1].key in ("lora_a", "lora_b"):
+            moved.append(path[-1].key)
+            continue
+        want = base
+        for key in path:
+            want = want[key.key]
+        np.testing.assert_array_equal(value, want)
+    assert "lora_b" in moved
