@@ -2,8 +2,9 @@
 
     python -m jaxlm.train [--config FILE] [--workdir DIR] [--compile-only] [key=value ...]
 
-With no --config the built-in defaults apply (= configs/gpt_tiny.yaml); with no --workdir a new
-directory under runs/ is made. Rerunning the same command on the same workdir resumes from the
+With no --config the config saved in --workdir applies (a rerun, or a workdir made by
+`python -m jaxlm.hf import`), else the built-in defaults (= configs/gpt_tiny.yaml); with no
+--workdir a new directory under runs/ is made. Rerunning the same command on the same workdir resumes from the
 latest checkpoint, data position included.
 """
 
@@ -451,7 +452,9 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
 @cli
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    config = config_lib.load(args.config, args.overrides)
+    saved = args.workdir and not args.config and (Path(args.workdir) / "config.yaml").is_file()
+    # a rerun (or an imported workdir) without --config continues with the config saved there
+    config = config_lib.load_workdir(args.workdir, args.overrides) if saved else config_lib.load(args.config, args.overrides)
     sharding.initialize_distributed(config.distributed)
     if config.mesh.mode == "pmap":  # refused before any data work
         sharding.check_pmap_processes()

@@ -90,3 +90,17 @@ def test_a_decoder_checkpoint_of_another_shape_is_named(tmp_path):
     with pytest.raises(UserError, match=r"k_proj.weight \(32, 32\) vs block_1/attention/key/kernel \(32, 2, 8\)"):
         hf.import_hf(broken, tmp_path / "b", [])
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_an_imported_decoder_fine_tunes_with_the_settings_given_at_import(corpus_dir, tmp_path, capsys):
+    """`train --workdir W` with no --config continues with W's saved config (here the import's)."""
+    from jaxlm import train
+    imported(GOLDEN / "tiny_gpt2", tmp_path / "w", "data.source=text", f"data.paths=[{corpus_dir}/*.txt]",
+             f"data.cache_dir={tmp_path}/cache", "data.seq_len=32", "train.batch_size=8", "train.steps=2",
+             "train.eval_every=2", "train.eval_batches=1")
+    capsys.readouterr()
+    train.main(["--workdir", str(tmp_path / "w")])
+    err = capsys.readouterr().err
+    assert "resumed from step 0" in err and "done in" in err
+    _, ckpt = open_run(tmp_path / "w")
+    assert ckpt.latest_step() == 2
