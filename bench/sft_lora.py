@@ -2,7 +2,8 @@
 
     python bench/sft_lora.py [--out DIR] [--base-steps N] [key=value ...]
 
-Pretrains a small decoder on the built-in corpus (once; reused from `--out`), then fine-tunes it
+Pretrains the default small decoder (`configs/gpt_tiny.yaml`) on the built-in corpus (once;
+reused from `--out`), then fine-tunes it
 twice on the Debian package descriptions, with `sft_tiny.yaml`'s LoRA adapters and with every
 weight (`model.lora_rank=0`, at a tenth of the learning rate, as full fine-tuning wants), and
 prints one row each: held-out loss before and after, optimizer-state bytes, training tokens/s.
@@ -22,8 +23,7 @@ from pathlib import Path
 import jax
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = ["model.num_layers=4", "model.embed_dim=256", "model.num_heads=8", "train.batch_size=32",
-        "train.log_every=100", "train.eval_every=100000", "checkpoint.every=100000"]
+BASE = ["train.log_every=100", "train.eval_every=100000", "checkpoint.every=100000"]  # gpt_tiny's shapes
 RUNS = {"LoRA (rank 8)": [], "full": ["model.lora_rank=0", "optim.learning_rate=1e-4"]}
 
 
