@@ -105,7 +105,7 @@ VALUES = st.recursive(SCALARS, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(string.ascii_lowercase, min_size=1, max_size=6), inner,
                                                  max_size=3)), max_leaves=6)
 ONE_LINE = string.printable.translate(str.maketrans("", "", "\n\r\x0b\x0c"))
-HOSTILE = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+HOSTILE = settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
 
 
 def accepted_or_one_line(call) -> str | None:

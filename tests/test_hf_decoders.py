@@ -25,10 +25,24 @@ def imported(hf_dir: Path, workdir: Path, *overrides: str):
     return run, params
 
 
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory) -> dict[str, Path]:
+    """Each golden model imported once: name -> workdir."""
+    root = tmp_path_factory.mktemp("imported")
+    for name in MODELS:
+        imported(GOLDEN / name, root / name)
+    return {name: root / name for name in MODELS}
+
+
+def restored(workdir: Path):
+    run, ckpt = open_run(workdir)
+    return run, ckpt.restore_params(run.compiled.abstract_state.params)[0]
+
+
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_logits_and_greedy_generation_match_transformers(name, tmp_path):
+def test_logits_and_greedy_generation_match_transformers(name, workdirs):
     golden = np.load(GOLDEN / name / "logits.npz")
-    run, params = imported(GOLDEN / name, tmp_path / "w")
+    run, params = restored(workdirs[name])
     model, vocab = run.task.model, golden["logits"].shape[-1]
     logits = jax.jit(lambda p, ids: model.apply({"params": p}, ids))(params, jnp.asarray(golden["input_ids"]))
     np.testing.assert_allclose(np.asarray(logits)[..., :vocab], golden["logits"], atol=1e-4)
@@ -43,9 +57,8 @@ def test_logits_and_greedy_generation_match_transformers(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_export_then_import_gives_the_same_tensors(name, tmp_path):
-    imported(GOLDEN / name, tmp_path / "w")
-    hf.main(["export", "--workdir", str(tmp_path / "w"), "--hf-dir", str(tmp_path / "out")])
+def test_export_then_import_gives_the_same_tensors(name, workdirs, tmp_path):
+    hf.main(["export", "--workdir", str(workdirs[name]), "--hf-dir", str(tmp_path / "out")])
     want, got = load_file(str(GOLDEN / name / "model.safetensors")), load_file(str(tmp_path / "out" / "model.safetensors"))
     assert sorted(got) == sorted(want)
     for key in want:
@@ -56,13 +69,13 @@ def test_export_then_import_gives_the_same_tensors(name, tmp_path):
     imported(tmp_path / "out", tmp_path / "again")  # what export writes imports again
 
 
-def test_sharded_weights_export_and_import(tmp_path, monkeypatch):
+def test_sharded_weights_export_and_import(workdirs, tmp_path, monkeypatch):
     """Above the shard size, export writes shards and their index (as save_pretrained does);
     import reads them back tensor by tensor to the same model."""
     from jaxlm.hf import files
-    run, params = imported(GOLDEN / "tiny_llama", tmp_path / "w")
+    _, params = restored(workdirs["tiny_llama"])
     monkeypatch.setattr(files, "SHARD_BYTES", 8_000)
-    hf.main(["export", "--workdir", str(tmp_path / "w"), "--hf-dir", str(tmp_path / "sharded")])
+    hf.main(["export", "--workdir", str(workdirs["tiny_llama"]), "--hf-dir", str(tmp_path / "sharded")])
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
     assert len(shards) > 3 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     assert not (tmp_path / "sharded" / "model.safetensors").exists()

@@ -69,7 +69,7 @@ def test_scan_layers_match_unrolled(family):
 
 
 @pytest.mark.parametrize("policy", ["full", "save_dots", "save_dots_no_batch"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("family", sorted(set(FAMILIES) - {"llama"}))  # remat wraps whole blocks, whatever their layout
 def test_remat_matches_none(family, policy):
     cls, cfg, batch, args, loss = FAMILIES[family]
     check_remat_matches_none(cls, cfg, batch(), args, loss, policy)
