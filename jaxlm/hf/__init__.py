@@ -2,7 +2,7 @@
 Llama in `decoders`, the weight files (single or sharded) in `files`.
 
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
-    python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N]
+    python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N] [--merge-lora]
 
 `import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining`,
 `BertForSequenceClassification`, `BertForQuestionAnswering`, `GPT2LMHeadModel` or
@@ -12,7 +12,8 @@ or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a ste
 it (`init.from_workdir=W`). `export` writes a masked-LM run as `BertForMaskedLM` (with
 next-sentence prediction: `BertForPreTraining`), a classification run as
 `BertForSequenceClassification`, a question-answering run as `BertForQuestionAnswering` and a
-decoder as `GPT2LMHeadModel` or `LlamaForCausalLM` (by its layout), that `from_pretrained` loads.
+decoder as `GPT2LMHeadModel` or `LlamaForCausalLM` (by its layout), that `from_pretrained` loads;
+a run with LoRA adapters exports with `--merge-lora`, the adapters folded into the weights.
 
 This package is the only place that knows Hugging Face names.
 """
