@@ -19,7 +19,6 @@ of the context that answers each question, and its score, for a question-answeri
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from functools import partial
@@ -31,6 +30,7 @@ import numpy as np
 
 from jaxlm import decoding, encoder_infer
 from jaxlm.config import DECODER_TASKS
+from jaxlm.data.sources import json_lines
 from jaxlm.errors import UserError, cli
 from jaxlm.index import Index
 from jaxlm.workdir import Run, open_run
@@ -201,14 +201,8 @@ def read_questions(args: argparse.Namespace) -> list[tuple[str, str]]:
         path = Path(args.input)
         if not path.is_file():
             raise UserError(f"--input '{path}' not found")
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-            if not isinstance(record, dict) or "question" not in record or not (record.get("context") or context):
+        for number, record in json_lines(path, path.read_text(encoding="utf-8")):
+            if "question" not in record or not (record.get("context") or context):
                 raise UserError(f"{path}:{number}: needs a \"question\" and a \"context\" (or --context)")
             pairs.append((str(record["question"]), str(record.get("context") or context)))
     elif args.input:

@@ -15,7 +15,6 @@ share of train).
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,10 +28,10 @@ from jaxlm.data.sources import (
     Splits,
     _decoded_blocks,
     _fingerprint,
-    _is_eval,
     as_text,
-    expand_paths,
-    relative_names,
+    example_splits,
+    file_stats,
+    json_lines,
 )
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
@@ -48,18 +47,7 @@ def _records(path: Path, encoding_errors: str) -> list[tuple[int, dict[str, Any]
         raise UserError(f"'{path}': labeled files must end in .tsv, .csv or .jsonl")
     text = "".join(_decoded_blocks(path, encoding_errors))  # not UTF-8: one error naming the byte
     if suffix in (".jsonl", ".json"):
-        out = []
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise UserError(f"{path}:{number}: not a JSON object (a {type(record).__name__}); "
-                                    'write one {"text": ..., "label": ...} a line')
-                out.append((number, record))
-        return out
+        return json_lines(path, text)
     csv.field_size_limit(2**31 - 1)  # a long text is cut to data.seq_len later, not refused here
     reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",",
                             quoting=csv.QUOTE_NONE if suffix == ".tsv" else csv.QUOTE_MINIMAL)
@@ -101,16 +89,8 @@ def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig, name: str) -> l
 
 def load_splits(data: DataConfig, cfg: ClassifyConfig) -> Splits:
     """Train and eval examples from labeled files (read in full: labeled sets are small)."""
-    train_files = expand_paths(data.paths, "data.paths")
-    eval_files = expand_paths(data.eval_paths, "data.eval_paths") if data.eval_paths else []
-    names = relative_names(train_files + eval_files)
-    train = [e for p in train_files for e in _examples(p, data, cfg, names[p])]
-    held = [e for p in eval_files for e in _examples(p, data, cfg, names[p])]
-    if not eval_files:
-        held = [e for e in train if _is_eval(e["key"], data.eval_fraction)]
-        train = [e for e in train if not _is_eval(e["key"], data.eval_fraction)]
-    stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train_files + eval_files]
-    fp = _fingerprint(["labeled", stat, len(train_files), data.eval_fraction, data.text_key,
+    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
+    fp = _fingerprint(["labeled", file_stats(train_files + eval_files), len(train_files), data.eval_fraction, data.text_key,
                        cfg.label_key, cfg.pair_key, cfg.labels])
     return Splits(train, held, "text", fp)
 

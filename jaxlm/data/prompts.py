@@ -9,7 +9,6 @@ response. Held-out examples come from `data.eval_paths`, or a stable hashed shar
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,26 +19,17 @@ from jaxlm.data.sources import (
     Splits,
     _decoded_blocks,
     _fingerprint,
-    _is_eval,
-    expand_paths,
-    relative_names,
+    example_splits,
+    file_stats,
+    json_lines,
 )
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
 
 def _examples(path: Path, data: DataConfig, cfg: SftConfig, name: str) -> list[dict[str, Any]]:
-    text = "".join(_decoded_blocks(path, data.encoding_errors))
     out = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
-        if not isinstance(record, dict):
-            raise UserError(f"{path}:{number}: not a JSON object (a {type(record).__name__})")
+    for number, record in json_lines(path, "".join(_decoded_blocks(path, data.encoding_errors))):
         for key in (cfg.prompt_key, cfg.response_key):
             if not isinstance(record.get(key), str):
                 raise UserError(f"{path}:{number}: no text field '{key}' (it has {', '.join(record)}); "
@@ -54,18 +44,11 @@ def _examples(path: Path, data: DataConfig, cfg: SftConfig, name: str) -> list[d
 
 def load_splits(data: DataConfig, cfg: SftConfig) -> Splits:
     """Train and eval examples from JSONL files (read in full: fine-tuning sets are small)."""
-    train_files = expand_paths(data.paths, "data.paths")
-    eval_files = expand_paths(data.eval_paths, "data.eval_paths") if data.eval_paths else []
-    names = relative_names(train_files + eval_files)
-    train = [e for p in train_files for e in _examples(p, data, cfg, names[p])]
-    held = [e for p in eval_files for e in _examples(p, data, cfg, names[p])]
-    if not eval_files:
-        held = [e for e in train if _is_eval(e["key"], data.eval_fraction)]
-        train = [e for e in train if not _is_eval(e["key"], data.eval_fraction)]
+    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
     if not held:
         raise UserError("no held-out prompt/response examples; give data.eval_paths or more examples")
-    stat = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in train_files + eval_files]
-    fp = _fingerprint(["prompts", stat, len(train_files), data.eval_fraction, cfg.prompt_key, cfg.response_key])
+    fp = _fingerprint(["prompts", file_stats(train_files + eval_files), len(train_files), data.eval_fraction,
+                       cfg.prompt_key, cfg.response_key])
     return Splits(train, held, "text", fp)
 
 

@@ -381,6 +381,44 @@ def relative_names(files: list[Path]) -> dict[Path, str]:
     return {p: p.relative_to(root).as_posix() for p in files}
 
 
+def json_lines(path: Path, text: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSONL file's `text`; a line that is
+    not a JSON object is one error naming the file and line."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{number}: not a JSON object ({e.msg})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: not a JSON object (a {type(record).__name__}); write one object a line")
+        out.append((number, record))
+    return out
+
+
+def example_splits(cfg: DataConfig, read: Callable[[Path, str], list[dict[str, Any]]]
+                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Path], list[Path]]:
+    """(train, held-out, train files, eval files) of example files read whole: `read(path, name)` gives a file's
+    examples, each with a `key` from its name; the held-out ones are `data.eval_paths`'s, or a
+    stable hashed share (`data.eval_fraction`) of the rest."""
+    train_files = expand_paths(cfg.paths, "data.paths")
+    eval_files = expand_paths(cfg.eval_paths, "data.eval_paths") if cfg.eval_paths else []
+    names = relative_names(train_files + eval_files)
+    train = [e for p in train_files for e in read(p, names[p])]
+    held = [e for p in eval_files for e in read(p, names[p])]
+    if not eval_files:
+        held = [e for e in train if _is_eval(e["key"], cfg.eval_fraction)]
+        train = [e for e in train if not _is_eval(e["key"], cfg.eval_fraction)]
+    return train, held, train_files, eval_files
+
+
+def file_stats(files: list[Path]) -> list[list]:
+    """Path, size and modification time of each file: what a cache of their contents keys on."""
+    return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
+
+
 def _file_pieces(train_files: list[Path], eval_files: list[Path], cfg: DataConfig) -> list[Callable[[], DocStream]]:
     """A piece per file, training files first."""
     names = relative_names(train_files + eval_files)
