@@ -70,17 +70,19 @@ def _names(kind: str, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     if kind == "gpt2":
         out["transformer.wte.weight"] = ("token_embed", "embedding")
         out["transformer.wpe.weight"] = ("position_embed", "embedding")
+        out["transformer.ln_f.weight"] = ("ln_final", "LayerNorm_0", "scale")
+        out["transformer.ln_f.bias"] = ("ln_final", "LayerNorm_0", "bias")
+        dense = {"attn.c_attn.q": ("attention", "query"), "attn.c_attn.k": ("attention", "key"),
+                 "attn.c_attn.v": ("attention", "value"), "attn.c_proj": ("attention", "out"),
+                 "mlp.c_fc": ("mlp", "wi"), "mlp.c_proj": ("mlp", "wo")}
         for i in range(cfg.num_layers):
             h, b = f"transformer.h.{i}.", f"block_{i}"
-            for part, name in (("weight", "scale"), ("bias", "bias")):
-                out[f"{h}ln_1.{part}"] = (b, "ln_attention", "LayerNorm_0", name)
-                out[f"{h}ln_2.{part}"] = (b, "ln_mlp", "LayerNorm_0", name)
-                out[f"transformer.ln_f.{part}"] = ("ln_final", "LayerNorm_0", name)
-                for qkv, target in (("q", "query"), ("k", "key"), ("v", "value")):
-                    out[f"{h}attn.c_attn.{qkv}.{part}"] = (b, "attention", target, "kernel" if part == "weight" else "bias")
-                out[f"{h}attn.c_proj.{part}"] = (b, "attention", "out", "kernel" if part == "weight" else "bias")
-                out[f"{h}mlp.c_fc.{part}"] = (b, "mlp", "wi", "kernel" if part == "weight" else "bias")
-                out[f"{h}mlp.c_proj.{part}"] = (b, "mlp", "wo", "kernel" if part == "weight" else "bias")
+            for hf_norm, norm in (("ln_1", "ln_attention"), ("ln_2", "ln_mlp")):
+                out[f"{h}{hf_norm}.weight"] = (b, norm, "LayerNorm_0", "scale")
+                out[f"{h}{hf_norm}.bias"] = (b, norm, "LayerNorm_0", "bias")
+            for hf_name, path in dense.items():
+                out[f"{h}{hf_name}.weight"] = (b, *path, "kernel")
+                out[f"{h}{hf_name}.bias"] = (b, *path, "bias")
         return out
     out["model.embed_tokens.weight"] = ("token_embed", "embedding")
     out["model.norm.weight"] = ("ln_final", "RMSNorm_0", "scale")
@@ -124,8 +126,10 @@ def _to_hf(name: str, p: np.ndarray, cfg: ModelConfig, kind: str, vocab: int) ->
     if name == "lm_head.weight":
         return p[:, :vocab].T
     if kind == "gpt2":
-        if ".c_attn." in name or "attn.c_proj.weight" in name:
-            return p.reshape(-1, p.shape[-1]) if "c_proj" in name else p.reshape(p.shape[0], -1) if p.ndim == 3 else p.reshape(-1)
+        if ".c_attn." in name:  # [embed, heads, head_dim] -> [embed, embed]; bias [heads, head_dim] -> [embed]
+            return p.reshape(p.shape[0], -1) if name.endswith("weight") else p.reshape(-1)
+        if "attn.c_proj.weight" in name:  # [heads, head_dim, embed] -> [embed, embed]
+            return p.reshape(-1, p.shape[-1])
         return p
     if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
         return p.reshape(p.shape[0], -1).T
