@@ -17,7 +17,9 @@ from jaxlm.errors import UserError
 
 
 def records(workdir: Path, kind: str) -> dict[int, dict]:
-    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    """The logged records of one kind by step; a line still being written by a live run is left out."""
+    text = (workdir / "metrics.jsonl").read_text()
+    lines = text[:text.rfind("\n") + 1].splitlines()
     return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
 
 
