@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class ModelConfig:
     activation: str = "gelu_tanh"  # MLP nonlinearity: gelu_tanh (GPT-2), gelu (exact erf; BERT), relu
     type_vocab_size: int = 2  # encoders: token-type (sentence A/B) embeddings
     use_bias: bool = True
+    qkv_bias: bool = False  # biases on the query/key/value projections even without use_bias (Qwen2)
     tie_embeddings: bool = True
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
@@ -149,6 +151,8 @@ class SftConfig:
     prompt_key: str = "prompt"  # JSONL field with the prompt
     response_key: str = "response"  # JSONL field with the response the model learns to give
     prompt_format: str = "{prompt}\n"  # the text before the response; {prompt} is the prompt
+    messages_key: str = "messages"  # JSONL field with a conversation: [{"role", "content"}, ...]
+    chat_template: str = ""  # Jinja template of conversations; empty: the imported model's, else jaxlm's default
 
 
 @dataclass
@@ -477,8 +481,16 @@ def validate(c: Config) -> None:
 
 
 def to_yaml(config: Config) -> str:
-    """The config as YAML, as saved in a workdir."""
-    return OmegaConf.to_yaml(OmegaConf.structured(config))
+    """The config as YAML, as saved in a workdir (a `${` in a text, e.g. a chat template, is
+    escaped so that loading it back does not read it as an interpolation)."""
+    def escaped(value):
+        if isinstance(value, str):
+            return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)  # backslashes before it too
+        if isinstance(value, dict):
+            return {k: escaped(v) for k, v in value.items()}
+        return [escaped(v) for v in value] if isinstance(value, list) else value
+
+    return OmegaConf.to_yaml(OmegaConf.create(escaped(dataclasses.asdict(config))))
 
 
 def mixture_labels(d: DataConfig) -> list[str]:

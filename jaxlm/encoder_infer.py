@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxlm.data import labeled, squad
+from jaxlm.data import labeled, packing, squad
 from jaxlm.errors import UserError
 from jaxlm.models.encoder import Encoder
 from jaxlm.tasks.qa import answer_questions
@@ -84,7 +84,7 @@ def classify(run: Run, params, texts: list[str]) -> list[tuple[str, float]]:
     examples += [{"text": "", "label": 0}] * (_rows(run, len(texts)) - len(texts))
     rows = labeled.ExampleRows(examples, run.tokenizer, cfg.data.seq_len)
     batch = {k: np.stack([rows[i][k] for i in range(len(rows))]) for k in labeled.KEYS}
-    batch = labeled.Packer(())(batch)  # one text a row
+    batch = packing.Packer(())(batch)  # one text a row
     with run.compiled.context():
         probs = np.asarray(_label_probabilities(params, batch, task=run.task))[: len(texts)]
     names = cfg.classify.labels or [str(i) for i in range(cfg.classify.num_labels)]

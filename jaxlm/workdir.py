@@ -44,20 +44,22 @@ RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "trai
 INHERITED_MODEL_FIELDS = ("num_layers", "embed_dim", "num_heads", "num_kv_heads", "mlp", "mlp_dim", "vocab_size",
                           "vocab_multiple", "max_len", "positions", "rope_base", "rope_scaling", "rope_factor",
                           "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len", "norm",
-                          "norm_eps", "activation", "type_vocab_size", "use_bias", "tie_embeddings")
+                          "norm_eps", "activation", "type_vocab_size", "use_bias", "qkv_bias", "tie_embeddings")
 
 
 def inherit_model(config: Config) -> Config:
-    """With `init.from_workdir`: the model shapes and tokenizer of that run."""
+    """With `init.from_workdir`: the model shapes, tokenizer and chat template of that run."""
     source = config.init.from_workdir
     if not source:
         return config
     saved = config_lib.load_workdir(source)
     model = dataclasses.replace(config.model, **{f: getattr(saved.model, f) for f in INHERITED_MODEL_FIELDS})
-    data = config.data
+    data, sft = config.data, config.sft
     if not data.tokenizer:
         data = dataclasses.replace(data, tokenizer=str(Path(source) / "tokenizer.json"))
-    return dataclasses.replace(config, model=model, data=data)
+    if not sft.chat_template:  # conversations are written as the model learned to read them
+        sft = dataclasses.replace(sft, chat_template=saved.sft.chat_template)
+    return dataclasses.replace(config, model=model, data=data, sft=sft)
 
 
 def with_vocab(config: Config, tok: TextTokenizer) -> Config:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ClassifyConfig, DataConfig, ModelConfig
-from jaxlm.data import labeled
+from jaxlm.data import labeled, packing
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.microbatch import Layout
@@ -29,8 +29,8 @@ def test_packed_rows_give_each_example_its_unpacked_logits(examples):
     tok, rows = examples
     batch = {k: np.stack([rows[i][k] for i in range(16)]) for k in labeled.KEYS}
     batch["labels"][3] = -1  # a padding example counts nowhere
-    one_a_row = labeled.Packer(())(batch)
-    packed = labeled.Packer(rows.packed_rows(16))(batch)
+    one_a_row = packing.Packer(())(batch)
+    packed = packing.Packer(packing.packed_sizes(rows.lengths, rows.seq_len, 16))(batch)
     assert packed["inputs"].shape[0] < 16 and (packed["segment_ids"].max(1) > 1).any()
     task = ClassifyTask(MODEL, 3)
     params = task.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in one_a_row.items()})["params"]
@@ -42,19 +42,19 @@ def test_packed_rows_give_each_example_its_unpacked_logits(examples):
     assert float(sums_a["examples"]) == 15 == float(sums_b["examples"])
     np.testing.assert_allclose(float(sums_b["loss_sum"]), float(sums_a["loss_sum"]), rtol=1e-5)
     # a batch that does not fit the packed rows falls back to one example a row
-    assert labeled.Packer((1,))(batch)["inputs"].shape[0] == 16
+    assert packing.Packer((1,))(batch)["inputs"].shape[0] == 16
 
 
 def test_packing_in_groups_keeps_each_group_whole(examples):
     # 2 pmap devices x 2 microbatches: the step slices device blocks, then rows/examples i::2
     tok, rows = examples
     batch = {k: np.stack([rows[i][k] for i in range(32)]) for k in labeled.KEYS}
-    packer = labeled.Packer(rows.packed_rows(8, groups=4), Layout(blocks=2, microbatches=2))
+    packer = packing.Packer(packing.packed_sizes(rows.lengths, rows.seq_len, 8, groups=4), Layout(blocks=2, microbatches=2))
     packed = packer(batch)
     total = packed["inputs"].shape[0]
     assert total < 32 and total % 4 == 0
     task = ClassifyTask(MODEL, 3)
-    one_a_row = labeled.Packer(())(batch)
+    one_a_row = packing.Packer(())(batch)
     params = task.init(jax.random.key(0), {k: jnp.asarray(v) for k, v in one_a_row.items()})["params"]
     want = np.asarray(task.logits(params, one_a_row))
     seen = []
@@ -194,7 +194,7 @@ def test_classifier_training_agrees_under_accumulation_and_pmap(examples):
             mesh = sharding.make_mesh(mesh_cfg, jax.devices()[: mesh_cfg.data * mesh_cfg.fsdp * mesh_cfg.tensor])
             c, blocks, multiple = Compiled(task, tx, mesh, sharding.rules(mesh_cfg), 32, 32, accum), 1, 2
         groups = blocks * accum
-        packer = labeled.Packer(rows.packed_rows(32 // groups, multiple, groups), Layout(blocks, accum))
+        packer = packing.Packer(packing.packed_sizes(rows.lengths, rows.seq_len, 32 // groups, multiple, groups), Layout(blocks, accum))
         state, out = c.init_state(0), []
         with c.context():
             for step in range(3):

@@ -88,6 +88,11 @@ def test_save_and_reload_round_trip(tmp_path):
     changed = dataclasses.replace(c, seed=4)
     assert config_lib.diff(c, changed) == ["seed"]
     assert OmegaConf.load(tmp_path / "config.yaml").model.num_layers == 3
+    # texts that look like interpolations (a chat template may hold them) come back as they were
+    for text in ("${model.num_layers}", "\\${x}", "a\\b {{ bos_token }}", "${"):
+        templated = dataclasses.replace(c, sft=dataclasses.replace(c.sft, chat_template=text))
+        config_lib.save(templated, tmp_path / "config.yaml")
+        assert config_lib.load_workdir(tmp_path).sft.chat_template == text
 
 
 # ----- hostile input: any key, any value, any YAML shape is a Config or one line naming it -----

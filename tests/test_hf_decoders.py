@@ -1,5 +1,6 @@
-"""GPT-2 and Llama weights from Hugging Face: logits and greedy generation equal transformers'
-(golden fixtures made by tests/golden/make_hf_golden.py); export then import is unchanged."""
+"""GPT-2, Llama, Mistral and Qwen2 weights from Hugging Face: logits and greedy generation equal
+transformers' (golden fixtures made by tests/golden/make_hf_golden.py); export then import is
+unchanged; an imported chat template renders conversations as transformers does."""
 
 from pathlib import Path
 
@@ -14,7 +15,9 @@ from jaxlm.errors import UserError
 from jaxlm.workdir import open_run
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
-MODELS = {"tiny_gpt2": "GPT2LMHeadModel", "tiny_llama": "LlamaForCausalLM"}
+# golden model -> the architecture its export writes (Mistral's, within its window, is Llama's)
+MODELS = {"tiny_gpt2": "GPT2LMHeadModel", "tiny_llama": "LlamaForCausalLM", "tiny_mistral": "LlamaForCausalLM",
+          "tiny_qwen2": "Qwen2ForCausalLM"}
 
 
 def imported(hf_dir: Path, workdir: Path, *overrides: str):
@@ -67,6 +70,33 @@ def test_export_then_import_gives_the_same_tensors(name, workdirs, tmp_path):
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["architectures"] == [MODELS[name]]
     imported(tmp_path / "out", tmp_path / "again")  # what export writes imports again
+
+
+def test_layout_specifics_are_imported(workdirs):
+    """Mistral's sliding window caps model.max_len (the golden sequences fit inside it); Qwen2's
+    query/key/value projections carry their biases, its output projection none."""
+    assert open_run(workdirs["tiny_mistral"])[0].config.model.max_len == 48
+    run, params = restored(workdirs["tiny_qwen2"])
+    assert run.config.model.qkv_bias and not run.config.model.use_bias
+    attention = params["block_0"]["attention"]
+    assert attention["key"]["bias"].shape == (2, 8) and "bias" not in attention["out"]
+    assert np.abs(np.asarray(attention["query"]["bias"])).max() > 0
+
+
+def test_an_imported_chat_template_renders_as_transformers_does(workdirs):
+    from jaxlm.data import chat
+    golden = np.load(GOLDEN / "tiny_qwen2" / "chat.npz")
+    run, _ = open_run(workdirs["tiny_qwen2"])
+    template = run.config.sft.chat_template
+    assert template.startswith("{% for message in messages %}")  # from tokenizer_config.json
+    conversations = [
+        [{"role": "user", "content": "w5 w6 w7"}],
+        [{"role": "system", "content": "w9"}, {"role": "user", "content": "w10 w11"},
+         {"role": "assistant", "content": "w12 w13 w14"}, {"role": "user", "content": "w15"}]]
+    for conversation, text, ids in zip(conversations, golden["texts"], golden["ids"]):
+        assert chat.render(template, conversation, run.tokenizer, add_generation_prompt=True) == str(text)
+        assert chat.prompt_ids(template, conversation, run.tokenizer) == [i for i in ids.tolist() if i >= 0]
+    assert run.tokenizer.tokenizer.token_to_id("<|im_end|>") in run.tokenizer.end_ids
 
 
 def test_sharded_weights_export_and_import(workdirs, tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ import pytest
 from jaxlm import config as config_lib
 from jaxlm import infer, train
 from jaxlm.config import DataConfig, ModelConfig, SftConfig
-from jaxlm.data import prompts
+from jaxlm.data import packing, prompts
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
 from jaxlm.tasks.sft import SftTask
@@ -50,6 +50,25 @@ def test_prompt_tokens_carry_zero_weight():
     response_changed = {**batch, "targets": batch["targets"].copy()}
     response_changed["targets"][0, 4] = 40  # a response target
     assert loss(response_changed)[0] != base
+
+
+def test_packed_rows_give_the_loss_of_one_example_a_row():
+    """Several examples share a row apart by segment ids, positions restarting: the loss sums
+    are those of one example a row (a mask crossing examples, or positions running on, would
+    change them)."""
+    task = SftTask(ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=64, max_len=16), np.ones(64, np.int32))
+    examples = [{"prompt": " ".join(f"w{4 + (i * 7 + j) % 50}" for j in range(1 + i % 3)),
+                 "response": " ".join(f"w{4 + (i * 5 + j) % 50}" for j in range(1 + i % 4))} for i in range(8)]
+    rows = prompts.PromptRows(examples, WORDS, 16, "{prompt}")
+    batch = {k: np.stack([rows[i][k] for i in range(8)]) for k in task.batch_keys}
+    packed = packing.Packer(packing.packed_sizes(rows.lengths, rows.seq_len, 8))(batch)
+    assert packed["inputs"].shape[0] < 8 and packed["segment_ids"].max() > 1
+    params = task.init(jax.random.key(0), batch)["params"]
+    _, alone = task.loss(params, batch, jax.random.key(0), train=False)
+    _, together = task.loss(params, packed, jax.random.key(0), train=False)
+    assert float(together["tokens"]) == float(alone["tokens"]) == rows.tokens
+    np.testing.assert_allclose(float(together["loss_sum"]), float(alone["loss_sum"]), rtol=1e-5)
+    assert float(together["correct"]) == float(alone["correct"])
 
 
 def test_files_and_their_errors(tmp_path):

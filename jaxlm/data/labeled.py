@@ -35,7 +35,6 @@ from jaxlm.data.sources import (
 )
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
-from jaxlm.microbatch import Layout
 
 KEYS = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
 
@@ -177,27 +176,6 @@ class ExampleRows:
                 "segment_ids": real.astype(np.int32), "positions": np.arange(self.seq_len, dtype=np.int32),
                 "pool_at": np.int32(0), "labels": self.labels[i]}
 
-    def packed_rows(self, examples: int, multiple: int = 1, groups: int = 1) -> tuple[int, ...]:
-        """Rows per group to pack `groups` groups of `examples` random examples into: a common
-        size, then a roomy one (see `Packer`).
-
-        Measured by packing 1,000 random batches of this split: the first size fits about 60%
-        of batches, the second all of them; each size is one compiled shape, and a batch that
-        fits neither gets one example a row. Sizes are rounded up to `multiple` (so the batch's
-        rows split over the devices) and never exceed `examples`.
-        """
-        rng = np.random.default_rng(0)
-        need = []
-        for _ in range(1000):
-            most = 0
-            for _ in range(groups):  # a batch needs what its fullest group needs
-                lengths = self.lengths[rng.integers(0, len(self.lengths), examples)]
-                least = max(most, 1, -(-int(lengths.sum()) // self.seq_len))  # no packing beats this
-                most = next(r for r in range(least, examples + 1) if _first_fit(lengths, r, self.seq_len))
-            need.append(most)
-        sizes = (int(np.percentile(need, 60)), max(need))
-        return tuple(sorted({min(-(-r // multiple) * multiple, examples) for r in sizes}))
-
     def empty(self) -> dict[str, np.ndarray]:
         """A padding example (no tokens; weight zero)."""
         zeros = np.zeros(self.seq_len, np.int32)
@@ -227,63 +205,3 @@ def _truncate(a: list[int], b: list[int], budget: int) -> tuple[list[int], list[
     while len(a) + len(b) > budget:
         (a if len(a) >= len(b) else b).pop()
     return a, b
-
-
-class Packer:
-    """Packs a batch of encoded examples into as few rows as it can (first fit, longest first).
-
-    Several examples share a row apart by segment ids (attention never crosses them) with
-    positions restarting at 0, so every example computes exactly what it would alone in a
-    padded row, on far fewer padding tokens. Batches take the first of `sizes` (rows per group)
-    they fit in, else one example a row, so only a few shapes are ever compiled.
-
-    Examples are packed in the groups of `layout` (`jaxlm.microbatch`), the groups the train
-    step sees whole (one per microbatch of each pmap device). `pool_at` gives each example's
-    first token as a flat index (row * seq_len + offset) into its group's rows; with one group,
-    into the whole batch.
-    """
-
-    def __init__(self, sizes: tuple[int, ...], layout: Layout = Layout()):
-        self.sizes, self.layout = sizes, layout
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        count, seq_len = batch["inputs"].shape
-        lengths = batch["segment_ids"].sum(1)
-        groups = self.layout.groups(count)
-        for rows in (*self.sizes, len(groups[0])):  # one example a row always fits
-            places = [_first_fit(lengths[g], rows, seq_len) for g in groups]
-            if all(places):
-                break
-        keys = ("inputs", "token_types", "segment_ids", "positions")
-        out = {k: np.zeros((rows * len(groups), seq_len), np.int32) for k in keys}
-        pool_at = np.zeros(count, np.int32)
-        for group, (g, group_places) in enumerate(zip(groups, places)):
-            used = np.zeros(rows, np.int32)  # examples per row so far
-            for e, (row, offset) in zip(g, group_places):
-                n = lengths[e]
-                if n == 0:
-                    continue
-                at = self.layout.row(group, row, rows)
-                span = slice(offset, offset + n)
-                out["inputs"][at, span] = batch["inputs"][e, :n]
-                out["token_types"][at, span] = batch["token_types"][e, :n]
-                used[row] += 1
-                out["segment_ids"][at, span] = used[row]
-                out["positions"][at, span] = np.arange(n)
-                pool_at[e] = row * seq_len + offset
-        return {**out, "pool_at": pool_at, "labels": batch["labels"]}
-
-
-def _first_fit(lengths: np.ndarray, rows: int, seq_len: int) -> list[tuple[int, int]]:
-    """(row, offset) of each example, longest placed first; [] if they do not fit in `rows`."""
-    fill = np.zeros(rows, np.int64)
-    places = [(0, 0)] * len(lengths)
-    for i in np.argsort(-lengths, kind="stable"):
-        if lengths[i] == 0:
-            continue
-        free = np.nonzero(fill + lengths[i] <= seq_len)[0]
-        if not len(free):
-            return []
-        places[i] = (int(free[0]), int(fill[free[0]]))
-        fill[free[0]] += lengths[i]
-    return places

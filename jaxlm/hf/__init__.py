@@ -301,6 +301,8 @@ def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, 
     """`import_hf` of a GPT-2 or Llama directory: a `task=clm` workdir (or `task=sft`, given)."""
     kind = decoders.ARCHITECTURES[hf["architectures"][0]]
     config = config_lib.load(None, ["task=clm", *overrides])
+    if not config.sft.chat_template:
+        config = dataclasses.replace(config, sft=dataclasses.replace(config.sft, chat_template=chat_template(hf_dir)))
     if config.task not in DECODER_TASKS:
         raise UserError(f"task={config.task} cannot start from a {kind} checkpoint; use task=clm or task=sft")
     model = decoders.model_config(hf, config.model)
@@ -319,6 +321,18 @@ def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, 
         print(f"note: {len(unused)} tensor(s) of {hf_dir} are not part of this model and "
               f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
     return _write_import(workdir, run, state, restack(params, config.model.scan_layers), tok, hf_dir, kind)
+
+
+def chat_template(hf_dir: Path) -> str:
+    """The directory's chat template (`chat_template.jinja`, or `tokenizer_config.json`'s
+    `chat_template`: the text, or the one named "default" of a list); empty if it has none."""
+    if (hf_dir / "chat_template.jinja").is_file():
+        return (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    path = hf_dir / "tokenizer_config.json"
+    template = json.loads(path.read_text(encoding="utf-8")).get("chat_template") if path.is_file() else None
+    if isinstance(template, list):
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template if isinstance(template, str) else ""
 
 
 def _write_import(workdir: Path, run, state, params: dict, tok, hf_dir: Path, arch: str) -> Config:
@@ -342,6 +356,10 @@ def export_decoder(run, params: dict, hf_dir: Path) -> str:
     tensors = decoders.from_params(params, kind, m, tok.vocab_size)
     hf = decoders.hf_config(kind, m, tok.vocab_size, tok.bos_id, tok.eos_id)
     _write_export(hf_dir, tensors, hf, tok)
+    names = tok.tokenizer.id_to_token
+    settings = {"bos_token": names(tok.bos_id), "eos_token": names(tok.eos_id), "pad_token": names(tok.pad_id),
+                "chat_template": run.config.sft.chat_template or None}
+    (hf_dir / "tokenizer_config.json").write_text(json.dumps({k: v for k, v in settings.items() if v}, indent=2) + "\n")
     return hf["architectures"][0]
 
 

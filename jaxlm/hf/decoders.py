@@ -1,14 +1,19 @@
-"""GPT-2 (`GPT2LMHeadModel`) and Llama (`LlamaForCausalLM`) weights <-> jaxlm decoder parameters.
+"""GPT-2 (`GPT2LMHeadModel`) and Llama-layout (`LlamaForCausalLM`, `MistralForCausalLM`,
+`Qwen2ForCausalLM`) weights <-> jaxlm decoder parameters.
 
 GPT-2: learned positions, LayerNorm with biases, tanh-GELU, tied output, fused `c_attn` query/key/
 value (Conv1D weights are [in, out]). Llama: rotary positions (half-split, as transformers'
 rotate_half; Llama 3 rescaling), RMSNorm, no biases, SwiGLU, grouped-query attention, untied or
-tied output (Linear weights are [out, in]).
+tied output (Linear weights are [out, in]). Mistral is Llama's layout with attention limited to
+a sliding window of recent tokens: within the window the two compute the same, so an import
+sets `model.max_len` to the window and exports as Llama. Qwen2 is Llama's layout with biases on
+the query, key and value projections (`model.qkv_bias`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -16,10 +21,11 @@ from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
 from jaxlm.models.layers import padded_vocab
 
-ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
-REQUIRED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"),
-            "llama": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "intermediate_size", "max_position_embeddings")}
+ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
+                 "Qwen2ForCausalLM": "llama"}
+_LLAMA_KEYS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+               "max_position_embeddings")
+REQUIRED = {"gpt2": ("vocab_size", "n_embd", "n_layer", "n_head", "n_positions"), "llama": _LLAMA_KEYS}
 
 
 def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
@@ -36,9 +42,16 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
             positions="learned", norm="layernorm", norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             activation="gelu_tanh", use_bias=True, tie_embeddings=True, dropout=hf.get("resid_pdrop", 0.1),
             rope_scaling="none")
-    if hf.get("hidden_act", "silu") != "silu" or hf.get("attention_bias") or hf.get("mlp_bias"):
+    qwen2 = kind == "qwen2"  # its query, key and value projections have biases; nothing else has
+    if hf.get("hidden_act", "silu") != "silu" or hf.get("mlp_bias") or (hf.get("attention_bias") and not qwen2):
         raise UserError("this Llama config has biases or an activation other than SiLU, which jaxlm's Llama "
                         "layout does not have")
+    max_len = hf["max_position_embeddings"]
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+    if window and window < max_len:
+        print(f"note: {hf['architectures'][0]} attends to the last {window} tokens only; jaxlm attends to all, "
+              f"which is the same up to {window} tokens, so model.max_len={window}", file=sys.stderr)
+        max_len = window
     heads = hf["num_attention_heads"]
     if hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
         raise UserError("head_dim x num_attention_heads must equal hidden_size in jaxlm's Llama layout")
@@ -56,9 +69,9 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
     return dataclasses.replace(
         base, num_layers=hf["num_hidden_layers"], embed_dim=hf["hidden_size"], num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads, mlp="swiglu", mlp_dim=hf["intermediate_size"],
-        vocab_size=padded_vocab(hf["vocab_size"], base.vocab_multiple), max_len=hf["max_position_embeddings"],
+        vocab_size=padded_vocab(hf["vocab_size"], base.vocab_multiple), max_len=max_len,
         positions="rotary", rope_base=rope.get("rope_theta", hf.get("rope_theta", 10000.0)),
-        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu", use_bias=False,
+        norm="rmsnorm", norm_eps=hf.get("rms_norm_eps", 1e-6), activation="silu", use_bias=False, qkv_bias=qwen2,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)), dropout=hf.get("attention_dropout", 0.0),
         **({"rope_scaling": "none"} | scaling))
 
@@ -94,6 +107,8 @@ def _names(kind: str, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
         out[f"{h}post_attention_layernorm.weight"] = (b, "ln_mlp", "RMSNorm_0", "scale")
         for proj, target in (("q", "query"), ("k", "key"), ("v", "value"), ("o", "out")):
             out[f"{h}self_attn.{proj}_proj.weight"] = (b, "attention", target, "kernel")
+            if cfg.qkv_bias and proj != "o":
+                out[f"{h}self_attn.{proj}_proj.bias"] = (b, "attention", target, "bias")
         for proj, target in (("gate", "wi_gate"), ("up", "wi"), ("down", "wo")):
             out[f"{h}mlp.{proj}_proj.weight"] = (b, "mlp", target, "kernel")
     return out
@@ -114,6 +129,8 @@ def _to_jaxlm(name: str, w: np.ndarray, cfg: ModelConfig, kind: str) -> np.ndarr
         return w
     if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
         return w.T.reshape(w.shape[1], -1, head_dim)  # [embed, heads or kv heads, head_dim]
+    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return w.reshape(-1, head_dim)  # [heads or kv heads, head_dim]
     if name.endswith("o_proj.weight"):
         return w.T.reshape(heads, head_dim, -1)
     return w.T if w.ndim == 2 else w
@@ -133,6 +150,8 @@ def _to_hf(name: str, p: np.ndarray, cfg: ModelConfig, kind: str, vocab: int) ->
         return p
     if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
         return p.reshape(p.shape[0], -1).T
+    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return p.reshape(-1)
     if name.endswith("o_proj.weight"):
         return p.reshape(-1, p.shape[-1]).T
     return p.T if p.ndim == 2 else p
@@ -211,12 +230,13 @@ def hf_config(kind: str, m: ModelConfig, vocab: int, bos: int, eos: int) -> dict
     if m.rope_scaling == "llama3":
         rope.update(rope_type="llama3", factor=m.rope_factor, low_freq_factor=m.rope_low_freq_factor,
                     high_freq_factor=m.rope_high_freq_factor, original_max_position_embeddings=m.rope_original_max_len)
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab,
+    arch, model_type = ("Qwen2ForCausalLM", "qwen2") if kind == "qwen2" else ("LlamaForCausalLM", "llama")
+    return {"architectures": [arch], "model_type": model_type, "vocab_size": vocab,
             "hidden_size": m.embed_dim, "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads,
             "num_key_value_heads": m.num_kv_heads or m.num_heads, "intermediate_size": m.mlp_dim or 4 * m.embed_dim,
             "max_position_embeddings": m.max_len, "hidden_act": "silu", "rms_norm_eps": m.norm_eps,
             "rope_theta": m.rope_base, "rope_scaling": rope if m.rope_scaling == "llama3" else None,
-            "rope_parameters": rope, "attention_bias": False, "mlp_bias": False,
+            "rope_parameters": rope, "attention_bias": False, "mlp_bias": False, "use_sliding_window": False,
             "tie_word_embeddings": m.tie_embeddings, "bos_token_id": bos, "eos_token_id": eos}
 
 
@@ -226,6 +246,7 @@ def kind_of(m: ModelConfig) -> str:
             "learned", "layernorm", True, True, "plain", "gelu_tanh", 0):
         return "gpt2"
     if (m.positions, m.norm, m.use_bias, m.mlp) == ("rotary", "rmsnorm", False, "swiglu"):
-        return "llama"
+        return "qwen2" if m.qkv_bias else "llama"
     raise UserError("this decoder is neither GPT-2 (learned positions, LayerNorm, biases, tanh-GELU, tied) "
-                    "nor Llama (rotary, RMSNorm, no biases, SwiGLU) in layout; it cannot be exported")
+                    "nor Llama (rotary, RMSNorm, no biases but Qwen2's query/key/value biases, SwiGLU) in layout; "
+                    "it cannot be exported")

@@ -181,6 +181,7 @@ class Dense(nn.Module):
     cfg: ModelConfig
     contract: int = 1
     std: float = 0.02
+    bias: bool | None = None  # None: model.use_bias
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -192,7 +193,7 @@ class Dense(nn.Module):
         y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (dims, ((), ())))
         if self.cfg.lora_rank and self.name in self.cfg.lora_targets.split(","):
             y = y + self._adapter(x, in_shape, dims, dtype)
-        if self.cfg.use_bias:
+        if self.cfg.use_bias if self.bias is None else self.bias:
             bias = self.param("bias", param_init(nn.initializers.zeros, self.axes[self.contract:]),
                               self.features, jnp.float32)
             y = y + bias.astype(dtype)
@@ -245,9 +246,10 @@ class SelfAttention(nn.Module):
         batch, length = x.shape[:2]
         proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
         qkv_axes = ("embed", "heads", "kv")
-        q = Dense((heads, head_dim), qkv_axes, cfg, name="query")(x)  # [batch, length, heads, head_dim]
-        k = Dense((kv_heads, head_dim), qkv_axes, cfg, name="key")(x)  # [batch, length, kv_heads, head_dim]
-        v = Dense((kv_heads, head_dim), qkv_axes, cfg, name="value")(x)
+        biased = cfg.use_bias or cfg.qkv_bias
+        q = Dense((heads, head_dim), qkv_axes, cfg, bias=biased, name="query")(x)  # [batch, length, heads, head_dim]
+        k = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="key")(x)  # [batch, length, kv_heads, head_dim]
+        v = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="value")(x)
         if cfg.positions == "rotary":
             freqs = rope_frequencies(cfg, head_dim)
             q, k = rotary(q, positions, freqs), rotary(k, positions, freqs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +10,7 @@ import numpy as np
 import optax
 
 from jaxlm.config import Config, ModelConfig
-from jaxlm.data import labeled
+from jaxlm.data import labeled, packing
 from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective
@@ -61,14 +60,9 @@ class ClassifyTask:
         self.model = EncoderClassifier(model_cfg, num_labels)
         self.num_labels = num_labels
 
-    def packer(self, rows: labeled.ExampleRows, layout: Layout, host_batch: int) -> labeled.Packer:
+    def packer(self, rows: labeled.ExampleRows, layout: Layout, host_batch: int) -> packing.Packer:
         """Packs examples several to a row, in the groups of `layout`, at sizes measured on `rows`."""
-        devices = jax.local_device_count()
-        # under jit (one block) the batch's rows (rows per group x microbatches) split over the devices
-        k = layout.microbatches
-        multiple = 1 if layout.blocks > 1 else devices // math.gcd(devices, k)
-        sizes = rows.packed_rows(host_batch // layout.count, multiple, layout.count)
-        return labeled.Packer(sizes, layout)
+        return packing.packer_for(rows, layout, host_batch)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}

@@ -7,9 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import Config
-from jaxlm.data import prompts
+from jaxlm.data import packing, prompts
 from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.microbatch import Layout
 from jaxlm.tasks.clm import ClmTask
 
 Array = jax.Array
@@ -18,7 +19,8 @@ Array = jax.Array
 class SftTask(ClmTask):
     """`ClmTask` on prompt/response rows (`jaxlm.data.prompts`): the loss, its token count and
     every metric cover the targets `loss_mask` marks (the response and its EOS), so the prompt's
-    tokens carry zero weight. Perplexity and accuracy are the response's."""
+    tokens carry zero weight. Perplexity and accuracy are the response's. Batches pack several
+    examples to a row, as classification does."""
 
     batch_keys = (*ClmTask.batch_keys, "loss_mask")
 
@@ -28,11 +30,13 @@ class SftTask(ClmTask):
 
     @staticmethod
     def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, prompts.PromptRows]:
-        return {name: prompts.PromptRows(getattr(splits, name), tok, config.data.seq_len, config.sft.prompt_format)
+        return {name: prompts.PromptRows(getattr(splits, name), tok, config.data.seq_len, config.sft.prompt_format,
+                                         config.sft.chat_template)
                 for name in ("train", "eval")}
 
-    def packer(self, rows, layout, host_batch) -> None:
-        return None
+    def packer(self, rows: prompts.PromptRows, layout: Layout, host_batch: int) -> packing.Packer:
+        """Packs examples several to a row (apart by segment ids), at sizes measured on `rows`."""
+        return packing.packer_for(rows, layout, host_batch)
 
     def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random tokens, one example a row, the second half of each the response (benchmarks)."""

@@ -17,6 +17,11 @@ Writes:
                        continuations (32 tokens, transformers' generate) of a few prompts
   tiny_llama/          the same for a random LlamaForCausalLM (seed 4): grouped-query attention
                        (4 heads, 2 KV heads), SwiGLU, RMSNorm, untied output, Llama 3 rotary scaling
+  tiny_mistral/        the same for a random MistralForCausalLM (seed 5): a sliding window of 48
+                       tokens (longer than every golden sequence), 1 KV head
+  tiny_qwen2/          the same for a random Qwen2ForCausalLM (seed 6): query/key/value biases,
+                       tied output, Qwen2's ChatML chat template in tokenizer_config.json;
+                       chat.npz holds transformers' apply_chat_template ids of conversations
 """
 
 import os
@@ -96,10 +101,11 @@ def tiny_qa() -> None:
 DECODER_VOCAB = [f"w{i}" for i in range(93)]
 
 
-def word_tokenizer(specials: list[str], path: Path) -> int:
-    """A word-level tokenizer.json: the special tokens, then `w0`, `w1`, ...; returns its size."""
+def word_tokenizer(specials: list[str], path: Path, words: tuple[str, ...] = ()) -> int:
+    """A word-level tokenizer.json: the special tokens, then `w0`, `w1`, ... and `words`;
+    returns its size."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {t: i for i, t in enumerate(specials + DECODER_VOCAB)}
+    vocab = {t: i for i, t in enumerate(specials + DECODER_VOCAB + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=specials[0]))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(specials)
@@ -150,6 +156,58 @@ def tiny_llama() -> None:
     tiny_decoder("tiny_llama", transformers.LlamaForCausalLM(cfg), 4, 2)
 
 
+def tiny_mistral() -> None:
+    out = HERE / "tiny_mistral"
+    out.mkdir(exist_ok=True)
+    size = word_tokenizer(["<unk>", "<s>", "</s>"], out / "tokenizer.json")
+    torch.manual_seed(5)
+    cfg = transformers.MistralConfig(
+        vocab_size=size, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=1, max_position_embeddings=64, sliding_window=48, rms_norm_eps=1e-5,
+        rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    tiny_decoder("tiny_mistral", transformers.MistralForCausalLM(cfg), 5, 3)
+
+
+# Qwen2-Instruct's chat template (ChatML; a default system turn when none is given)
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CONVERSATIONS = [
+    [{"role": "user", "content": "w5 w6 w7"}],
+    [{"role": "system", "content": "w9"}, {"role": "user", "content": "w10 w11"},
+     {"role": "assistant", "content": "w12 w13 w14"}, {"role": "user", "content": "w15"}],
+]
+
+
+def tiny_qwen2() -> None:
+    import json
+    out = HERE / "tiny_qwen2"
+    out.mkdir(exist_ok=True)
+    size = word_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], out / "tokenizer.json",
+                          ("system", "user", "assistant", "You", "are", "a", "helpful", "assistant."))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": QWEN2_TEMPLATE, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+         "bos_token": None}, indent=2) + "\n")
+    torch.manual_seed(6)
+    cfg = transformers.Qwen2Config(
+        vocab_size=size, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6, rope_theta=1000000.0,
+        tie_word_embeddings=True, use_sliding_window=False, bos_token_id=0, eos_token_id=2)
+    tiny_decoder("tiny_qwen2", transformers.Qwen2ForCausalLM(cfg), 6, 3)
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"),
+                                               chat_template=QWEN2_TEMPLATE)
+    ids = []
+    for conversation in CONVERSATIONS:
+        got = tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        ids.append(list(got["input_ids"] if hasattr(got, "keys") else got))
+    width = max(map(len, ids))
+    np.savez(out / "chat.npz", ids=np.array([i + [-1] * (width - len(i)) for i in ids]),
+             texts=np.array([tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                             for c in CONVERSATIONS]))
+
+
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
@@ -157,3 +215,5 @@ if __name__ == "__main__":
     tiny_qa()
     tiny_gpt2()
     tiny_llama()
+    tiny_mistral()
+    tiny_qwen2()
