@@ -45,26 +45,46 @@ def sample_logits(logits: Array, rng: Array, temperature: float, top_k: int = 0,
     return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
+def prefill(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array, rng: Array,
+            temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[Array, Array, Any]:
+    """Reads left-padded prompts into the cache and draws each row's first new token.
+
+    Returns (token [batch], prompt lengths [batch], cache).
+    """
+    mask = prompt_mask.astype(jnp.int32)
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
+    logits, cache = tokens_to_logits(prompt, mask, positions, cache)
+    return sample_logits(logits[:, -1], rng, temperature, top_k, top_p), mask.sum(axis=1), cache
+
+
+def extend(tokens_to_logits: TokensToLogits, cache: Any, token: Array, positions: Array, rng: Array,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[Array, Any]:
+    """Feeds each row's last token [batch] at its position [batch]; returns the next token
+    [batch] and the cache."""
+    ones = jnp.ones((token.shape[0], 1), jnp.int32)
+    logits, cache = tokens_to_logits(token[:, None], ones, positions[:, None], cache)
+    return sample_logits(logits[:, -1], rng, temperature, top_k, top_p), cache
+
+
 def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
              rng: Array, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
              top_k: int = 0, top_p: float = 1.0) -> Array:
     """Continues left-padded prompts; returns the new tokens [batch, max_new_tokens].
 
     Rows stop at EOS (which is kept) and are padded with `pad_id` after it; the loop ends
-    early once every row has stopped.
+    early once every row has stopped. The first token's key is `split(rng)[1]`, and each later
+    token's the second half of splitting the key left over, so a caller stepping `prefill` and
+    `extend` with the same keys draws the same tokens (`jaxlm.infer` streams that way).
 
     Args:
       cache: an empty KV cache with room for prompt length + max_new_tokens positions.
       prompt: [batch, P] token ids, left-padded.
       prompt_mask: [batch, P], 1 on real prompt tokens.
     """
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     batch = prompt.shape[0]
-    mask = prompt_mask.astype(jnp.int32)
-    positions = jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0)
-    logits, cache = tokens_to_logits(prompt, mask, positions, cache)
-    lengths = mask.sum(axis=1)  # [batch]
     rng, first_rng = jax.random.split(rng)
-    token = sample_logits(logits[:, -1], first_rng, temperature, top_k, top_p)
+    token, lengths, cache = prefill(tokens_to_logits, cache, prompt, prompt_mask, first_rng, **sampling)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     ends = jnp.asarray(eos_id, jnp.int32).reshape(-1)  # any of these ends a row
     done = jnp.isin(token, ends)
@@ -75,10 +95,8 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
 
     def body(carry):
         i, cache, token, done, out, rng = carry
-        ones = jnp.ones((batch, 1), jnp.int32)
-        logits, cache = tokens_to_logits(token[:, None], ones, (lengths + i - 1)[:, None], cache)
         rng, step_rng = jax.random.split(rng)
-        new = sample_logits(logits[:, -1], step_rng, temperature, top_k, top_p)
+        new, cache = extend(tokens_to_logits, cache, token, lengths + i - 1, step_rng, **sampling)
         new = jnp.where(done, pad_id, new)
         out = out.at[:, i].set(new)
         return i + 1, cache, new, done | jnp.isin(new, ends), out, rng

@@ -2,6 +2,7 @@
 
     python -m jaxlm.infer generate --workdir DIR [TEXT ...] [--prompt TEXT] [--input FILE]
         [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
+        [--chat [--system TEXT]] [--no-stream]
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
     python -m jaxlm.infer answer --workdir DIR --context TEXT [QUESTION ...] [--input FILE]
@@ -9,7 +10,9 @@
 
 Texts come from positional TEXT, repeated --prompt, and --input FILE (one per line) and are
 run together in batches. generate decodes with a KV cache (--temperature 0 is greedy and
-deterministic); fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
+deterministic), stops at any of the tokenizer's end tokens and streams a single prompt's
+continuation token by token; --chat makes each prompt a user's message in the run's chat
+template and prints the assistant's answer; fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
 classify prints the label and its probability for a classification run; answer prints the span
 of the context that answers each question, and its score, for a question-answering run (a
 .jsonl --input gives each question its own context: {"question": ..., "context": ...}; with
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -30,6 +34,7 @@ import numpy as np
 
 from jaxlm import decoding, encoder_infer
 from jaxlm.config import DECODER_TASKS
+from jaxlm.data import chat
 from jaxlm.data.sources import json_lines
 from jaxlm.errors import UserError, cli
 from jaxlm.index import Index
@@ -52,6 +57,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
+    gen.add_argument("--chat", action="store_true",
+                     help="each prompt is a user's message, formatted by the run's chat template (sft.chat_template)")
+    gen.add_argument("--system", help="with --chat: a system message before each prompt")
+    gen.add_argument("--no-stream", action="store_true",
+                     help="a single prompt is printed whole at the end, not token by token")
     for name, what in (("fill-mask", "predict the mask tokens of texts with a masked-LM run"),
                        ("classify", "label texts with a classification run")):
         cmd = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
@@ -118,50 +128,95 @@ def cached_logits(model, params, vocab: int) -> decoding.TokensToLogits:
 
 
 class Generator:
-    """Batched KV-cached generation with one compiled function per (batch, lengths) shape."""
+    """Batched KV-cached generation with one compiled function per (batch, lengths) shape, or
+    one prompt streamed token by token (the same tokens, drawn with the same keys)."""
 
     def __init__(self, run: Run, params, max_new_tokens: int, temperature: float, top_k: int,
                  top_p: float):
         self.run, self.params = run, params
         self.model = run.task.model
         self.tok = run.tokenizer
-        self.settings = dict(max_new_tokens=max_new_tokens, eos_id=self.tok.end_ids,
-                             pad_id=self.tok.pad_id, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self._fn = jax.jit(self._generate, static_argnames=("cache_len",))
+        logits = partial(cached_logits, self.model, vocab=self.tok.vocab_size)
+        self._prefill = jax.jit(lambda p, *a: decoding.prefill(logits(p), *a, **self.sampling))
+        self._extend = jax.jit(lambda p, *a: decoding.extend(logits(p), *a, **self.sampling))
+        self._cache = jax.jit(self._empty_cache, static_argnums=(0, 1))
+
+    def _empty_cache(self, batch: int, cache_len: int):
+        shape = jax.eval_shape(partial(self.model.init, decode=True), jax.random.key(0),
+                               jnp.ones((batch, cache_len), jnp.int32))["cache"]
+        return jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
 
     def _generate(self, params, prompt, mask, rng, cache_len: int):
-        shape = jax.eval_shape(partial(self.model.init, decode=True), jax.random.key(0),
-                               jnp.ones((prompt.shape[0], cache_len), jnp.int32))["cache"]
-        cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
+        return decoding.generate(cached_logits(self.model, params, self.tok.vocab_size),
+                                 self._empty_cache(prompt.shape[0], cache_len), prompt, mask, rng,
+                                 max_new_tokens=self.max_new_tokens, eos_id=self.tok.end_ids, pad_id=self.tok.pad_id,
+                                 **self.sampling)
 
-        return decoding.generate(cached_logits(self.model, params, self.tok.vocab_size), cache, prompt, mask, rng,
-                                 **self.settings)
-
-    def __call__(self, prompts: list[str], rng: jax.Array) -> list[str]:
-        """Continuations of the prompts (without the prompts)."""
-        encoded = [[self.tok.bos_id, *self.tok.encode(p)] for p in prompts]
+    def _batch(self, encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Left-padded prompts [batch, length] (the batch filled to the mesh's batch axes), their
+        mask, and the cache length they need."""
         length = max(len(e) for e in encoded)
-        cache_len = length + self.settings["max_new_tokens"]
+        cache_len = length + self.max_new_tokens
         cfg = self.run.config.model
         if cfg.positions == "learned" and cache_len > cfg.max_len:
             raise UserError(f"prompt ({length} tokens) + --max-new-tokens exceeds model.max_len={cfg.max_len}; "
                             "shorten the prompt or ask for fewer tokens")
         rows = self.run.compiled.mesh.shape["data"] * self.run.compiled.mesh.shape["fsdp"]
-        batch = -(-len(encoded) // rows) * rows  # fill the batch axes of the mesh
+        batch = -(-len(encoded) // rows) * rows
         prompt = np.full((batch, length), self.tok.pad_id, np.int32)
         mask = np.zeros((batch, length), np.int32)
         for i, ids in enumerate(encoded):  # left padding: every row's next token shares a slot
             prompt[i, length - len(ids):] = ids
             mask[i, length - len(ids):] = 1
+        return prompt, mask, cache_len
+
+    def __call__(self, encoded: list[list[int]], rng: jax.Array) -> list[str]:
+        """Continuations of the prompts' token ids (without the prompts)."""
+        prompt, mask, cache_len = self._batch(encoded)
         with self.run.compiled.context():
             out = np.asarray(self._fn(self.params, prompt, mask, rng, cache_len=cache_len))
         texts = []
-        for row in out[: len(prompts)]:
+        for row in out[: len(encoded)]:
             ids = row.tolist()
             end = next((k for k, i in enumerate(ids) if i in self.tok.end_ids), len(ids))
-            ids = ids[:end]
-            texts.append(self.tok.decode(ids))
+            texts.append(self.tok.decode(ids[:end]))
         return texts
+
+    def stream(self, encoded: list[int], rng: jax.Array) -> Iterator[int]:
+        """The continuation of one prompt's token ids, a token at a time as it is drawn (an end
+        token stops it and is not given)."""
+        prompt, mask, cache_len = self._batch([encoded])
+        with self.run.compiled.context():
+            cache = self._cache(prompt.shape[0], cache_len)
+            rng, first = jax.random.split(rng)
+            token, lengths, cache = self._prefill(self.params, cache, prompt, mask, first)
+            for i in range(1, self.max_new_tokens + 1):
+                new = int(token[0])
+                if new in self.tok.end_ids:
+                    return
+                yield new
+                if i == self.max_new_tokens:
+                    return
+                rng, step = jax.random.split(rng)
+                token, cache = self._extend(self.params, cache, token, lengths + i - 1, step)
+
+
+def print_streamed(tok, tokens: Iterator[int]) -> str:
+    """Prints the text of `tokens` as they come (holding back a character whose bytes are not
+    all there yet); returns the whole text."""
+    ids, shown = [], ""
+    for token in tokens:
+        ids.append(token)
+        text = tok.decode(ids)
+        if not text.endswith("\ufffd"):
+            print(text[len(shown):], end="", flush=True)
+            shown = text
+    text = tok.decode(ids)
+    print(text[len(shown):], flush=True)
+    return text
 
 
 def encoder_command(args: argparse.Namespace, texts: list[str]) -> None:
@@ -272,16 +327,27 @@ def main(argv: list[str] | None = None) -> None:
         raise UserError(f"generate needs a decoder run (task=clm or sft); '{args.workdir}' trains task={run.config.task}")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     gen = Generator(run, params, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    tok, template = gen.tok, run.config.sft.chat_template
+    if args.chat:  # each prompt is the user's turn; what is printed is the assistant's answer
+        system = [{"role": "system", "content": args.system}] if args.system else []
+        encoded = [chat.prompt_ids(template, [*system, {"role": "user", "content": p}], tok) for p in prompts]
+    else:
+        encoded = [[tok.bos_id, *tok.encode(p)] for p in prompts]
     rng = jax.random.key(args.seed)
     start, produced = time.time(), 0
-    for first in range(0, len(prompts), args.batch_size):
-        chunk = prompts[first:first + args.batch_size]
-        rng, chunk_rng = jax.random.split(rng)
-        for i, (prompt, text) in enumerate(zip(chunk, gen(chunk, chunk_rng)), start=first):
-            if len(prompts) > 1:
-                print(f"--- {i + 1} ---")
-            print(prompt + text, flush=True)
-            produced += len(gen.tok.encode(text))
+    if len(prompts) == 1 and not args.no_stream:
+        _, key = jax.random.split(rng)  # the key a batch of one gets: streamed or not, the same tokens
+        if not args.chat:
+            print(prompts[0], end="", flush=True)
+        produced = len(tok.encode(print_streamed(tok, gen.stream(encoded[0], key))))
+    else:
+        for first in range(0, len(prompts), args.batch_size):
+            rng, key = jax.random.split(rng)
+            for i, text in enumerate(gen(encoded[first:first + args.batch_size], key), start=first):
+                if len(prompts) > 1:
+                    print(f"--- {i + 1} ---")
+                print(text if args.chat else prompts[i] + text, flush=True)
+                produced += len(tok.encode(text))
     print(f"checkpoint step {step}: {produced} tokens in {time.time() - start:.1f}s", file=sys.stderr)
 
 

@@ -29,6 +29,29 @@ def test_rows_mark_only_the_response_and_its_eos():
     assert short[0]["targets"].tolist() == [9, 10, 11, 12] and short[0]["loss_mask"].tolist() == [0, 1, 1, 1]
 
 
+def test_conversations_learn_only_the_assistant_turns():
+    """A conversation rendered by the default template: every assistant turn and its end token
+    are learned, the system and user turns and the template's markers are not."""
+    from jaxlm.data import chat
+    messages = [{"role": "system", "content": "w4"}, {"role": "user", "content": "w5 w6"},
+                {"role": "assistant", "content": "w7"}, {"role": "user", "content": "w8"},
+                {"role": "assistant", "content": "w9 w10"}]
+    rows = prompts.PromptRows([{"messages": messages}], WORDS, 40, "{prompt}")
+    text = chat.render("", messages, WORDS)
+    assert text.startswith("<s><|system|>\nw4\n<|user|>\nw5 w6\n<|assistant|>\nw7</s>\n")
+    n = int(rows.lengths[0])
+    ids = [*rows.inputs[0, :n], rows.targets[0, n - 1]]
+    assert ids == WORDS.encode(text)
+    learned = [WORDS.tokenizer.id_to_token(int(t)) for t, m in zip(rows.targets[0], rows.mask[0]) if m]
+    assert learned == ["w7", "</s>", "w9", "w10", "</s>"]
+    with pytest.raises(UserError, match="x.jsonl:3: the conversation has no assistant message"):
+        chat.check_messages(messages[:2], "x.jsonl:3")
+    with pytest.raises(UserError, match="message 1 must be"):
+        chat.check_messages([messages[0], {"role": "bot", "content": "w4"}], "x.jsonl:3")
+    with pytest.raises(UserError, match="renders a conversation's prefix differently"):  # not append-only
+        chat.pieces("{{ messages | length }}{% for m in messages %}{{ m.content }}{% endfor %}", messages, WORDS)
+
+
 def test_prompt_tokens_carry_zero_weight():
     """The loss is the mean cross-entropy of the response targets: changing a prompt target
     changes nothing, changing a response target changes it."""
@@ -85,21 +108,27 @@ def test_files_and_their_errors(tmp_path):
 
 
 def test_a_tiny_sft_run_learns_its_responses_and_generates_them(tmp_path, capsys):
-    """Ten prompts, each with its own fixed response: after training, greedy generation gives
-    the responses back."""
-    pairs = [{"prompt": f"say {w}", "response": f"{w} {w} done"} for w in ("alpha", "beta", "gamma", "delta", "omega")]
+    """Prompt/response pairs and conversations, each with its own fixed response, packed
+    several to a row: after training, greedy generation gives the responses back, for a plain
+    prompt and for a chat message (--chat, the default template)."""
+    words = ("alpha", "beta", "gamma", "delta", "omega", "sigma")
+    pairs = [{"prompt": f"say {w}", "response": f"{w} {w} done"} for w in words[:3]]
+    pairs += [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": f"{w} {w} done"}]}
+              for w in words[3:]]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(p) for p in pairs) + "\n")
     overrides = ["task=sft", "data.source=prompts", f"data.paths=[{tmp_path}/train.jsonl]",
                  f"data.eval_paths=[{tmp_path}/train.jsonl]", f"data.cache_dir={tmp_path}/cache", "data.vocab_size=300",
-                 "data.seq_len=16", "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
+                 "data.seq_len=32", "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=48",
                  "train.batch_size=8", "train.steps=80", "train.log_every=20", "train.eval_every=80",
                  "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
     final = train.train(config_lib.load(None, overrides), tmp_path / "w")
     assert final["loss"] < 0.3, final
     capsys.readouterr()
-    infer.main(["generate", "--workdir", str(tmp_path / "w"), "--temperature", "0", "--max-new-tokens", "6",
-                "say gamma\n"])
+    generate = ["generate", "--workdir", str(tmp_path / "w"), "--temperature", "0", "--max-new-tokens", "8"]
+    infer.main([*generate, "say gamma\n"])
     assert "gamma gamma done" in capsys.readouterr().out
+    infer.main([*generate, "--chat", "say omega"])
+    assert capsys.readouterr().out.strip() == "omega omega done"  # the answer alone, ended by its end token
 
 
 def test_lora_sft_from_a_pretrained_decoder_keeps_its_weights(tiny, tmp_path):

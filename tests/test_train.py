@@ -75,9 +75,13 @@ def test_generate_greedy_is_deterministic_and_batches_a_file(trained, capsys, tm
     assert out.count("--- ") == 3
     # batched with shorter and longer prompts, the greedy continuation is unchanged
     assert out.split("--- 2 ---")[0].split("--- 1 ---\n")[1] == first
-    infer.main(["generate", "--workdir", str(workdir), "--temperature", "0.8", "--top-k", "40",
-                "--top-p", "0.95", "--max-new-tokens", "5", "Hello"])
-    assert capsys.readouterr().out.startswith("Hello")
+    # one prompt is streamed token by token; sampled, it draws what the compiled loop draws
+    sampled = ["generate", "--workdir", str(workdir), "--temperature", "0.8", "--top-k", "40", "--top-p", "0.95",
+               "--max-new-tokens", "12", "--seed", "3", "Hello"]
+    infer.main(sampled)
+    streamed = capsys.readouterr().out
+    infer.main([*sampled, "--no-stream"])
+    assert capsys.readouterr().out == streamed and streamed.startswith("Hello") and len(streamed) > 10
 
 
 def test_infer_bad_input_exits_2(trained, capsys):
