@@ -135,6 +135,45 @@ def test_a_decoder_checkpoint_of_another_shape_is_named(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("scanned", [False, True])
+def test_import_holds_one_parameter_at_a_time_in_host_memory(tmp_path, scanned):
+    """A Llama of 4 layers (45 MB of weights, fsdp over 8 devices) is placed parameter by
+    parameter: the host's peak of traced allocations is a few copies of the largest parameter
+    (all its layers, when scanned), below the weights' size, and the placed parameters
+    (unrolled or scanned) equal the tensors written."""
+    import dataclasses
+    import json
+    import tracemalloc
+
+    from jaxlm import config as config_lib
+    from jaxlm.data import tokenizer as tokenizer_lib
+    from jaxlm.hf import decoders, files
+    from jaxlm.models.layers import restack
+    from jaxlm.workdir import build
+    tok = tokenizer_lib.from_file(GOLDEN / "tiny_llama" / "tokenizer.json")
+    config = config_lib.load(None, ["mesh.fsdp=8", "mesh.data=1", f"model.scan_layers={str(scanned).lower()}"])
+    model = decoders.model_config(json.loads((GOLDEN / "tiny_llama" / "config.json").read_text()), config.model)
+    model = dataclasses.replace(model, embed_dim=512, num_heads=8, num_kv_heads=2, mlp_dim=1408, num_layers=4)
+    run = build(dataclasses.replace(config, model=model), tok, mode="jit")
+    written = decoders.from_params(restack(jax.device_get(run.compiled.init_state(1).params), scanned=False),
+                                   "llama", model, tok.vocab_size)
+    total = sum(w.nbytes for w in written.values())
+    files.write(tmp_path, written)
+    state = run.compiled.init_state(2)  # other values, to be replaced
+    tracemalloc.start()
+    params, unused = decoders.place_params(files.Weights(tmp_path), "llama", model, state.params, "x")
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    largest = max(x.nbytes for x in jax.tree_util.tree_leaves(state.params))  # scanned: all layers of a weight
+    # measured: 5 copies of the largest parameter unrolled (0.33 of the weights), 2.5 of the
+    # largest stacked one scanned (0.63); holding every tensor would take the whole 45 MB
+    assert total > 40e6 and peak < total * (0.7 if scanned else 0.4), (peak, largest, total)
+    assert unused == [] and params["token_embed"]["embedding"].sharding == state.params["token_embed"]["embedding"].sharding
+    again = decoders.from_params(restack(jax.device_get(params), scanned=False), "llama", model, tok.vocab_size)
+    for name, w in written.items():
+        np.testing.assert_array_equal(again[name], w)
+
+
 def test_an_imported_decoder_fine_tunes_with_the_settings_given_at_import(corpus_dir, tmp_path, capsys):
     """`train --workdir W` with no --config continues with W's saved config (here the import's)."""
     from jaxlm import train

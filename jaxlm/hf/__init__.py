@@ -1,18 +1,20 @@
-"""Hugging Face weights in and out, through safetensors (never pickle): BERT here, GPT-2 and
-Llama in `decoders`, the weight files (single or sharded) in `files`.
+"""Hugging Face weights in and out, through safetensors (never pickle): BERT here, GPT-2, Llama,
+Mistral and Qwen2 in `decoders`, the weight files (single or sharded) in `files`.
 
     python -m jaxlm.hf import --hf-dir DIR --workdir W [key=value ...]
     python -m jaxlm.hf export --workdir W --hf-dir DIR [--step N] [--merge-lora]
 
 `import` turns a `BertModel`, `BertForMaskedLM`, `BertForPreTraining`,
-`BertForSequenceClassification`, `BertForQuestionAnswering`, `GPT2LMHeadModel` or
-`LlamaForCausalLM` directory (config.json, model.safetensors or its shards, and tokenizer.json
-or vocab.txt) into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
+`BertForSequenceClassification`, `BertForQuestionAnswering`, `GPT2LMHeadModel`,
+`LlamaForCausalLM`, `MistralForCausalLM` or `Qwen2ForCausalLM` directory (config.json,
+model.safetensors or its shards, and tokenizer.json or vocab.txt; a decoder's chat template)
+into a jaxlm workdir: the resolved config, the tokenizer and a step-0 checkpoint.
 `train`, `evaluate` and `infer` accept it, and a fine-tuning run initialises its encoder from
 it (`init.from_workdir=W`). `export` writes a masked-LM run as `BertForMaskedLM` (with
 next-sentence prediction: `BertForPreTraining`), a classification run as
 `BertForSequenceClassification`, a question-answering run as `BertForQuestionAnswering` and a
-decoder as `GPT2LMHeadModel` or `LlamaForCausalLM` (by its layout), that `from_pretrained` loads;
+decoder as `GPT2LMHeadModel`, `LlamaForCausalLM` or `Qwen2ForCausalLM` (by its layout), that
+`from_pretrained` loads;
 a run with LoRA adapters exports with `--merge-lora`, the adapters folded into the weights.
 
 This package is the only place that knows Hugging Face names.
@@ -314,13 +316,12 @@ def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, 
                         "(tokenizer.save_pretrained(dir))")
     tok = load_tokenizer(hf_dir)
     run = build(config, tok, mode="jit")
-    state = run.compiled.init_state(config.seed)
-    target = restack(jax.device_get(state.params), scanned=False)
-    params, unused = decoders.to_params(tensors, kind, config.model, target, str(hf_dir))
+    state = run.compiled.init_state(config.seed)  # on the devices, sharded; its weights replaced one by one
+    params, unused = decoders.place_params(tensors, kind, config.model, state.params, str(hf_dir))
     if unused:
         print(f"note: {len(unused)} tensor(s) of {hf_dir} are not part of this model and "
               f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
-    return _write_import(workdir, run, state, restack(params, config.model.scan_layers), tok, hf_dir, kind)
+    return _write_import(workdir, run, state, params, tok, hf_dir, kind)
 
 
 def chat_template(hf_dir: Path) -> str:

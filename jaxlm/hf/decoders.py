@@ -13,8 +13,11 @@ the query, key and value projections (`model.qkv_bias`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
+from collections.abc import Mapping
 
+import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
@@ -78,7 +81,7 @@ def model_config(hf: dict, base: ModelConfig) -> ModelConfig:
 
 def _names(kind: str, cfg: ModelConfig) -> dict[str, tuple[str, ...]]:
     """HF tensor name -> jaxlm parameter path (GPT-2's fused c_attn appears as three names,
-    `c_attn.q/k/v`, split and joined by `to_params` / `from_params`)."""
+    `c_attn.q/k/v`, cut by `_read` and joined by `join_fused`)."""
     out: dict[str, tuple[str, ...]] = {}
     if kind == "gpt2":
         out["transformer.wte.weight"] = ("token_embed", "embedding")
@@ -157,20 +160,21 @@ def _to_hf(name: str, p: np.ndarray, cfg: ModelConfig, kind: str, vocab: int) ->
     return p.T if p.ndim == 2 else p
 
 
-def split_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """GPT-2's c_attn [embed, 3 embed] as three tensors `c_attn.q/k/v` (query, key, value)."""
-    out = {}
-    for name, w in tensors.items():
-        if ".attn.c_attn." in name:
-            for part, piece in zip("qkv", np.split(w, 3, axis=-1)):
-                out[name.replace("c_attn.", f"c_attn.{part}.")] = piece
-        else:
-            out[name] = w
-    return out
+def _stored(name: str) -> str:
+    """The name a tensor is stored under: GPT-2's `c_attn.q/k/v` are parts of the fused `c_attn`."""
+    return re.sub(r"\.c_attn\.[qkv]\.", ".c_attn.", name)
+
+
+def _read(tensors: Mapping[str, np.ndarray], name: str) -> np.ndarray:
+    """One HF tensor by name (GPT-2's `c_attn.q/k/v` cut from the fused tensor as it is read)."""
+    stored = _stored(name)
+    if stored == name:
+        return tensors[name]
+    return np.split(tensors[stored], 3, axis=-1)["qkv".index(name.split(".c_attn.")[1][0])]
 
 
 def join_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inverse of `split_fused`."""
+    """GPT-2's three query/key/value tensors `c_attn.q/k/v` as its one fused `c_attn`."""
     out = {}
     for name, w in tensors.items():
         if ".attn.c_attn.q." in name:
@@ -181,29 +185,50 @@ def join_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def to_params(tensors: dict[str, np.ndarray], kind: str, cfg: ModelConfig, target: dict, source: str) -> tuple[dict, list[str]]:
-    """`target` (the jaxlm params, numpy, unrolled) filled with the HF tensors; returns it and the
-    names of the tensors left out. Missing or misshapen tensors are one error naming them."""
-    tensors = split_fused(tensors) if kind == "gpt2" else tensors
+def place_params(tensors: Mapping[str, np.ndarray], kind: str, cfg: ModelConfig, params: dict,
+                 source: str) -> tuple[dict, list[str]]:
+    """`params` (the model's jax arrays, in their sharded layout, unrolled or scanned) with every
+    parameter that has an HF tensor replaced by it; returns them and the names of the tensors
+    left out. Missing or misshapen tensors are one error naming them.
+
+    One parameter at a time: its tensor (with scanned layers, one tensor a layer) is read,
+    converted and placed on the devices that hold it before the next is read, so host memory
+    holds at most one parameter, never the model. Parameters with no HF tensor (LoRA adapters)
+    keep the values they came with.
+    """
     names = _names(kind, cfg)
-    missing = [n for n in names if n not in tensors]
+    missing = [n for n in names if _stored(n) not in tensors]
     if missing:
         raise UserError(f"{source} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
                         f"is it a {kind} checkpoint of this config?")
+    by_path = {path: name for name, path in names.items()}
     wrong = []
-    for name, path in names.items():
-        value = _to_jaxlm(name, np.asarray(tensors[name], np.float32), cfg, kind)
-        node = target
-        for key in path[:-1]:
-            node = node[key]
-        if np.shape(node[path[-1]]) != value.shape:
-            wrong.append(f"{name} {tuple(tensors[name].shape)} vs {'/'.join(path)} {tuple(np.shape(node[path[-1]]))}")
-            continue
-        node[path[-1]] = value
+
+    def placed(path: tuple, leaf: jax.Array) -> jax.Array:
+        keys = tuple(getattr(k, "key", k) for k in path)
+        scanned = "blocks" in keys  # one tensor a layer, stacked
+        unrolled = [tuple(f"block_{i}" if k == "blocks" else k for k in keys)
+                    for i in range(cfg.num_layers if scanned else 1)]
+        if unrolled[0] not in by_path:
+            return leaf
+        value = np.empty(leaf.shape, np.float32)
+        for i, u in enumerate(unrolled):
+            raw = np.asarray(_read(tensors, by_path[u]), np.float32)
+            try:
+                converted = _to_jaxlm(by_path[u], raw, cfg, kind)
+            except ValueError:  # a reshape to heads that cannot be
+                converted = raw
+            if converted.shape != leaf.shape[scanned:]:
+                wrong.append(f"{by_path[u]} {raw.shape} vs {'/'.join(u)} {leaf.shape[scanned:]}")
+                return leaf
+            value[i if scanned else ...] = converted
+        return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
+
+    out = jax.tree_util.tree_map_with_path(placed, params)
     if wrong:
         raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    return target, sorted(set(tensors) - set(names) - tied)
+    return out, sorted(set(tensors) - {_stored(n) for n in names} - tied)
 
 
 def from_params(params: dict, kind: str, cfg: ModelConfig, vocab: int) -> dict[str, np.ndarray]:

@@ -2,7 +2,7 @@
 `model.safetensors.index.json` (as `save_pretrained` writes models above its shard size).
 
 Tensors are read one at a time, when asked for, so an import holds the checkpoint's tensors in
-host memory only as they are converted (the jaxlm parameters themselves are built whole).
+host memory only as they are converted and placed (`decoders.place_params`).
 """
 
 from __future__ import annotations
