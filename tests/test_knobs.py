@@ -54,7 +54,7 @@ def encoder_loss(model, params, batch):
     return optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"]).sum()
 
 
-LLAMA = dataclasses.replace(DECODER, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False,
+LLAMA = dataclasses.replace(DECODER, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False, qkv_bias=True,
                             tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16)
 
 FAMILIES = {"decoder": (DecoderLM, DECODER, decoder_batch, decoder_args, decoder_loss),

@@ -19,8 +19,9 @@ from jaxlm.tasks.mlm import MlmTask
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32)
 ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32,
                       positions="learned", activation="gelu")
-# the Llama layout: grouped-query attention, SwiGLU, RMSNorm, no biases, untied output, rescaled rotary
-LLAMA = dataclasses.replace(MODEL, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False,
+# the Llama layout: grouped-query attention, SwiGLU, RMSNorm, no biases but Qwen2's on query/key/value,
+# untied output, rescaled rotary
+LLAMA = dataclasses.replace(MODEL, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False, qkv_bias=True,
                             tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16)
 # every model family, as (task factory); the mesh and accumulation checks run for each
 FAMILIES = {
