@@ -1,4 +1,5 @@
-"""Autoregressive sampling over a `tokens_to_logits` callable (imports no model).
+"""Autoregressive decoding over a `tokens_to_logits` callable (imports no model): greedy and
+sampled generation, and beam search.
 
 The callable has the signature
 
@@ -103,3 +104,86 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
 
     carry = (jnp.asarray(1), cache, token, done, out, rng)
     return jax.lax.while_loop(cond, body, carry)[4]
+
+
+def length_penalty(length: Array, alpha: float) -> Array:
+    """GNMT's length normalisation ((5 + length) / 6) ** alpha, as T5 uses it; alpha 0 is none."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _beams(tree: Any, select: Callable[[Array], Array]) -> Any:
+    """`select` applied to every cache array with a leading batch-of-beams axis (not scalars)."""
+    return jax.tree_util.tree_map(lambda x: select(x) if x.ndim else x, tree)
+
+
+def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
+                beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
+                alpha: float = 0.6) -> tuple[Array, Array]:
+    """Batched beam search continuing left-padded prompts.
+
+    Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
+    candidates: those ending in an end token enter the finished hypotheses if they rank among
+    the first `beam_size` (so a beam of 1 is greedy decoding), the best `beam_size` others live
+    on. A finished hypothesis scores its summed log-probability over `length_penalty` of its
+    length (end token included). A row stops once it has `beam_size` finished hypotheses and
+    its best live one, normalised at its current length, scores no better than the worst of
+    them (exact when alpha is 0); the search stops when every row has, or at
+    `max_new_tokens`, where the live hypotheses count as finished.
+
+    Args:
+      cache: an empty KV cache for the prompt batch, with room for prompt length +
+        max_new_tokens positions; it is repeated for the beams.
+      prompt: [batch, P] token ids, left-padded; prompt_mask [batch, P], 1 on real tokens.
+
+    Returns:
+      tokens [batch, beam_size, max_new_tokens] (end token kept, `pad_id` after it), best first,
+      and their scores [batch, beam_size].
+    """
+    batch, k = prompt.shape[0], beam_size
+    ends = jnp.asarray(eos_id, jnp.int32).reshape(-1)
+    mask = prompt_mask.astype(jnp.int32)
+    logits, cache = tokens_to_logits(prompt, mask, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), cache)
+    lengths = jnp.repeat(mask.sum(axis=1), k)  # [batch * k]
+    cache = _beams(cache, lambda x: jnp.repeat(x, k, axis=0))
+    logp = jnp.repeat(jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), k, axis=0)  # [batch * k, vocab]
+    vocab = logp.shape[-1]
+    neg = -jnp.inf
+    none = jnp.full((batch, k, max_new_tokens), pad_id, jnp.int32)
+    alive_score = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg), (batch, 1))  # one beam until they differ
+    fin_score = jnp.full((batch, k), neg)
+
+    def is_done(alive_score, fin_score, i):
+        best_alive = alive_score[:, 0] / length_penalty(i, alpha)
+        return jnp.all((fin_score[:, -1] > neg) & (best_alive <= fin_score[:, -1]))
+
+    def cond(carry):
+        i, _, _, alive_score, _, fin_score, _ = carry
+        return (i < max_new_tokens) & ~is_done(alive_score, fin_score, i)
+
+    def body(carry):
+        i, cache, logp, alive_score, alive, fin_score, fin = carry
+        candidates = (alive_score[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
+        top_score, top = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
+        origin, token = top // vocab, (top % vocab).astype(jnp.int32)
+        seqs = jnp.take_along_axis(alive, origin[:, :, None], axis=1).at[:, :, i].set(token)  # [batch, 2k, len]
+        ending = jnp.isin(token, ends)
+        # finished: end tokens among the first k candidates, merged with those before
+        done_score = jnp.where(ending & (jnp.arange(2 * k) < k), top_score / length_penalty(i + 1.0, alpha), neg)
+        pool_score, pool = jax.lax.top_k(jnp.concatenate([fin_score, done_score], axis=1), k)
+        fin = jnp.take_along_axis(jnp.concatenate([fin, seqs], axis=1), pool[:, :, None], axis=1)
+        # alive: the best k candidates that did not end
+        alive_score, keep = jax.lax.top_k(jnp.where(ending, neg, top_score), k)
+        alive = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
+        rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
+        cache = _beams(cache, lambda x: x[rows])
+        token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
+        ones = jnp.ones((batch * k, 1), jnp.int32)
+        logits, cache = tokens_to_logits(token[:, None], ones, (lengths + i)[:, None], cache)
+        logp = jax.nn.log_softmax(logits[:, -1].astype(jnp.float32))
+        return i + 1, cache, logp, alive_score, alive, pool_score, fin
+
+    carry = (jnp.asarray(0), cache, logp, alive_score, none, fin_score, none)
+    i, _, _, alive_score, alive, fin_score, fin = jax.lax.while_loop(cond, body, carry)
+    # live hypotheses at the end count as finished, at their length
+    score, best = jax.lax.top_k(jnp.concatenate([fin_score, alive_score / length_penalty(i, alpha)], axis=1), k)
+    return jnp.take_along_axis(jnp.concatenate([fin, alive], axis=1), best[:, :, None], axis=1), score
