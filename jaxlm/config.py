@@ -25,12 +25,12 @@ SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
 SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "prompts", "none")
 TASKS = ("clm", "mlm", "classify", "qa", "sft")
 DECODER_TASKS = ("clm", "sft")  # the tasks of a decoder-only language model
-POSITIONS = ("rotary", "learned")
+POSITIONS = ("rotary", "learned", "relative", "sinusoidal")  # relative (T5 buckets), sinusoidal: encoder-decoders
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
-MLPS = ("plain", "swiglu")
+MLPS = ("plain", "swiglu", "geglu")
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_gate", "wo")  # attention and MLP projections
 ROPE_SCALINGS = ("none", "llama3")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -44,12 +44,20 @@ class ModelConfig:
     embed_dim: int = 128
     num_heads: int = 4
     num_kv_heads: int = 0  # key/value heads (grouped-query attention; each serves num_heads / num_kv_heads queries); 0: num_heads
-    mlp: str = "plain"  # plain: wo(act(wi x)); swiglu: wo(silu(wi_gate x) * wi x), as Llama
+    head_dim: int = 0  # size of each attention head; 0: embed_dim / num_heads (T5's may differ)
+    mlp: str = "plain"  # plain: wo(act(wi x)); swiglu: wo(silu(wi_gate x) * wi x), as Llama; geglu: gelu_tanh gate (T5 v1.1)
     mlp_dim: int = 0  # 0 means 4 * embed_dim
     vocab_size: int = 0  # 0 means the tokenizer's size, rounded up to vocab_multiple
     vocab_multiple: int = 128
     max_len: int = 1024  # longest sequence (learned positions table, KV cache bound)
-    positions: str = "rotary"
+    positions: str = "rotary"  # rotary | learned; encoder-decoders also relative (T5's buckets) | sinusoidal (2017)
+    relative_buckets: int = 32  # positions=relative: buckets of query-key distance (half each way in an encoder)
+    relative_max_distance: int = 128  # positions=relative: distances from here on share the last bucket
+    decoder_layers: int = 0  # encoder-decoders: the decoder's blocks; 0: num_layers
+    prenorm: bool = True  # encoder-decoders: norm before each sublayer (T5); false: after the residual sum (2017)
+    scale_attention: bool = True  # attention scores divided by sqrt(head_dim); T5 folds that into its weights
+    scale_embeddings: bool = False  # token embeddings times sqrt(embed_dim) (the 2017 Transformer)
+    tied_output_scale: bool = False  # hidden states times embed_dim ** -0.5 before a tied output layer (T5)
     rope_base: float = 10000.0
     rope_scaling: str = "none"  # llama3: Llama 3.1's long-context rescaling of the rotary frequencies
     rope_factor: float = 8.0  # rope_scaling=llama3: how much longer than rope_original_max_len
@@ -72,6 +80,11 @@ class ModelConfig:
     lora_rank: int = 0  # > 0: low-rank adapters on the lora_targets projections train, every other weight is frozen
     lora_alpha: float = 16.0  # adapters' output scale is lora_alpha / lora_rank
     lora_targets: str = "query,key,value,out,wi,wi_gate,wo"  # projections that get adapters (comma-separated)
+
+    @property
+    def head_size(self) -> int:
+        """Each attention head's size."""
+        return self.head_dim or self.embed_dim // self.num_heads
 
 
 @dataclass
@@ -391,12 +404,14 @@ def validate(c: Config) -> None:
                         ("data.prefetch", d.prefetch), ("data.prepare_workers", d.prepare_workers),
                         ("data.tokenizer_sample_mb", d.tokenizer_sample_mb), ("model.logits_chunk", m.logits_chunk)]:
         _require(value >= 0, f"{name}={value} must be >= 0")
-    _require(m.embed_dim % m.num_heads == 0,
+    _require(m.head_dim > 0 or m.embed_dim % m.num_heads == 0,
              f"model.num_heads={m.num_heads} does not divide model.embed_dim={m.embed_dim}; "
-             "pick heads that divide the width")
-    head_dim = m.embed_dim // m.num_heads
-    _require(m.positions != "rotary" or head_dim % 2 == 0,
-             f"rotary positions need an even head size, got {head_dim}; change model.embed_dim or model.num_heads")
+             "pick heads that divide the width, or set model.head_dim")
+    _require(m.positions != "rotary" or m.head_size % 2 == 0,
+             f"rotary positions need an even head size, got {m.head_size}; change model.embed_dim or model.num_heads")
+    _require(m.head_dim >= 0 and m.decoder_layers >= 0 and m.relative_buckets >= 2 and m.relative_max_distance > 0,
+             "model.head_dim and model.decoder_layers must be >= 0 (0: the default), model.relative_buckets >= 2, "
+             "model.relative_max_distance > 0")
     _choice("model.positions", m.positions, POSITIONS)
     _choice("model.norm", m.norm, NORMS)
     _choice("model.activation", m.activation, ACTIVATIONS)

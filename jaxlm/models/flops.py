@@ -26,7 +26,7 @@ def dense(tokens: float, d_in: int, d_out: int) -> float:
 
 def attention_share(cfg: ModelConfig, causal: bool) -> float:
     """Share of a row's query-key pairs the configured attention kernel computes."""
-    kernel = attention_backend(cfg.attention_impl, dtype_of(cfg), cfg.embed_dim // cfg.num_heads)
+    kernel = attention_backend(cfg.attention_impl, dtype_of(cfg), cfg.head_size)
     return 0.5 if causal and kernel == "cudnn" else 1.0
 
 
@@ -34,16 +34,17 @@ def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool) -> float:
     """Forward FLOPs of the Transformer blocks over `batch` rows of `seq_len` tokens.
 
     Per layer: query, key, value and output projections (keys and values over the KV heads only,
-    under grouped-query attention), the MLP's two matrices (three with `mlp=swiglu`), and
+    under grouped-query attention), the MLP's two matrices (three with a gated `mlp`), and
     attention's scores (q k^T) and weighted values, each [length, length] x head dims over all
     query heads.
     """
     tokens = batch * seq_len
     mlp = cfg.mlp_dim or 4 * cfg.embed_dim
-    kv_width = cfg.embed_dim // cfg.num_heads * (cfg.num_kv_heads or cfg.num_heads)
-    projections = 2 * dense(tokens, cfg.embed_dim, cfg.embed_dim) + 2 * dense(tokens, cfg.embed_dim, kv_width)
-    feed_forward = (3 if cfg.mlp == "swiglu" else 2) * dense(tokens, cfg.embed_dim, mlp)
-    scores = 2 * 2.0 * batch * seq_len * seq_len * cfg.embed_dim * attention_share(cfg, causal)
+    q_width = cfg.head_size * cfg.num_heads
+    kv_width = cfg.head_size * (cfg.num_kv_heads or cfg.num_heads)
+    projections = 2 * dense(tokens, cfg.embed_dim, q_width) + 2 * dense(tokens, cfg.embed_dim, kv_width)
+    feed_forward = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * dense(tokens, cfg.embed_dim, mlp)
+    scores = 2 * 2.0 * batch * seq_len * seq_len * q_width * attention_share(cfg, causal)
     return cfg.num_layers * (projections + feed_forward + scores)
 
 

@@ -89,7 +89,8 @@ def attention_backend(impl: str, dtype: jnp.dtype, head_dim: int, backend: str |
     return "cudnn" if backend == "gpu" and dtype == jnp.bfloat16 and fits else "xla"
 
 
-def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: bool = False) -> Array:
+def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: bool = False,
+              bias: Array | None = None, scaled: bool = True) -> Array:
     """Scaled dot-product attention through `jax.nn.dot_product_attention`.
 
     Args:
@@ -98,9 +99,46 @@ def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: b
       impl: "xla", "cudnn" or "auto" (see `attention_backend`).
       is_causal: also mask keys after each query (queries and keys aligned at slot 0); cuDNN
         then runs its causal kernel instead of reading the whole mask for it.
+      bias: added to the scores, [1, heads, q, k] (T5's relative positions).
+      scaled: divide the scores by sqrt(head_dim) (T5 does not).
     """
     impl = attention_backend(impl, q.dtype, q.shape[-1])
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
+                                        scale=None if scaled else 1.0, implementation=impl)
+
+
+def relative_bucket(distance: Array, bidirectional: bool, buckets: int, max_distance: int) -> Array:
+    """T5's bucket of each key-minus-query distance: exact for short distances, logarithmic up
+    to `max_distance`, then the last bucket; an encoder spends half the buckets on each side, a
+    decoder looks back only."""
+    out = jnp.zeros_like(distance)
+    if bidirectional:
+        buckets //= 2
+        out = out + (distance > 0) * buckets
+        distance = jnp.abs(distance)
+    else:
+        distance = -jnp.minimum(distance, 0)
+    exact = buckets // 2
+    far = exact + (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / exact) / np.log(max_distance / exact)
+                   * (buckets - exact)).astype(distance.dtype)
+    return out + jnp.where(distance < exact, distance, jnp.minimum(far, buckets - 1))
+
+
+def relative_bias(table: Array, q_index: Array, k_index: Array, bidirectional: bool, cfg: ModelConfig) -> Array:
+    """Attention-score bias [1, heads, q, k] of T5's relative positions from the bucket table
+    [buckets, heads], for query slots `q_index` [q] and key slots `k_index` [k]."""
+    bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, cfg.relative_buckets,
+                             cfg.relative_max_distance)  # [q, k]
+    return jnp.transpose(table.astype(dtype_of(cfg))[bucket], (2, 0, 1))[None]
+
+
+def sinusoidal(positions: Array, dim: int) -> Array:
+    """The 2017 Transformer's fixed position encodings [..., dim] of integer positions: sines of
+    geometrically spaced frequencies in the first half, cosines in the second (as tensor2tensor)."""
+    half = dim // 2
+    freqs = np.exp(-np.log(10000.0) * np.arange(half) / max(half - 1, 1)).astype(np.float32)
+    angles = positions[..., None].astype(jnp.float32) * freqs  # [..., half]
+    return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
 def rope_frequencies(cfg: ModelConfig, head_dim: int) -> np.ndarray:
@@ -239,9 +277,10 @@ class SelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, segment_ids: Array, positions: Array, decode: bool = False,
-                 deterministic: bool = True) -> Array:
+                 deterministic: bool = True, relative_table: Array | None = None) -> Array:
+        """relative_table: T5's bucket table [buckets, heads], shared by a stack's layers."""
         cfg = self.cfg
-        heads, head_dim = cfg.num_heads, cfg.embed_dim // cfg.num_heads
+        heads, head_dim = cfg.num_heads, cfg.head_size
         kv_heads = cfg.num_kv_heads or heads  # fewer: grouped-query attention (the cache holds only these)
         batch, length = x.shape[:2]
         proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
@@ -277,15 +316,56 @@ class SelfAttention(nn.Module):
         # without a cache, queries and keys share slots: causality goes to the kernel (is_causal)
         aligned = self.causal and not decode
         mask = make_attention_mask(segment_ids, k_segments, q_index, k_index, self.causal and not aligned)
-        out = attention(q, k, v, mask, cfg.attention_impl, is_causal=aligned)  # [batch, length, heads, head_dim]
+        bias = None if relative_table is None else relative_bias(relative_table, q_index, k_index, not self.causal, cfg)
+        out = attention(q, k, v, mask, cfg.attention_impl, is_causal=aligned, bias=bias,
+                        scaled=cfg.scale_attention)  # [batch, length, heads, head_dim]
         out = Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, contract=2, std=proj_std,
                     name="out")(out)
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
+class CrossAttention(nn.Module):
+    """Attention of a decoder's positions to an encoder's outputs, within matching segments.
+
+    Decoding computes the encoder's keys and values once per source: a call with `encoded`
+    and `decode=True` (`EncoderDecoder.decode` primes the cache with no target tokens) keeps
+    them, with the source's segment ids, in the `cache` collection; calls with `encoded=None`
+    read them from there.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array, encoded: Array | None, encoded_segments: Array | None,
+                 decode: bool = False, deterministic: bool = True) -> Array:
+        """x: [batch, q, embed] decoder states; encoded: [batch, source, embed] encoder outputs."""
+        cfg = self.cfg
+        heads, head_dim = cfg.num_heads, cfg.head_size
+        kv_heads = cfg.num_kv_heads or heads
+        axes = ("embed", "heads", "kv")
+        biased = cfg.use_bias or cfg.qkv_bias
+        q = Dense((heads, head_dim), axes, cfg, bias=biased, name="query")(x)  # [batch, q, heads, head_dim]
+        key = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="key")
+        value = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="value")
+        if encoded is not None:
+            k, v = key(encoded), value(encoded)  # [batch, source, kv_heads, head_dim]
+            if decode:
+                for name, array in (("cross_key", k), ("cross_value", v), ("cross_segments", encoded_segments)):
+                    self.put_variable("cache", name, array)
+        else:
+            k, v, encoded_segments = (self.get_variable("cache", n) for n in ("cross_key", "cross_value", "cross_segments"))
+        mask = make_attention_mask(segment_ids, encoded_segments, jnp.arange(x.shape[1]),
+                                   jnp.arange(k.shape[1]), causal=False)
+        out = attention(q, k, v, mask, cfg.attention_impl, scaled=cfg.scale_attention)
+        out = Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, contract=2,
+                    std=0.02 / (2 * cfg.num_layers) ** 0.5, name="out")(out)
+        return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+
+
 class Mlp(nn.Module):
     """Feed-forward block, dropout on its output only (as BERT and GPT-2: none on the wide hidden
-    activation): `wo(act(wi x))`, or with `mlp=swiglu` `wo(silu(wi_gate x) * wi x)` (Llama)."""
+    activation): `wo(act(wi x))`, or with `mlp=swiglu` `wo(silu(wi_gate x) * wi x)` (Llama), with
+    `mlp=geglu` `wo(gelu_tanh(wi_gate x) * wi x)` (T5 v1.1)."""
 
     cfg: ModelConfig
 
@@ -294,8 +374,9 @@ class Mlp(nn.Module):
         cfg = self.cfg
         hidden = cfg.mlp_dim or 4 * cfg.embed_dim
         h = Dense((hidden,), ("embed", "mlp"), cfg, name="wi")(x)
-        if cfg.mlp == "swiglu":
-            h = nn.silu(Dense((hidden,), ("embed", "mlp"), cfg, name="wi_gate")(x)) * h
+        if cfg.mlp in ("swiglu", "geglu"):
+            gate = ACTIVATIONS["silu" if cfg.mlp == "swiglu" else "gelu_tanh"]
+            h = gate(Dense((hidden,), ("embed", "mlp"), cfg, name="wi_gate")(x)) * h
         else:
             h = ACTIVATIONS[cfg.activation](h)
         h = constrain(h, ("batch", "length", "act_mlp"))  # [batch, length, mlp]
@@ -304,7 +385,7 @@ class Mlp(nn.Module):
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
-def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str) -> nn.Embed:
+def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str | None = None) -> nn.Embed:
     """An embedding table [num, embed_dim] with logical axis names."""
     return nn.Embed(num, cfg.embed_dim, dtype=dtype_of(cfg), param_dtype=jnp.float32,
                     embedding_init=param_init(nn.initializers.normal(0.02), axes), name=name)
