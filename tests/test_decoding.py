@@ -1,3 +1,5 @@
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -104,8 +106,9 @@ def test_beam_search_finds_the_exhaustive_optimum():
     for seed in range(6):
         table = rng.normal(0, 2, (8, V, V, V)).astype(np.float32)
         table[..., EOS] -= 2.0  # longer hypotheses win often enough
-        tokens, scores = jax.jit(lambda p, m: beam_search(toy(table), jnp.zeros(2, jnp.int32), p, m, beam_size=27,
-                                                          max_new_tokens=L, eos_id=EOS, pad_id=0, alpha=0.0))(prompts, mask)
+        search = partial(beam_search, toy(table), jnp.zeros(2, jnp.int32), beam_size=27, max_new_tokens=L,
+                         eos_id=EOS, pad_id=0, alpha=0.0)
+        tokens, scores = jax.jit(search)(prompts, mask)
         for row, prompt in enumerate(([1, 2], [2, 0, 1])):
             for rank, (want, score) in enumerate(exhaustive(table, prompt, 0.0)[:8]):
                 got = tokens[row, rank].tolist()
