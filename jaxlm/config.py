@@ -22,8 +22,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
-SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "prompts", "none")
-TASKS = ("clm", "mlm", "classify", "qa", "sft")
+SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "prompts", "parallel", "none")
+TASKS = ("clm", "mlm", "classify", "qa", "sft", "seq2seq")
 DECODER_TASKS = ("clm", "sft")  # the tasks of a decoder-only language model
 POSITIONS = ("rotary", "learned", "relative", "sinusoidal")  # relative (T5 buckets), sinusoidal: encoder-decoders
 NORMS = ("layernorm", "rmsnorm")
@@ -169,6 +169,17 @@ class SftConfig:
 
 
 @dataclass
+class Seq2seqConfig:
+    """Sequence to sequence with an encoder-decoder (task=seq2seq): translation, summarization."""
+
+    source_key: str = "source"  # TSV/CSV column or JSONL field with the source text
+    target_key: str = "target"  # ... and the target text
+    prefix: str = ""  # text put before every source, e.g. "translate English to Spanish: "
+    target_len: int = 128  # target tokens per row (data.seq_len is the source's); longer targets lose their end
+    label_smoothing: float = 0.1  # share of each target's probability spread over the vocabulary
+
+
+@dataclass
 class InitConfig:
     """Where a new run's parameters start (fine-tuning)."""
 
@@ -274,6 +285,7 @@ class Config:
     classify: ClassifyConfig = field(default_factory=ClassifyConfig)
     qa: QAConfig = field(default_factory=QAConfig)
     sft: SftConfig = field(default_factory=SftConfig)
+    seq2seq: Seq2seqConfig = field(default_factory=Seq2seqConfig)
     init: InitConfig = field(default_factory=InitConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -454,6 +466,14 @@ def validate(c: Config) -> None:
              f"task=sft reads JSONL prompt/response files (data.source=prompts), and data.source=prompts is for "
              f"task=sft; got task={c.task} with data.source={d.source}")
     _require("{prompt}" in c.sft.prompt_format, f"sft.prompt_format={c.sft.prompt_format!r} must contain {{prompt}}")
+    _require(d.source in ("parallel", "none") if c.task == "seq2seq" else d.source != "parallel",
+             "data.source=parallel (TSV/CSV/JSONL source/target pairs) goes with task=seq2seq; "
+             f"got task={c.task} with data.source={d.source}")
+    _require(c.seq2seq.target_len > 0 and 0.0 <= c.seq2seq.label_smoothing < 1.0,
+             "seq2seq.target_len must be positive and seq2seq.label_smoothing in [0, 1)")
+    _require(c.task == "seq2seq" or m.positions in ("rotary", "learned"),
+             f"model.positions={m.positions} is an encoder-decoder's (task=seq2seq); decoders and encoders "
+             "take rotary or learned")
     _require(c.task == "qa" or d.source != "squad",
              f"data.source=squad (SQuAD JSON files) is for task=qa, not task={c.task}")
     _require(c.task != "qa" or d.source in ("squad", "tfds", "none"),

@@ -111,14 +111,16 @@ def length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _beams(tree: Any, select: Callable[[Array], Array]) -> Any:
-    """`select` applied to every cache array with a leading batch-of-beams axis (not scalars)."""
-    return jax.tree_util.tree_map(lambda x: select(x) if x.ndim else x, tree)
+def _beams(tree: Any, select: Callable[[Array], Array], axis: int) -> Any:
+    """`select` applied along `axis` (the batch of beams) of every cache array that has it (not
+    the scalar cache indices)."""
+    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(select(jnp.moveaxis(x, axis, 0)), 0, axis)
+                                  if x.ndim > axis else x, tree)
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
                 beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
-                alpha: float = 0.6) -> tuple[Array, Array]:
+                alpha: float = 0.6, cache_batch_axis: int = 0) -> tuple[Array, Array]:
     """Batched beam search continuing left-padded prompts.
 
     Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
@@ -132,7 +134,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
 
     Args:
       cache: an empty KV cache for the prompt batch, with room for prompt length +
-        max_new_tokens positions; it is repeated for the beams.
+        max_new_tokens positions; it is repeated for the beams along `cache_batch_axis` (1 when
+        the layers are scanned and the cache has a leading layer axis).
       prompt: [batch, P] token ids, left-padded; prompt_mask [batch, P], 1 on real tokens.
 
     Returns:
@@ -144,7 +147,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     mask = prompt_mask.astype(jnp.int32)
     logits, cache = tokens_to_logits(prompt, mask, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), cache)
     lengths = jnp.repeat(mask.sum(axis=1), k)  # [batch * k]
-    cache = _beams(cache, lambda x: jnp.repeat(x, k, axis=0))
+    cache = _beams(cache, lambda x: jnp.repeat(x, k, axis=0), cache_batch_axis)
     logp = jnp.repeat(jax.nn.log_softmax(logits[:, -1].astype(jnp.float32)), k, axis=0)  # [batch * k, vocab]
     vocab = logp.shape[-1]
     neg = -jnp.inf
@@ -175,7 +178,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
         alive_score, keep = jax.lax.top_k(jnp.where(ending, neg, top_score), k)
         alive = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
         rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
-        cache = _beams(cache, lambda x: x[rows])
+        cache = _beams(cache, lambda x: x[rows], cache_batch_axis)
         token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
         ones = jnp.ones((batch * k, 1), jnp.int32)
         logits, cache = tokens_to_logits(token[:, None], ones, (lengths + i)[:, None], cache)

@@ -5,6 +5,8 @@
         [--chat [--system TEXT]] [--no-stream]
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
+    python -m jaxlm.infer translate|summarize --workdir DIR [TEXT ...] [--input FILE] [--beam-size K]
+        [--length-penalty A] [--max-new-tokens N]
     python -m jaxlm.infer answer --workdir DIR --context TEXT [QUESTION ...] [--input FILE]
     python -m jaxlm.infer answer --workdir DIR --index INDEX [--retriever-workdir E] [--top-k K] [QUESTION ...]
 
@@ -13,7 +15,9 @@ run together in batches. generate decodes with a KV cache (--temperature 0 is gr
 deterministic), stops at any of the tokenizer's end tokens and streams a single prompt's
 continuation token by token; --chat makes each prompt a user's message in the run's chat
 template and prints the assistant's answer; fill-mask predicts each mask token ([MASK] or <mask>) of a masked-LM run;
-classify prints the label and its probability for a classification run; answer prints the span
+classify prints the label and its probability for a classification run; translate and
+summarize print the output of a sequence-to-sequence run for each text (beam search, or greedy
+with --beam-size 1); answer prints the span
 of the context that answers each question, and its score, for a question-answering run (a
 .jsonl --input gives each question its own context: {"question": ..., "context": ...}; with
 --index, the contexts are the top-k passages an index retrieves, and the answer names its passage).
@@ -38,6 +42,7 @@ from jaxlm.data import chat
 from jaxlm.data.sources import json_lines
 from jaxlm.errors import UserError, cli
 from jaxlm.index import Index
+from jaxlm.seq2seq_infer import Translator
 from jaxlm.workdir import Run, open_run
 
 
@@ -73,6 +78,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
         if name == "fill-mask":
             cmd.add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
+    for name, what in (("translate", "translate texts with a sequence-to-sequence run"),
+                       ("summarize", "summarize texts with a sequence-to-sequence run")):
+        cmd = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
+        cmd.add_argument("--workdir", required=True, help="a sequence-to-sequence run's directory (task=seq2seq)")
+        cmd.add_argument("text", nargs="*", help="texts")
+        cmd.add_argument("--prompt", action="append", default=[], help="a text (repeatable)")
+        cmd.add_argument("--input", help="file with one text per line")
+        cmd.add_argument("--beam-size", type=int, default=4, help="hypotheses kept (1: greedy)")
+        cmd.add_argument("--length-penalty", type=float, default=0.6,
+                         help="GNMT's alpha: scores over ((5 + length) / 6) ** alpha (0: none)")
+        cmd.add_argument("--max-new-tokens", type=int, help="longest output (default: seq2seq.target_len)")
+        cmd.add_argument("--batch-size", type=int, default=32, help="texts decoded together")
+        cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ans = commands.add_parser("answer", help="answer questions from a context with a question-answering run",
                               description="Answer questions with the span of a context that a "
                                           "question-answering run scores best.")
@@ -243,6 +261,21 @@ def encoder_command(args: argparse.Namespace, texts: list[str]) -> None:
     print(f"checkpoint step {step}: {len(texts)} texts in {time.time() - start:.1f}s", file=sys.stderr)
 
 
+def seq2seq_command(args: argparse.Namespace, texts: list[str]) -> None:
+    """translate and summarize: batches of texts through a sequence-to-sequence run, one output a line."""
+    run, ckpt = open_run(args.workdir)
+    if run.config.task != "seq2seq":
+        raise UserError(f"{args.command} needs a sequence-to-sequence run (task=seq2seq); "
+                        f"'{args.workdir}' trains task={run.config.task}")
+    params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
+    translator = Translator(run, params, args.max_new_tokens or run.config.seq2seq.target_len, args.beam_size,
+                            args.length_penalty)
+    start = time.time()
+    for output in translator(texts, args.batch_size):
+        print(output, flush=True)
+    print(f"checkpoint step {step}: {len(texts)} texts in {time.time() - start:.1f}s", file=sys.stderr)
+
+
 def read_questions(args: argparse.Namespace) -> list[tuple[str, str]]:
     """(question, context) pairs from the command line, --context / --context-file and --input."""
     context = args.context
@@ -318,6 +351,9 @@ def main(argv: list[str] | None = None) -> None:
         answer_command(args)
         return
     prompts = read_prompts(args)
+    if args.command in ("translate", "summarize"):
+        seq2seq_command(args, prompts)
+        return
     if args.command != "generate":
         encoder_command(args, prompts)
         return

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 from jaxlm import optim, sharding
-from jaxlm.config import MeshConfig, MlmConfig, ModelConfig, OptimConfig
+from jaxlm.config import MeshConfig, MlmConfig, ModelConfig, OptimConfig, Seq2seqConfig
 from jaxlm.data import pipeline
 from jaxlm.errors import UserError
 from jaxlm.steps import Compiled, PmapCompiled
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
+from jaxlm.tasks.seq2seq import Seq2seqTask
 
 MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32)
 ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, max_len=32,
@@ -23,6 +24,8 @@ ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, m
 # untied output, rescaled rotary
 LLAMA = dataclasses.replace(MODEL, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False, qkv_bias=True,
                             tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16)
+S2S = dataclasses.replace(MODEL, decoder_layers=3, positions="relative", relative_buckets=8, relative_max_distance=16,
+                          norm="rmsnorm", use_bias=False, scale_attention=False, mlp="geglu", tie_embeddings=False)
 # every model family, as (task factory); the mesh and accumulation checks run for each
 FAMILIES = {
     "decoder": lambda: ClmTask(MODEL, np.ones(128, np.int32)),
@@ -30,6 +33,8 @@ FAMILIES = {
     # masked-LM + next-sentence: two loss terms with different denominators (tokens, pairs)
     "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3, nsp=True), 16, 0, np.arange(4),
                                np.zeros(128, bool), 3),
+    # the encoder-decoder, T5's layout, packed on both sides; targets shorter than sources
+    "seq2seq": lambda: Seq2seqTask(S2S, Seq2seqConfig(target_len=12, label_smoothing=0.1), 120),
 }
 # Golden values: loss of the first step and of the step after one update, for MODEL, seed 0 and
 # the batch below. Regenerate with `python tests/test_steps.py` and paste the printed numbers.
@@ -45,9 +50,16 @@ def batch(seed=0, rows=8, length=16):
     pos = np.concatenate([np.arange(10), np.arange(length - 10)])[None].repeat(rows, 0).astype(np.int32)
     nsp = rng.integers(0, 2, rows).astype(np.int32)
     nsp[1] = -1  # a padding pair
+    target_seg = seg[:, :12].copy()
+    target_seg[:, 8:] = 2
+    target_seg[3, 10:] = 0  # a padded target tail
     return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": seg, "positions": pos,
             "row_ids": pipeline.row_ids(np.arange(rows) + seed * rows), "token_types": (seg == 2).astype(np.int32),
-            "nsp_labels": nsp}
+            "nsp_labels": nsp,
+            # seq2seq: sources are the inputs above; targets of 12, two segments a row like the sources'
+            "input_segments": seg, "input_positions": pos, "targets_in": ids[:, :12] * (target_seg > 0),
+            "target_tokens": ids[:, 1:13] * (target_seg > 0),
+            "target_segments": target_seg, "target_positions": np.concatenate([np.arange(8), np.arange(4)])[None].repeat(rows, 0)}
 
 
 def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1, family="decoder"):
@@ -59,11 +71,17 @@ def make(mesh_cfg=MeshConfig(data=1), lr=1e-2, rows=8, accum=1, family="decoder"
     return Compiled(task, tx, mesh, sharding.rules(mesh_cfg), rows, 16, accum)
 
 
+def family_batch(task, seed=0, rows=8):
+    """`batch`, with a sequence-to-sequence task's targets its own."""
+    b = batch(seed, rows)
+    return {**b, "targets": b["target_tokens"]} if isinstance(task, Seq2seqTask) else b
+
+
 def losses(c, steps=3, rows=8):
     state, rng, out = c.init_state(0), jax.random.key(0), []
     with c.context():
         for i in range(steps):
-            state, m = c.train_step(state, c.put_batch(batch(i % 2, rows)), rng)
+            state, m = c.train_step(state, c.put_batch(family_batch(c.task, i % 2, rows)), rng)
             out.append(c.task.summarize(m)["loss"])
     return out
 
@@ -149,7 +167,10 @@ def test_fsdp_each_device_holds_an_eighth_of_the_state(family):
             "llama": lambda: ClmTask(dataclasses.replace(model, num_kv_heads=2, mlp="swiglu", norm="rmsnorm",
                                                          use_bias=False, tie_embeddings=False), np.ones(512, np.int32)),
             "encoder": lambda: MlmTask(dataclasses.replace(model, positions="learned"), MlmConfig(), 16, 0,
-                                       np.arange(4), np.zeros(512, bool), 3)}[family]()
+                                       np.arange(4), np.zeros(512, bool), 3),
+            "seq2seq": lambda: Seq2seqTask(dataclasses.replace(model, positions="relative", norm="rmsnorm", use_bias=False,
+                                                               mlp="geglu", tie_embeddings=False), Seq2seqConfig(), 512),
+            }[family]()
     tx = optim.optimizer(OptimConfig(), 10)
     device = jax.devices()[0]
 

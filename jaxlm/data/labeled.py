@@ -39,7 +39,7 @@ from jaxlm.errors import UserError
 KEYS = ("inputs", "token_types", "segment_ids", "positions", "pool_at", "labels")
 
 
-def _records(path: Path, encoding_errors: str) -> list[tuple[int, dict[str, Any]]]:
+def records(path: Path, encoding_errors: str) -> list[tuple[int, dict[str, Any]]]:
     """(line number, record) for every example of a file."""
     suffix = path.suffix.lower()
     if suffix not in (".tsv", ".csv", ".jsonl", ".json"):
@@ -70,12 +70,12 @@ def _label(value: Any, cfg: ClassifyConfig, where: str) -> int:
 
 def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig, name: str) -> list[dict[str, Any]]:
     """The file's examples; `name` (its path below the files' common folder) keys the held-out share."""
-    records = _records(path, data.encoding_errors)
-    if not records:
+    rows = records(path, data.encoding_errors)
+    if not rows:
         raise UserError(f"'{path}' holds no examples")
     keys = [data.text_key, cfg.label_key] + ([cfg.pair_key] if cfg.pair_key else [])
     out = []
-    for number, record in records:
+    for number, record in rows:
         where = f"{path}:{number}"
         for key in keys:
             if record.get(key) is None:

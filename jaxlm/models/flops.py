@@ -30,13 +30,13 @@ def attention_share(cfg: ModelConfig, causal: bool) -> float:
     return 0.5 if causal and kernel == "cudnn" else 1.0
 
 
-def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool) -> float:
+def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool, layers: int | None = None) -> float:
     """Forward FLOPs of the Transformer blocks over `batch` rows of `seq_len` tokens.
 
     Per layer: query, key, value and output projections (keys and values over the KV heads only,
     under grouped-query attention), the MLP's two matrices (three with a gated `mlp`), and
     attention's scores (q k^T) and weighted values, each [length, length] x head dims over all
-    query heads.
+    query heads. `layers` defaults to `cfg.num_layers`.
     """
     tokens = batch * seq_len
     mlp = cfg.mlp_dim or 4 * cfg.embed_dim
@@ -45,7 +45,17 @@ def blocks(cfg: ModelConfig, batch: int, seq_len: int, causal: bool) -> float:
     projections = 2 * dense(tokens, cfg.embed_dim, q_width) + 2 * dense(tokens, cfg.embed_dim, kv_width)
     feed_forward = (3 if cfg.mlp in ("swiglu", "geglu") else 2) * dense(tokens, cfg.embed_dim, mlp)
     scores = 2 * 2.0 * batch * seq_len * seq_len * q_width * attention_share(cfg, causal)
-    return cfg.num_layers * (projections + feed_forward + scores)
+    return (layers or cfg.num_layers) * (projections + feed_forward + scores)
+
+
+def cross_attention(cfg: ModelConfig, batch: int, source_len: int, target_len: int) -> float:
+    """Forward FLOPs of one decoder layer's cross-attention: query and output projections of the
+    target, key and value projections of the source, and the [target, source] scores and
+    weighted values."""
+    q_width = cfg.head_size * cfg.num_heads
+    kv_width = cfg.head_size * (cfg.num_kv_heads or cfg.num_heads)
+    return (2 * dense(batch * target_len, cfg.embed_dim, q_width) + 2 * dense(batch * source_len, cfg.embed_dim, kv_width)
+            + 2 * 2.0 * batch * target_len * source_len * q_width)
 
 
 def train_step(forward: float) -> float:

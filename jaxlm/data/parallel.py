@@ -1,0 +1,93 @@
+"""Parallel text for sequence-to-sequence tasks: source/target pairs from TSV, CSV or JSONL files,
+and their encoding into rows.
+
+A file holds one pair a line (TSV and CSV with a header row naming the columns; JSONL one object
+a line): `seq2seq.source_key` names the source column, `seq2seq.target_key` the target. A
+missing column or an empty file is one error naming the file and line. Held-out pairs come from
+`data.eval_paths`, or a stable hashed share of the rest; `evaluate --split test` reads
+`data.test_paths`.
+
+A row holds the source `prefix + source [EOS]` (cut to `data.seq_len`) and the target
+`target [EOS]` (cut to `seq2seq.target_len`), which the decoder reads shifted right behind a
+start token (BOS): `targets_in = [BOS] target`, `targets = target [EOS]`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxlm.config import DataConfig, Seq2seqConfig
+from jaxlm.data.labeled import encode_first, records
+from jaxlm.data.sources import Splits, _fingerprint, example_splits, file_stats
+from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.errors import UserError
+
+KEYS = ("inputs", "input_segments", "input_positions", "targets_in", "targets", "target_segments",
+        "target_positions")
+
+
+def _examples(path: Path, data: DataConfig, cfg: Seq2seqConfig, name: str) -> list[dict[str, Any]]:
+    rows = records(path, data.encoding_errors)
+    if not rows:
+        raise UserError(f"'{path}' holds no examples")
+    out = []
+    for number, record in rows:
+        for key in (cfg.source_key, cfg.target_key):
+            if record.get(key) is None:
+                raise UserError(f"{path}:{number}: no '{key}' column/field (it has {', '.join(map(str, record))}); "
+                                "set seq2seq.source_key and seq2seq.target_key")
+        source, target = str(record[cfg.source_key]), str(record[cfg.target_key])
+        out.append({"source": source, "target": target, "text": f"{source}\n{target}",  # text: a tokenizer's
+                    "key": f"{name}:{number}"})
+    return out
+
+
+def load_splits(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
+    """Train and held-out pairs from parallel files (read in full)."""
+    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
+    if not held:
+        raise UserError("no held-out pairs; give data.eval_paths or more pairs")
+    fp = _fingerprint(["parallel", file_stats(train_files + eval_files), len(train_files), data.eval_fraction,
+                       cfg.source_key, cfg.target_key])
+    return Splits(train, held, "text", fp)
+
+
+class ParallelRows:
+    """Random-access encoded pairs, one a row (see the module docstring)."""
+
+    def __init__(self, examples: list[dict[str, Any]], tok: TextTokenizer, source_len: int, target_len: int,
+                 prefix: str = ""):
+        self.seq_len, self.target_len = source_len, target_len
+        n = len(examples)
+        sources = encode_first(tok, [prefix + e["source"] for e in examples], source_len)
+        targets = encode_first(tok, [e["target"] for e in examples], target_len)
+        self.inputs = np.zeros((n, source_len), np.int32)
+        self.targets = np.zeros((n, target_len + 1), np.int32)  # [BOS] target [EOS], cut
+        self.source_lengths = np.zeros(n, np.int32)
+        self.target_lengths = np.zeros(n, np.int32)
+        for i, (s, t) in enumerate(zip(sources, targets)):
+            s = [*s[:source_len - 1], tok.eos_id]
+            t = [tok.bos_id, *t[:target_len - 1], tok.eos_id]
+            self.inputs[i, :len(s)], self.targets[i, :len(t)] = s, t
+            self.source_lengths[i], self.target_lengths[i] = len(s), len(t) - 1
+        self.tokens = int(self.target_lengths.sum())
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        source = (np.arange(self.seq_len) < self.source_lengths[i]).astype(np.int32)
+        target = (np.arange(self.target_len) < self.target_lengths[i]).astype(np.int32)
+        return {"inputs": self.inputs[i], "input_segments": source,
+                "input_positions": np.arange(self.seq_len, dtype=np.int32),
+                "targets_in": self.targets[i, :-1] * target, "targets": self.targets[i, 1:] * target,
+                "target_segments": target, "target_positions": np.arange(self.target_len, dtype=np.int32)}
+
+    def empty(self) -> dict[str, np.ndarray]:
+        """A padding row (no tokens; weight zero)."""
+        source, target = np.zeros(self.seq_len, np.int32), np.zeros(self.target_len, np.int32)
+        return {"inputs": source, "input_segments": source, "input_positions": source, "targets_in": target,
+                "targets": target, "target_segments": target, "target_positions": target}

@@ -1,0 +1,67 @@
+"""Inference with an encoder-decoder run: translate or summarize texts, greedy or by beam search.
+
+Used by `python -m jaxlm.infer translate|summarize` and by `evaluate` on a sequence-to-sequence
+run. Sources are encoded once; the decoder starts from BOS and reads the encoder's keys and
+values from its cache (`jaxlm.models.encoder_decoder.decoding_cache`).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm import decoding
+from jaxlm.data.parallel import ParallelRows
+from jaxlm.errors import UserError
+from jaxlm.models.encoder_decoder import cached_logits, decoding_cache
+from jaxlm.workdir import Run
+
+
+class Translator:
+    """Batched decoding of a sequence-to-sequence run: one compiled function per (batch, beam)."""
+
+    def __init__(self, run: Run, params, max_new_tokens: int, beam_size: int = 1, length_penalty: float = 0.6):
+        if beam_size < 1 or max_new_tokens < 1:
+            raise UserError(f"--beam-size={beam_size} and --max-new-tokens={max_new_tokens} must be at least 1")
+        self.run, self.params, self.tok = run, params, run.tokenizer
+        self.max_new_tokens, self.beam_size, self.alpha = max_new_tokens, beam_size, length_penalty
+        self._fn = jax.jit(self._decode)
+
+    def _decode(self, params, inputs, segments, positions):
+        model, tok = self.run.task.model, self.tok
+        cache = decoding_cache(model, params, inputs, segments, positions, 1 + self.max_new_tokens)
+        logits = cached_logits(model, params, tok.vocab_size)
+        start = jnp.full((inputs.shape[0], 1), tok.bos_id, jnp.int32)
+        settings = dict(max_new_tokens=self.max_new_tokens, eos_id=tok.end_ids, pad_id=tok.pad_id)
+        if self.beam_size == 1:
+            return decoding.generate(logits, cache, start, jnp.ones_like(start), jax.random.key(0),
+                                     temperature=0.0, **settings)
+        tokens, _ = decoding.beam_search(logits, cache, start, jnp.ones_like(start), self.beam_size, alpha=self.alpha,
+                                         cache_batch_axis=1 if model.cfg.scan_layers else 0, **settings)
+        return tokens[:, 0]
+
+    def __call__(self, texts: list[str], batch_size: int = 32) -> list[str]:
+        """The outputs of `texts` (prefixed with `seq2seq.prefix` and cut to `data.seq_len`)."""
+        cfg = self.run.config
+        mesh = self.run.compiled.mesh.shape
+        rows_multiple = mesh["data"] * mesh["fsdp"]
+        out = []
+        for first in range(0, len(texts), batch_size):
+            chunk = texts[first:first + batch_size]
+            padded = chunk + [""] * (-len(chunk) % rows_multiple)  # fill the mesh's batch axes
+            rows = ParallelRows([{"source": t, "target": ""} for t in padded], self.tok, cfg.data.seq_len, 1,
+                                cfg.seq2seq.prefix)
+            batch = [np.stack([rows[i][k] for i in range(len(rows))]) for k in ("inputs", "input_segments", "input_positions")]
+            with self.run.compiled.context():
+                tokens = np.asarray(self._fn(self.params, *batch))
+            out += [self.text(row) for row in tokens[:len(chunk)]]
+        return out
+
+    def text(self, ids: np.ndarray) -> str:
+        """The text of generated ids, up to the first end token."""
+        ids = ids.tolist()
+        end = next((k for k, i in enumerate(ids) if i in self.tok.end_ids), len(ids))
+        return self.tok.decode(ids[:end])
+
+

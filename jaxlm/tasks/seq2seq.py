@@ -1,0 +1,127 @@
+"""Sequence to sequence with an encoder-decoder: teacher-forced cross-entropy on the target, with
+label smoothing."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxlm.config import Config, ModelConfig, Seq2seqConfig
+from jaxlm.data import parallel
+from jaxlm.data.sources import Splits
+from jaxlm.data.tokenizer import TextTokenizer
+from jaxlm.metrics import objective, token_metrics
+from jaxlm.microbatch import Layout
+from jaxlm.models import flops
+from jaxlm.models.encoder_decoder import EncoderDecoder
+from jaxlm.tasks.base import one_document_a_row
+
+Array = jax.Array
+
+
+class Seq2seqTask:
+    """Loss and metric sums for an encoder-decoder on source/target pairs.
+
+    Metric sums (divided on the host, after aggregation over devices and steps):
+      loss_sum   summed label-smoothed token cross-entropy (what is minimised)
+      nll_sum    summed plain cross-entropy in nats (perplexity)
+      tokens     target tokens predicted (the EOS included)
+      correct    tokens whose target has the largest logit
+    """
+
+    batch_keys = parallel.KEYS
+    terms = (("loss_sum", "tokens"),)
+    lower_is_better = frozenset({"loss", "perplexity"})
+
+    def __init__(self, model_cfg: ModelConfig, cfg: Seq2seqConfig, vocab: int):
+        self.model = EncoderDecoder(model_cfg)
+        self.target_len, self.smoothing = cfg.target_len, cfg.label_smoothing
+        self.vocab = vocab  # the tokenizer's ids; the table's padding beyond them gets no smoothing mass
+
+    @staticmethod
+    def resolve(config: Config) -> Config:
+        return config
+
+    @staticmethod
+    def load_splits(config: Config) -> Splits:
+        return parallel.load_splits(config.data, config.seq2seq)
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, parallel.ParallelRows]:
+        s = config.seq2seq
+        return {name: parallel.ParallelRows(getattr(splits, name), tok, config.data.seq_len, s.target_len, s.prefix)
+                for name in ("train", "eval")}
+
+    @classmethod
+    def create(cls, config: Config, tok: TextTokenizer) -> Seq2seqTask:
+        return cls(config.model, config.seq2seq, tok.vocab_size)
+
+    def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> None:
+        return None
+
+    def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
+        """A batch of the right shapes and dtypes: sources of `seq_len`, targets of `target_len`."""
+        return {k: np.ones((batch_size, seq_len if k.startswith("input") else self.target_len), np.int32)
+                for k in self.batch_keys}
+
+    def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Random sources and targets, one pair a row, no padding (benchmarks)."""
+        vocab, t = self.model.cfg.vocab_size, self.target_len
+        target = rng.integers(0, vocab, (batch_size, t + 1), dtype=np.int32)
+        return {"inputs": rng.integers(0, vocab, (batch_size, seq_len), dtype=np.int32),
+                "input_segments": np.ones((batch_size, seq_len), np.int32),
+                "input_positions": one_document_a_row(batch_size, seq_len),
+                "targets_in": target[:, :-1], "targets": target[:, 1:],
+                "target_segments": np.ones((batch_size, t), np.int32),
+                "target_positions": one_document_a_row(batch_size, t)}
+
+    def forward_flops(self, batch_size: int, seq_len: int) -> float:
+        """Model FLOPs of a forward pass: both stacks (the decoder's cross-attention included)
+        and the output layer on every target token."""
+        cfg = self.model.cfg
+        decoder = cfg.decoder_layers or cfg.num_layers
+        return (flops.blocks(cfg, batch_size, seq_len, causal=False)
+                + flops.blocks(cfg, batch_size, self.target_len, causal=True, layers=decoder)
+                + decoder * flops.cross_attention(cfg, batch_size, seq_len, self.target_len)
+                + flops.dense(batch_size * self.target_len, cfg.embed_dim, cfg.vocab_size))
+
+    def init(self, rng: Array, batch: dict[str, Array]) -> dict:
+        return self.model.init(rng, *(batch[k] for k in self.batch_keys if k != "targets"))
+
+    @staticmethod
+    def weights(batch: dict[str, Array]) -> Array:
+        """[batch, target] 1.0 on the target tokens the loss counts."""
+        return (batch["target_segments"] != 0).astype(jnp.float32)
+
+    def denominators(self, batch: dict[str, Array]) -> dict[str, Array]:
+        return {"tokens": self.weights(batch).sum()}
+
+    def logits(self, params: dict, batch: dict[str, Array], train: bool = False, rng: Array | None = None) -> Array:
+        """Teacher-forced logits [batch, target, vocab]."""
+        args = (batch[k] for k in self.batch_keys if k != "targets")
+        return self.model.apply({"params": params}, *args, deterministic=not train,
+                                rngs={"dropout": rng} if rng is not None else {})
+
+    def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
+             totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
+        """Mean label-smoothed token loss (over `totals` when given) and metric sums: the target
+        gets 1 - smoothing of the probability, the rest spread evenly over the tokenizer's ids."""
+        logits = self.logits(params, batch, train, rng)  # [batch, target, vocab]
+        weights = self.weights(batch)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+        uniform = logp[..., :self.vocab].mean(-1)  # the mean log-probability of every real id
+        smoothed = -(1.0 - self.smoothing) * target_logp - self.smoothing * uniform
+        correct = (target_logp >= logp.max(-1)) * weights
+        sums = {"loss_sum": (smoothed * weights).sum(), "nll_sum": (-target_logp * weights).sum(),
+                "tokens": weights.sum(), "correct": correct.sum()}
+        return objective(sums, self.terms, totals), sums
+
+    @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        """Loss (smoothed), perplexity (of the plain cross-entropy) and accuracy."""
+        out = token_metrics(sums, "tokens")
+        nll = float(sums["nll_sum"]) / max(float(sums["tokens"]), 1.0)
+        out["perplexity"] = float(np.exp(min(nll, 50.0)))
+        return out

@@ -1,0 +1,80 @@
+"""Sequence to sequence: parallel files and rows, the label-smoothed loss, a tiny run that
+learns its pairs and translates them, greedy and by beam search."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from jaxlm import config as config_lib
+from jaxlm import infer, train
+from jaxlm.config import DataConfig, ModelConfig, Seq2seqConfig
+from jaxlm.data import parallel
+from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.errors import UserError
+from jaxlm.tasks.seq2seq import Seq2seqTask
+
+WORDS = tokenizer_lib.placeholder(64)  # one token a word: w4, w5, ...
+PAIRS = [{"source": "w4 w5 w6", "target": "w7 w8"}, {"source": "w9", "target": "w10 w11 w12 w13"}]
+MODEL = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=64, max_len=16, positions="relative",
+                    relative_buckets=8, relative_max_distance=12, norm="rmsnorm", use_bias=False, mlp="geglu",
+                    tie_embeddings=False)
+
+
+def test_rows_shift_the_target_behind_a_start_token():
+    rows = parallel.ParallelRows(PAIRS, WORDS, 6, 4, prefix="w20 ")
+    row = rows[0]
+    assert row["inputs"].tolist() == [20, 4, 5, 6, WORDS.eos_id, 0] and row["input_segments"].tolist() == [1] * 5 + [0]
+    assert row["targets_in"].tolist() == [WORDS.bos_id, 7, 8, 0] and row["targets"].tolist() == [7, 8, WORDS.eos_id, 0]
+    assert row["target_segments"].tolist() == [1, 1, 1, 0]
+    cut = rows[1]  # 4 target tokens + EOS do not fit 4: the end goes, EOS stays
+    assert cut["targets"].tolist() == [10, 11, 12, WORDS.eos_id] and cut["targets_in"].tolist() == [WORDS.bos_id, 10, 11, 12]
+    assert rows.tokens == 3 + 4
+
+
+def test_files_and_their_errors(tmp_path):
+    (tmp_path / "train.tsv").write_text("en\tes\nw4 w5\tw6\nw7\tw8 w9\n")
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"en": "w4", "es": "w5"}) + "\n")
+    data = DataConfig(source="parallel", paths=[str(tmp_path / "train.tsv")], eval_paths=[str(tmp_path / "dev.jsonl")])
+    splits = parallel.load_splits(data, Seq2seqConfig(source_key="en", target_key="es"))
+    assert [(e["source"], e["target"]) for e in splits.train] == [("w4 w5", "w6"), ("w7", "w8 w9")]
+    with pytest.raises(UserError, match="train.tsv:2: no 'source' column.*seq2seq.source_key"):
+        parallel.load_splits(data, Seq2seqConfig())
+    with pytest.raises(UserError, match="data.source=parallel .* goes with task=seq2seq"):
+        config_lib.load(None, ["task=seq2seq", "data.source=text", "data.paths=[x.txt]"])
+
+
+def test_label_smoothing_spreads_the_target_mass_over_the_vocabulary():
+    rows = parallel.ParallelRows(PAIRS, WORDS, 8, 6)
+    batch = {k: np.stack([rows[i][k] for i in range(2)]) for k in parallel.KEYS}
+    plain, smooth = (Seq2seqTask(MODEL, Seq2seqConfig(target_len=6, label_smoothing=e), 60) for e in (0.0, 0.2))
+    params = plain.init(jax.random.key(0), batch)["params"]
+    _, p = plain.loss(params, batch, jax.random.key(0), train=False)
+    _, s = smooth.loss(params, batch, jax.random.key(0), train=False)
+    assert float(p["tokens"]) == 8 and float(p["loss_sum"]) == pytest.approx(float(p["nll_sum"]), rel=1e-6)
+    logp = np.asarray(jax.nn.log_softmax(plain.logits(params, batch), axis=-1))
+    mask = batch["target_segments"] > 0
+    target = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
+    want = (-(0.8 * target + 0.2 * logp[..., :60].mean(-1)) * mask).sum()
+    np.testing.assert_allclose(float(s["loss_sum"]), want, rtol=1e-5)
+    assert float(s["nll_sum"]) == pytest.approx(float(p["nll_sum"]), rel=1e-6)
+
+
+def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
+    pairs = [("the house", "la casa"), ("the dog", "el perro"), ("a red house", "una casa roja"),
+             ("the black cat", "el gato negro"), ("good morning", "buenos dias"), ("thank you", "gracias")]
+    (tmp_path / "train.tsv").write_text("en\tes\n" + "".join(f"{a}\t{b}\n" for a, b in pairs))
+    overrides = ["task=seq2seq", "data.source=parallel", f"data.paths=[{tmp_path}/train.tsv]",
+                 f"data.eval_paths=[{tmp_path}/train.tsv]", f"data.cache_dir={tmp_path}/cache", "data.vocab_size=300",
+                 "data.seq_len=12", "seq2seq.source_key=en", "seq2seq.target_key=es", "seq2seq.target_len=10",
+                 "seq2seq.label_smoothing=0.0", "model.positions=relative", "model.norm=rmsnorm", "model.use_bias=false",
+                 "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
+                 "train.batch_size=8", "train.steps=80", "train.log_every=40", "train.eval_every=80",
+                 "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
+    final = train.train(config_lib.load(None, overrides), tmp_path / "w")
+    assert final["accuracy"] == 1.0, final  # every target token of the pairs
+    capsys.readouterr()
+    for beam in ("1", "3"):
+        infer.main(["translate", "--workdir", str(tmp_path / "w"), "--beam-size", beam, "the black cat", "good morning"])
+        assert capsys.readouterr().out.splitlines() == ["el gato negro", "buenos dias"]
