@@ -196,12 +196,7 @@ class Generator:
         prompt, mask, cache_len = self._batch(encoded)
         with self.run.compiled.context():
             out = np.asarray(self._fn(self.params, prompt, mask, rng, cache_len=cache_len))
-        texts = []
-        for row in out[: len(encoded)]:
-            ids = row.tolist()
-            end = next((k for k, i in enumerate(ids) if i in self.tok.end_ids), len(ids))
-            texts.append(self.tok.decode(ids[:end]))
-        return texts
+        return [self.tok.generated_text(row.tolist()) for row in out[: len(encoded)]]
 
     def stream(self, encoded: list[int], rng: jax.Array) -> Iterator[int]:
         """The continuation of one prompt's token ids, a token at a time as it is drawn (an end

@@ -55,13 +55,5 @@ class Translator:
             batch = [np.stack([rows[i][k] for i in range(len(rows))]) for k in ("inputs", "input_segments", "input_positions")]
             with self.run.compiled.context():
                 tokens = np.asarray(self._fn(self.params, *batch))
-            out += [self.text(row) for row in tokens[:len(chunk)]]
+            out += [self.tok.generated_text(row.tolist()) for row in tokens[:len(chunk)]]
         return out
-
-    def text(self, ids: np.ndarray) -> str:
-        """The text of generated ids, up to the first end token."""
-        ids = ids.tolist()
-        end = next((k for k, i in enumerate(ids) if i in self.tok.end_ids), len(ids))
-        return self.tok.decode(ids[:end])
-
-

@@ -58,6 +58,11 @@ class TextTokenizer:
         """Text of ids, special tokens dropped."""
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    def generated_text(self, ids: list[int]) -> str:
+        """The text of generated ids, up to the first end token (`end_ids`)."""
+        end = next((k for k, i in enumerate(ids) if i in self.end_ids), len(ids))
+        return self.decode(ids[:end])
+
     def byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token stands for ([vocab] int32; 0 for special tokens).
 
