@@ -177,6 +177,8 @@ class Seq2seqConfig:
     prefix: str = ""  # text put before every source, e.g. "translate English to Spanish: "
     target_len: int = 128  # target tokens per row (data.seq_len is the source's); longer targets lose their end
     label_smoothing: float = 0.1  # share of each target's probability spread over the vocabulary
+    eval_beam_size: int = 4  # beam search of evaluation (BLEU, chrF, ROUGE); 1: greedy
+    length_penalty: float = 0.6  # GNMT's alpha: beam scores over ((5 + length) / 6) ** alpha
 
 
 @dataclass
@@ -213,6 +215,7 @@ class TrainConfig:
     log_every: int = 25
     eval_every: int = 50
     eval_batches: int = 20  # 0 means the whole eval split
+    decode_eval_examples: int = 100  # tasks scored on generated text (seq2seq): held-out examples decoded at each eval
     peak_tflops: float = 0.0  # a device's peak, for the logged mfu; 0: its datasheet figure (jaxlm.perf.PEAKS)
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: a jax.profiler trace of those steps in <workdir>/profile
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: the update is dropped, then stop (checkpoint, exit 3) or skip
@@ -469,8 +472,10 @@ def validate(c: Config) -> None:
     _require(d.source in ("parallel", "none") if c.task == "seq2seq" else d.source != "parallel",
              "data.source=parallel (TSV/CSV/JSONL source/target pairs) goes with task=seq2seq; "
              f"got task={c.task} with data.source={d.source}")
-    _require(c.seq2seq.target_len > 0 and 0.0 <= c.seq2seq.label_smoothing < 1.0,
-             "seq2seq.target_len must be positive and seq2seq.label_smoothing in [0, 1)")
+    _require(c.seq2seq.target_len > 0 and 0.0 <= c.seq2seq.label_smoothing < 1.0 and c.seq2seq.eval_beam_size > 0
+             and c.seq2seq.length_penalty >= 0 and t.decode_eval_examples >= 0,
+             "seq2seq.target_len and seq2seq.eval_beam_size must be positive, seq2seq.label_smoothing in [0, 1), "
+             "seq2seq.length_penalty and train.decode_eval_examples >= 0")
     _require(c.task == "seq2seq" or m.positions in ("rotary", "learned"),
              f"model.positions={m.positions} is an encoder-decoder's (task=seq2seq); decoders and encoders "
              "take rotary or learned")

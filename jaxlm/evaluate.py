@@ -1,12 +1,15 @@
 """`python -m jaxlm.evaluate`: the metrics of a checkpoint on a split.
 
-    python -m jaxlm.evaluate --workdir DIR [--step N] [--split NAME] [--json] [key=value ...]
+    python -m jaxlm.evaluate --workdir DIR [--step N] [--split NAME] [--beam-size K] [--json] [key=value ...]
 
 Each task reports its own: loss, perplexity and bits per byte of a language model; accuracy and
-macro-F1 of a classifier; exact match and F1 of a question-answering reader. Where a task's
-metrics come from predictions, the predictions are written beside the metrics, so any figure
-can be recomputed by hand: `<workdir>/eval/predictions-<split>-<step>.json` (SQuAD's official
-format, question id -> answer), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`.
+macro-F1 of a classifier; exact match and F1 of a question-answering reader; BLEU, chrF and
+ROUGE-1/2/L of a sequence-to-sequence run, whose whole split is decoded (beam search of
+`--beam-size`, default `seq2seq.eval_beam_size`). Where a task's metrics come from
+predictions, the predictions are written beside the metrics, so any figure can be recomputed by
+hand: `<workdir>/eval/predictions-<split>-<step>.json` (SQuAD's official format, question id ->
+answer) or `<workdir>/eval/hypotheses-<split>-<step>.txt` (one output a line, in the split's
+order), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--split", choices=("eval", "test", "train"), default="eval",
                         help="held-out split (default), the test split (data.test_paths, or a catalog "
                              "dataset's test split) or the training split")
+    parser.add_argument("--beam-size", type=int, help="sequence to sequence: beam size (1: greedy)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. train.eval_batches=0 for the whole split")
@@ -54,12 +58,13 @@ def test_config(config: Config) -> Config:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.time()
-    run, ckpt = open_run(args.workdir, args.overrides)
+    overrides = [*args.overrides, *([f"seq2seq.eval_beam_size={args.beam_size}"] if args.beam_size else [])]
+    run, ckpt = open_run(args.workdir, overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     config = test_config(run.config) if args.split == "test" else run.config
     task = tasks.task_class(config)
     rows = task.rows(config, tasks.load_splits(config), run.tokenizer)["train" if args.split == "train" else "eval"]
-    metrics, files = evaluate_outputs(run, params, rows)
+    metrics, files = evaluate_outputs(run, params, rows, decoded=None)
     if files:  # the predictions behind the metrics, and the metrics, beside each other
         out = Path(args.workdir) / "eval"
         out.mkdir(exist_ok=True)

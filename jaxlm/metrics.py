@@ -132,3 +132,19 @@ def squad_scores(predictions: dict[str, str], golds: dict[str, list[str]]) -> di
         out.update(zip(("has_ans_exact_match", "has_ans_f1"), mean([r for r in rows.values() if not r[2]])))
         out["no_ans_exact_match"] = mean([r for r in rows.values() if r[2]])[0]
     return out
+
+
+def text_scores(hypotheses: list[str], references: list[str]) -> dict[str, float]:
+    """Corpus BLEU and chrF (sacrebleu's defaults: 13a tokenization, one reference) and the mean
+    ROUGE-1/2/L F-measures (rouge-score, stemmed) of generated texts against references, in
+    percent."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, hyp) for hyp, ref in zip(hypotheses, references)]
+    out = {"bleu": sacrebleu.corpus_bleu(hypotheses, [references]).score,
+           "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
+    for name in ("rouge1", "rouge2", "rougeL"):
+        out[name] = 100.0 * float(np.mean([r[name].fmeasure for r in rouge])) if rouge else 0.0
+    return out

@@ -115,12 +115,15 @@ def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:
 def evaluate(run: Run, params, rows: Any) -> dict[str, float]:
     """Metrics over eval rows (or their first `train.eval_batches` batches); where the rows
     come in labeled parts (the sources of a data mixture), also each part's, as `<label>/<metric>`.
-    A task that scores predictions (e.g. exact match of answers) is evaluated on all the rows."""
-    return evaluate_outputs(run, params, rows)[0]
+    A task that scores predictions (e.g. exact match of answers) is evaluated on all the rows; one
+    scored on generated text (BLEU) decodes the first `train.decode_eval_examples`."""
+    return evaluate_outputs(run, params, rows, run.config.train.decode_eval_examples)[0]
 
 
-def evaluate_outputs(run: Run, params, rows: Any) -> tuple[dict[str, float], dict[str, str]]:
-    """`evaluate`'s metrics, and the files the task's predictions make (name -> text), if any."""
+def evaluate_outputs(run: Run, params, rows: Any, decoded: int | None = None
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+    """`evaluate`'s metrics, and the files the task's predictions make (name -> text), if any;
+    a task scored on generated text decodes `decoded` examples (None: all)."""
     if hasattr(run.task, "score"):  # one pass over all the rows: metric sums and predictions
         sums, outputs = _predictions(run, params, rows)
         scored, files = run.task.score(rows, outputs)
@@ -128,7 +131,10 @@ def evaluate_outputs(run: Run, params, rows: Any) -> tuple[dict[str, float], dic
     sums = {label: _eval_sums(run, params, part) for label, part in pipeline.parts_of(rows).items()}
     total = {k: sum(s[k] for s in sums.values()) for k in next(iter(sums.values()))}
     parts = {f"{label}/{k}": v for label, s in sums.items() if label for k, v in run.task.summarize(s).items()}
-    return {**run.task.summarize(total), **parts}, {}
+    scored, files = {}, {}
+    if hasattr(run.task, "decode_score") and decoded != 0:
+        scored, files = run.task.decode_score(run, params, rows, decoded)
+    return {**run.task.summarize(total), **parts, **scored}, files
 
 
 def _predictions(run: Run, params, rows: Any) -> tuple[dict[str, float], dict[str, np.ndarray]]:

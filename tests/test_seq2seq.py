@@ -8,11 +8,12 @@ import numpy as np
 import pytest
 
 from jaxlm import config as config_lib
-from jaxlm import infer, train
+from jaxlm import evaluate, infer, train
 from jaxlm.config import DataConfig, ModelConfig, Seq2seqConfig
 from jaxlm.data import parallel
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError
+from jaxlm.metrics import text_scores
 from jaxlm.tasks.seq2seq import Seq2seqTask
 
 WORDS = tokenizer_lib.placeholder(64)  # one token a word: w4, w5, ...
@@ -78,3 +79,20 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     for beam in ("1", "3"):
         infer.main(["translate", "--workdir", str(tmp_path / "w"), "--beam-size", beam, "the black cat", "good morning"])
         assert capsys.readouterr().out.splitlines() == ["el gato negro", "buenos dias"]
+    # evaluate decodes the whole split and writes the hypotheses its figures come from
+    evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "2", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    hypotheses = (tmp_path / "w" / "eval" / "hypotheses-eval-80.txt").read_text().splitlines()
+    assert hypotheses == [b for _, b in pairs]
+    recomputed = text_scores(hypotheses, [b for _, b in pairs])
+    assert all(printed[k] == pytest.approx(v) for k, v in recomputed.items())
+    assert printed["chrf"] == pytest.approx(100.0)  # (BLEU is 0: no target has four words)
+
+
+def test_text_scores_are_the_reference_implementations():
+    """ROUGE-1 of a hypothesis holding half a reference's words: precision 1, recall 1/2; BLEU
+    of an exact copy is 100, of nothing in common 0."""
+    scores = text_scores(["the cat sat", "dogs bark"], ["the cat sat on the mat", "cats purr loudly"])
+    assert scores["rouge1"] == pytest.approx(100 * (2 / 3 + 0) / 2)
+    assert text_scores(["a b c d e"], ["a b c d e"])["bleu"] == pytest.approx(100.0)
+    assert text_scores(["x y z w"], ["a b c d"])["bleu"] == pytest.approx(0.0)

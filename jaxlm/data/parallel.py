@@ -61,6 +61,8 @@ class ParallelRows:
     def __init__(self, examples: list[dict[str, Any]], tok: TextTokenizer, source_len: int, target_len: int,
                  prefix: str = ""):
         self.seq_len, self.target_len = source_len, target_len
+        self.sources = [e["source"] for e in examples]  # as written: what decoding reads and is scored against
+        self.references = [e["target"] for e in examples]
         n = len(examples)
         sources = encode_first(tok, [prefix + e["source"] for e in examples], source_len)
         targets = encode_first(tok, [e["target"] for e in examples], target_len)

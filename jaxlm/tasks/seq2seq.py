@@ -11,7 +11,7 @@ from jaxlm.config import Config, ModelConfig, Seq2seqConfig
 from jaxlm.data import parallel
 from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
-from jaxlm.metrics import objective, token_metrics
+from jaxlm.metrics import objective, text_scores, token_metrics
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder_decoder import EncoderDecoder
@@ -117,6 +117,17 @@ class Seq2seqTask:
         sums = {"loss_sum": (smoothed * weights).sum(), "nll_sum": (-target_logp * weights).sum(),
                 "tokens": weights.sum(), "correct": correct.sum()}
         return objective(sums, self.terms, totals), sums
+
+    @staticmethod
+    def decode_score(run, params: dict, rows: parallel.ParallelRows, limit: int | None = None
+                     ) -> tuple[dict[str, float], dict[str, str]]:
+        """BLEU, chrF and ROUGE of the first `limit` (None: all) rows' sources decoded by beam
+        search (`seq2seq.eval_beam_size`), and the hypotheses file they were scored from."""
+        from jaxlm.seq2seq_infer import Translator  # (it builds on the workdir, which builds tasks)
+        s = run.config.seq2seq
+        count = len(rows.sources) if limit is None else min(limit, len(rows.sources))
+        hypotheses = Translator(run, params, s.target_len, s.eval_beam_size, s.length_penalty)(rows.sources[:count])
+        return text_scores(hypotheses, rows.references[:count]), {"hypotheses.txt": "".join(h + "\n" for h in hypotheses)}
 
     @staticmethod
     def summarize(sums: dict[str, float]) -> dict[str, float]:
