@@ -17,11 +17,11 @@ import re
 import sys
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.errors import UserError
+from jaxlm.hf import place
 from jaxlm.models.layers import padded_vocab
 
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
@@ -187,48 +187,10 @@ def join_fused(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def place_params(tensors: Mapping[str, np.ndarray], kind: str, cfg: ModelConfig, params: dict,
                  source: str) -> tuple[dict, list[str]]:
-    """`params` (the model's jax arrays, in their sharded layout, unrolled or scanned) with every
-    parameter that has an HF tensor replaced by it; returns them and the names of the tensors
-    left out. Missing or misshapen tensors are one error naming them.
-
-    One parameter at a time: its tensor (with scanned layers, one tensor a layer) is read,
-    converted and placed on the devices that hold it before the next is read, so host memory
-    holds at most one parameter, never the model. Parameters with no HF tensor (LoRA adapters)
-    keep the values they came with.
-    """
-    names = _names(kind, cfg)
-    missing = [n for n in names if _stored(n) not in tensors]
-    if missing:
-        raise UserError(f"{source} lacks {len(missing)} tensor(s), e.g. {', '.join(missing[:3])}; "
-                        f"is it a {kind} checkpoint of this config?")
-    by_path = {path: name for name, path in names.items()}
-    wrong = []
-
-    def placed(path: tuple, leaf: jax.Array) -> jax.Array:
-        keys = tuple(getattr(k, "key", k) for k in path)
-        scanned = "blocks" in keys  # one tensor a layer, stacked
-        unrolled = [tuple(f"block_{i}" if k == "blocks" else k for k in keys)
-                    for i in range(cfg.num_layers if scanned else 1)]
-        if unrolled[0] not in by_path:
-            return leaf
-        value = np.empty(leaf.shape, np.float32)
-        for i, u in enumerate(unrolled):
-            raw = np.asarray(_read(tensors, by_path[u]), np.float32)
-            try:
-                converted = _to_jaxlm(by_path[u], raw, cfg, kind)
-            except ValueError:  # a reshape to heads that cannot be
-                converted = raw
-            if converted.shape != leaf.shape[scanned:]:
-                wrong.append(f"{by_path[u]} {raw.shape} vs {'/'.join(u)} {leaf.shape[scanned:]}")
-                return leaf
-            value[i if scanned else ...] = converted
-        return jax.make_array_from_callback(leaf.shape, leaf.sharding, lambda index: value[index])
-
-    out = jax.tree_util.tree_map_with_path(placed, params)
-    if wrong:
-        raise UserError(f"{source}: {len(wrong)} tensor(s) do not fit the model: {'; '.join(wrong[:3])}")
+    """`place.place_params` with a GPT-2 or Llama-layout name table (see there)."""
     tied = {"lm_head.weight"} if cfg.tie_embeddings else set()
-    return out, sorted(set(tensors) - {_stored(n) for n in names} - tied)
+    return place.place_params(tensors, _names(kind, cfg), lambda name, w: _to_jaxlm(name, w, cfg, kind), params,
+                              source, kind, read=_read, stored=_stored, tied=tied)
 
 
 def from_params(params: dict, kind: str, cfg: ModelConfig, vocab: int) -> dict[str, np.ndarray]:
