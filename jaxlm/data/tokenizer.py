@@ -134,11 +134,12 @@ def from_file(path: str | Path) -> TextTokenizer:
         raise UserError(f"'{path}' is not a tokenizer.json: {str(e).splitlines()[0]}") from None
     tok.no_padding()  # jaxlm pads and cuts rows itself; a saved pipeline setting would pad every text
     tok.no_truncation()
+    pad = _find(tok, _PAD_NAMES)
     bos, eos = _find(tok, _BOS_NAMES), _find(tok, _EOS_NAMES)
+    bos = pad if bos is None else bos  # no begin token (T5): sequences start with padding, as T5's decoder does
     if bos is None or eos is None:
         raise UserError(f"tokenizer '{path}' has no begin/end-of-text token (looked for {', '.join(_EOS_NAMES)}); "
                         "add one or train a tokenizer")
-    pad = _find(tok, _PAD_NAMES)
     return TextTokenizer(tok, eos if pad is None else pad, bos, eos, _find(tok, _MASK_NAMES))
 
 

@@ -40,7 +40,7 @@ from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import DECODER_TASKS, Config, ModelConfig
 from jaxlm.data import tokenizer as tokenizer_lib
 from jaxlm.errors import UserError, cli
-from jaxlm.hf import decoders, files
+from jaxlm.hf import decoders, files, place, t5
 from jaxlm.models import layers
 from jaxlm.models.layers import padded_vocab, restack
 from jaxlm.workdir import build, open_run
@@ -257,10 +257,11 @@ def read_hf_dir(hf_dir: Path) -> tuple[dict, dict[str, np.ndarray]]:
     if not isinstance(hf, dict):
         raise UserError(f"'{hf_dir / 'config.json'}' is not a JSON object")
     arch = (hf.get("architectures") or ["BertModel"])[0]
-    if arch not in ARCHITECTURES and arch not in decoders.ARCHITECTURES:
+    if arch not in ARCHITECTURES and arch not in decoders.ARCHITECTURES and arch not in t5.ARCHITECTURES:
         raise UserError(f"architecture {arch} is not supported; jaxlm imports "
-                        f"{', '.join([*ARCHITECTURES, *decoders.ARCHITECTURES])}")
+                        f"{', '.join([*ARCHITECTURES, *decoders.ARCHITECTURES, *t5.ARCHITECTURES])}")
     required = decoders.REQUIRED[decoders.ARCHITECTURES[arch]] if arch in decoders.ARCHITECTURES else REQUIRED
+    required = t5.REQUIRED if arch in t5.ARCHITECTURES else required
     missing = [key for key in required if key not in hf]
     if missing:
         raise UserError(f"'{hf_dir / 'config.json'}' lacks {', '.join(missing)}; is it the config.json of a {arch}?")
@@ -279,6 +280,8 @@ def import_hf(hf_dir: Path, workdir: Path, overrides: list[str]) -> Config:
     arch = (hf.get("architectures") or ["BertModel"])[0]
     if arch in decoders.ARCHITECTURES:
         return import_decoder(hf_dir, workdir, overrides, hf, tensors)
+    if arch in t5.ARCHITECTURES:
+        return import_t5(hf_dir, workdir, overrides, hf, tensors)
     defaults = ARCHITECTURES[arch]
     if arch == "BertForSequenceClassification":
         defaults = defaults + [f"classify.num_labels={len(hf.get('id2label', {})) or 2}"]
@@ -322,6 +325,33 @@ def import_decoder(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, 
         print(f"note: {len(unused)} tensor(s) of {hf_dir} are not part of this model and "
               f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
     return _write_import(workdir, run, state, params, tok, hf_dir, kind)
+
+
+def import_t5(hf_dir: Path, workdir: Path, overrides: list[str], hf: dict, tensors: dict) -> Config:
+    """`import_hf` of a T5 directory: a `task=seq2seq` workdir, its weights placed a parameter at a time."""
+    config = config_lib.load(None, ["task=seq2seq", "data.source=none", *overrides])
+    if config.task != "seq2seq":
+        raise UserError(f"task={config.task} cannot start from a T5 checkpoint; use task=seq2seq")
+    config = dataclasses.replace(config, model=t5.model_config(hf, config.model))
+    config_lib.validate(config)
+    if not (hf_dir / "tokenizer.json").is_file():
+        raise UserError(f"'{hf_dir}' has no tokenizer.json; save the tokenizer beside the model "
+                        "(tokenizer.save_pretrained(dir))")
+    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):  # T5 reads one table
+        if name in tensors and not np.array_equal(tensors[name], tensors["shared.weight"]):
+            raise UserError(f"{hf_dir}: {name} differs from shared.weight; jaxlm's encoder-decoder reads one "
+                            "token table for the source and the target")
+    tok = load_tokenizer(hf_dir)
+    run = build(config, tok, mode="jit")
+    state = run.compiled.init_state(config.seed)
+    tied = {"lm_head.weight"} if config.model.tie_embeddings else set()
+    params, unused = place.place_params(tensors, t5.names(config.model), lambda n, w: t5.to_jaxlm(n, w, config.model),
+                                        state.params, str(hf_dir), "T5",
+                                        tied=tied | {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"})
+    if unused:
+        print(f"note: {len(unused)} tensor(s) of {hf_dir} are not part of this model and "
+              f"were left out, e.g. {', '.join(unused[:3])}", file=sys.stderr)
+    return _write_import(workdir, run, state, params, tok, hf_dir, "t5")
 
 
 def chat_template(hf_dir: Path) -> str:
@@ -377,7 +407,7 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None, merge_lora: 
     only with `merge_lora`: the adapters folded into the weights they adapt."""
     run, ckpt = open_run(workdir)
     cfg, m = run.config, run.config.model
-    if cfg.task not in (*DECODER_TASKS, "mlm", "classify", "qa"):
+    if cfg.task not in (*DECODER_TASKS, "mlm", "classify", "qa", "seq2seq"):
         raise UserError(f"'{workdir}' trains task={cfg.task}, which has no Hugging Face architecture")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, step)
     params = restack(jax.device_get(params), scanned=False)  # HF names follow unrolled layers
@@ -387,6 +417,13 @@ def export_hf(workdir: Path, hf_dir: Path, step: int | None = None, merge_lora: 
                             "to export the adapted model as plain weights")
         params, m = layers.merge_lora(params, m), dataclasses.replace(m, lora_rank=0)
         run = dataclasses.replace(run, config=dataclasses.replace(cfg, model=m))
+    if cfg.task == "seq2seq":
+        t5.check_layout(m)
+        tok = run.tokenizer
+        _write_export(hf_dir, t5.from_params(params, m, tok.vocab_size),
+                      t5.hf_config(m, tok.vocab_size, tok.pad_id, tok.eos_id, tok.bos_id), tok)
+        print(f"exported step {step} of {workdir} as T5ForConditionalGeneration to {hf_dir}", file=sys.stderr)
+        return "T5ForConditionalGeneration"
     if cfg.task in DECODER_TASKS:
         arch = export_decoder(run, params, hf_dir)
         print(f"exported step {step} of {workdir} as {arch} to {hf_dir}", file=sys.stderr)

@@ -22,6 +22,11 @@ Writes:
   tiny_qwen2/          the same for a random Qwen2ForCausalLM (seed 6): query/key/value biases,
                        tied output, Qwen2's ChatML chat template in tokenizer_config.json;
                        chat.npz holds transformers' apply_chat_template ids of conversations
+  tiny_t5/             a random T5ForConditionalGeneration of T5 v1.0's layout (seed 10): ReLU MLP,
+                       tied output (scaled), 2 encoder and 3 decoder layers; logits.npz holds its
+                       logits for a padded batch (computed in float64) and its greedy outputs
+                       (32 tokens, the end token masked) of 3 sources
+  tiny_t5_v1_1/        the same in T5 v1.1's layout (seed 9): gated GELU, untied output, heads of 6
 """
 
 import os
@@ -208,6 +213,46 @@ def tiny_qwen2() -> None:
                              for c in CONVERSATIONS]))
 
 
+def tiny_t5(name: str, seed: int, gated: bool, scale: float) -> None:
+    out = HERE / name
+    out.mkdir(exist_ok=True)
+    size = word_tokenizer(["<pad>", "</s>", "<unk>"], out / "tokenizer.json")
+    torch.manual_seed(seed)
+    cfg = transformers.T5Config(
+        vocab_size=size, d_model=32, d_kv=6 if gated else 8, d_ff=40, num_layers=2, num_decoder_layers=3, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        layer_norm_epsilon=1e-6, feed_forward_proj="gated-gelu" if gated else "relu", tie_word_embeddings=not gated,
+        pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    cfg.tie_word_embeddings = cfg.scale_decoder_outputs = not gated  # (transformers 5 reads the first as the second)
+    model = transformers.T5ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # norms perturbed, weights scaled (T5 v1.0's init decodes one token over and over)
+        for pname, p in model.named_parameters():
+            if "layer_norm" in pname:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "relative_attention_bias" not in pname:
+                p.mul_(scale)
+        for stack in (model.encoder, model.decoder):  # T5's stacks read the shared table
+            stack.embed_tokens.weight.copy_(model.shared.weight)
+    model.save_pretrained(out, safe_serialization=True)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, size, (2, 10))
+    mask = np.ones_like(ids)
+    ids[1, 7:], mask[1, 7:] = 0, 0
+    ids[0, 9], ids[1, 6] = 1, 1  # sources end with </s>
+    targets = rng.integers(3, size, (2, 8))
+    targets[:, 0] = 0  # the decoder starts from <pad>
+    sources = rng.integers(3, size, (3, 7))
+    sources[:, -1] = 1
+    with torch.no_grad():  # logits in float64, the truth both float32 implementations approach
+        logits = model.double()(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                decoder_input_ids=torch.tensor(targets)).logits.numpy().astype(np.float32)
+        model.float()
+        greedy = model.generate(torch.tensor(sources), do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                                use_cache=False)[:, 1:]  # (transformers 5.24 sizes its cache by the encoder's layers)
+    np.savez(out / "logits.npz", input_ids=ids, attention_mask=mask, decoder_input_ids=targets, logits=logits,
+             sources=sources, greedy=greedy.numpy())
+
+
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
@@ -217,3 +262,5 @@ if __name__ == "__main__":
     tiny_llama()
     tiny_mistral()
     tiny_qwen2()
+    tiny_t5("tiny_t5", 10, gated=False, scale=2.0)
+    tiny_t5("tiny_t5_v1_1", 9, gated=True, scale=1.0)
