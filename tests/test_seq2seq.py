@@ -62,6 +62,26 @@ def test_label_smoothing_spreads_the_target_mass_over_the_vocabulary():
     assert float(s["nll_sum"]) == pytest.approx(float(p["nll_sum"]), rel=1e-6)
 
 
+def test_packed_rows_give_the_loss_of_one_pair_a_row():
+    """Pairs packed several to a row on both sides (segment ids apart, positions restarting):
+    the loss sums are those of one pair a row."""
+    from jaxlm.data import packing
+    task = Seq2seqTask(MODEL, Seq2seqConfig(target_len=12), 60)
+    pairs = [{"source": " ".join(f"w{4 + (i * 7 + j) % 50}" for j in range(1 + i % 4)),
+              "target": " ".join(f"w{4 + (i * 5 + j) % 50}" for j in range(1 + (i * 3) % 5))} for i in range(8)]
+    rows = parallel.ParallelRows(pairs, WORDS, 12, 12)
+    batch = {k: np.stack([rows[i][k] for i in range(8)]) for k in parallel.KEYS}
+    packed = packing.Packer(packing.packed_sizes(rows.lengths, rows.capacities, 8), sides=parallel.SIDES)(batch)
+    assert packed["inputs"].shape[0] < 8 and packed["target_segments"].max() > 1
+    assert (packed["input_segments"].max(1) == packed["target_segments"].max(1)).all()  # the same pairs a row
+    params = task.init(jax.random.key(0), batch)["params"]
+    _, alone = task.loss(params, batch, jax.random.key(0), train=False)
+    _, together = task.loss(params, packed, jax.random.key(0), train=False)
+    assert float(together["tokens"]) == float(alone["tokens"]) == rows.tokens
+    for key in ("loss_sum", "nll_sum"):
+        np.testing.assert_allclose(float(together[key]), float(alone[key]), rtol=1e-5)
+
+
 def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     pairs = [("the house", "la casa"), ("the dog", "el perro"), ("a red house", "una casa roja"),
              ("the black cat", "el gato negro"), ("good morning", "buenos dias"), ("thank you", "gracias")]

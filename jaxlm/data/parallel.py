@@ -27,6 +27,9 @@ from jaxlm.errors import UserError
 
 KEYS = ("inputs", "input_segments", "input_positions", "targets_in", "targets", "target_segments",
         "target_positions")
+# the two sides of a row, as `jaxlm.data.packing` packs them: segment ids, positions, tokens
+SIDES = (("input_segments", "input_positions", ("inputs",)),
+         ("target_segments", "target_positions", ("targets_in", "targets")))
 
 
 def _examples(path: Path, data: DataConfig, cfg: Seq2seqConfig, name: str) -> list[dict[str, Any]]:
@@ -76,6 +79,16 @@ class ParallelRows:
             self.inputs[i, :len(s)], self.targets[i, :len(t)] = s, t
             self.source_lengths[i], self.target_lengths[i] = len(s), len(t) - 1
         self.tokens = int(self.target_lengths.sum())
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """[pairs, 2]: the source's and the target's tokens (what packing fits into a row)."""
+        return np.stack([self.source_lengths, self.target_lengths], 1)
+
+    @property
+    def capacities(self) -> tuple[int, int]:
+        """A row's room on each side: (source, target) tokens."""
+        return self.seq_len, self.target_len
 
     def __len__(self) -> int:
         return len(self.inputs)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import Config, ModelConfig, Seq2seqConfig
-from jaxlm.data import parallel
+from jaxlm.data import packing, parallel
 from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective, text_scores, token_metrics
@@ -57,8 +57,10 @@ class Seq2seqTask:
     def create(cls, config: Config, tok: TextTokenizer) -> Seq2seqTask:
         return cls(config.model, config.seq2seq, tok.vocab_size)
 
-    def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> None:
-        return None
+    def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> packing.Packer:
+        """Packs pairs several to a row on both sides (a target attends only to its own source),
+        at sizes measured on `rows`."""
+        return packing.packer_for(rows, layout, host_batch, parallel.SIDES)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """A batch of the right shapes and dtypes: sources of `seq_len`, targets of `target_len`."""
