@@ -22,7 +22,8 @@ from jaxlm.errors import UserError
 
 SCHEDULES = ("linear", "cosine", "rsqrt", "constant", "wsd")
 SOURCES = ("builtin", "text", "tfds", "labeled", "squad", "prompts", "parallel", "none")
-TASKS = ("clm", "mlm", "classify", "qa", "sft", "seq2seq")
+TASKS = ("clm", "mlm", "classify", "qa", "sft", "seq2seq", "span_corruption")
+ENCODER_DECODER_TASKS = ("seq2seq", "span_corruption")
 DECODER_TASKS = ("clm", "sft")  # the tasks of a decoder-only language model
 POSITIONS = ("rotary", "learned", "relative", "sinusoidal")  # relative (T5 buckets), sinusoidal: encoder-decoders
 NORMS = ("layernorm", "rmsnorm")
@@ -169,7 +170,8 @@ class SftConfig:
 
 @dataclass
 class Seq2seqConfig:
-    """Sequence to sequence with an encoder-decoder (task=seq2seq): translation, summarization."""
+    """Encoder-decoders: sequence to sequence (task=seq2seq: translation, summarization) and
+    span corruption (task=span_corruption)."""
 
     source_key: str = "source"  # TSV/CSV column or JSONL field with the source text
     target_key: str = "target"  # ... and the target text
@@ -178,6 +180,8 @@ class Seq2seqConfig:
     label_smoothing: float = 0.1  # share of each target's probability spread over the vocabulary
     eval_beam_size: int = 4  # beam search of evaluation (BLEU, chrF, ROUGE); 1: greedy
     length_penalty: float = 0.6  # GNMT's alpha: beam scores over ((5 + length) / 6) ** alpha
+    noise_density: float = 0.15  # task=span_corruption: share of a row's tokens in the spans to restore
+    mean_span: float = 3.0  # task=span_corruption: mean span length, in tokens
 
 
 @dataclass

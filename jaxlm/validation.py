@@ -10,6 +10,7 @@ from jaxlm.config import (
     ATTENTION_IMPLS,
     DECODER_TASKS,
     DTYPES,
+    ENCODER_DECODER_TASKS,
     LORA_TARGETS,
     MLPS,
     NORMS,
@@ -112,8 +113,12 @@ def check(c: Config) -> None:
              and c.seq2seq.length_penalty >= 0 and t.decode_eval_examples >= 0,
              "seq2seq.target_len and seq2seq.eval_beam_size must be positive, seq2seq.label_smoothing in [0, 1), "
              "seq2seq.length_penalty and train.decode_eval_examples >= 0")
-    _require(c.task == "seq2seq" or m.positions in ("rotary", "learned"),
-             f"model.positions={m.positions} is an encoder-decoder's (task=seq2seq); decoders and encoders "
+    _require(c.task != "span_corruption" or (d.source in ("builtin", "text", "tfds") and 0 < c.seq2seq.noise_density < 1
+                                              and c.seq2seq.mean_span >= 1),
+             "task=span_corruption reads raw text (data.source=builtin, text or tfds) and needs "
+             "0 < seq2seq.noise_density < 1 and seq2seq.mean_span >= 1")
+    _require(c.task in ENCODER_DECODER_TASKS or m.positions in ("rotary", "learned"),
+             f"model.positions={m.positions} is an encoder-decoder's (task=seq2seq, span_corruption); decoders and encoders "
              "take rotary or learned")
     _require(c.task == "qa" or d.source != "squad",
              f"data.source=squad (SQuAD JSON files) is for task=qa, not task={c.task}")

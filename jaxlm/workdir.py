@@ -64,13 +64,14 @@ def inherit_model(config: Config) -> Config:
 
 
 def with_vocab(config: Config, tok: TextTokenizer) -> Config:
-    """Sets model.vocab_size from the tokenizer (rounded up so it shards), or checks it."""
-    size = config.model.vocab_size
+    """Sets model.vocab_size from the tokenizer and the ids the task adds (T5's sentinels),
+    rounded up so it shards, or checks it."""
+    size, needed = config.model.vocab_size, tok.vocab_size + getattr(tasks.task_class(config), "extra_ids", 0)
     if size == 0:
-        size = padded_vocab(tok.vocab_size, config.model.vocab_multiple)
-    elif size < tok.vocab_size:
-        raise UserError(f"model.vocab_size={size} is smaller than the tokenizer's {tok.vocab_size} tokens; "
-                        "set model.vocab_size=0 to follow the tokenizer")
+        size = padded_vocab(needed, config.model.vocab_multiple)
+    elif size < needed:
+        raise UserError(f"model.vocab_size={size} is smaller than the {needed} ids the run needs (the tokenizer's "
+                        f"{tok.vocab_size} and the task's); set model.vocab_size=0 to follow the tokenizer")
     return dataclasses.replace(config, model=dataclasses.replace(config.model, vocab_size=size))
 
 

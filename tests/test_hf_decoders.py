@@ -135,7 +135,7 @@ def test_a_decoder_checkpoint_of_another_shape_is_named(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("scanned", [False, True])
+@pytest.mark.parametrize("scanned", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_import_holds_one_parameter_at_a_time_in_host_memory(tmp_path, scanned):
     """A Llama of 4 layers (45 MB of weights, fsdp over 8 devices) is placed parameter by
     parameter: the host's peak of traced allocations is a few copies of the largest parameter

@@ -92,6 +92,7 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
                  "seq2seq.label_smoothing=0.0", "model.positions=relative", "model.norm=rmsnorm", "model.use_bias=false",
                  "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
                  "train.batch_size=8", "train.steps=80", "train.log_every=40", "train.eval_every=80",
+                 "train.decode_eval_examples=0",
                  "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
     final = train.train(config_lib.load(None, overrides), tmp_path / "w")
     assert final["accuracy"] == 1.0, final  # every target token of the pairs
@@ -100,7 +101,7 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
         infer.main(["translate", "--workdir", str(tmp_path / "w"), "--beam-size", beam, "the black cat", "good morning"])
         assert capsys.readouterr().out.splitlines() == ["el gato negro", "buenos dias"]
     # evaluate decodes the whole split and writes the hypotheses its figures come from
-    evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "2", "--json"])
+    evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "3", "--json"])
     printed = json.loads(capsys.readouterr().out)
     hypotheses = (tmp_path / "w" / "eval" / "hypotheses-eval-80.txt").read_text().splitlines()
     assert hypotheses == [b for _, b in pairs]

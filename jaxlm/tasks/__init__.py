@@ -12,14 +12,15 @@ from jaxlm.tasks.classify import ClassifyTask
 from jaxlm.tasks.clm import ClmTask
 from jaxlm.tasks.mlm import MlmTask
 from jaxlm.tasks.qa import QATask
-from jaxlm.tasks.seq2seq import Seq2seqTask
+from jaxlm.tasks.seq2seq import Seq2seqTask, SpanCorruptionTask
 from jaxlm.tasks.sft import SftTask
 
 if TYPE_CHECKING:
     from jaxlm.data.tokenizer import TextTokenizer
 
 REGISTRY: dict[str, type[Task]] = {"clm": ClmTask, "mlm": MlmTask, "classify": ClassifyTask, "qa": QATask,
-                                   "sft": SftTask, "seq2seq": Seq2seqTask}
+                                   "sft": SftTask, "seq2seq": Seq2seqTask,
+                                   "span_corruption": SpanCorruptionTask}
 assert set(REGISTRY) == set(TASKS), "config.TASKS and the registry must name the same tasks"
 
 

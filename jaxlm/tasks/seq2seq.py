@@ -1,5 +1,5 @@
-"""Sequence to sequence with an encoder-decoder: teacher-forced cross-entropy on the target, with
-label smoothing."""
+"""Encoder-decoder objectives: teacher-forced cross-entropy on the target, with label smoothing,
+over parallel text (`task=seq2seq`) or T5's span corruption of raw text (`task=span_corruption`)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import Config, ModelConfig, Seq2seqConfig
-from jaxlm.data import packing, parallel
-from jaxlm.data.sources import Splits
+from jaxlm.data import packing, parallel, pipeline, sources, spans
+from jaxlm.data.sources import Corpus, Splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.metrics import objective, text_scores, token_metrics
 from jaxlm.microbatch import Layout
@@ -20,8 +20,9 @@ from jaxlm.tasks.base import one_document_a_row
 Array = jax.Array
 
 
-class Seq2seqTask:
-    """Loss and metric sums for an encoder-decoder on source/target pairs.
+class EncoderDecoderTask:
+    """Loss and metric sums for an encoder-decoder on rows of sources and targets
+    (`jaxlm.data.parallel.KEYS`).
 
     Metric sums (divided on the host, after aggregation over devices and steps):
       loss_sum   summed label-smoothed token cross-entropy (what is minimised)
@@ -39,28 +40,15 @@ class Seq2seqTask:
         self.target_len, self.smoothing = cfg.target_len, cfg.label_smoothing
         self.vocab = vocab  # the tokenizer's ids; the table's padding beyond them gets no smoothing mass
 
+    extra_ids = 0  # vocabulary ids the task adds after the tokenizer's
+
     @staticmethod
     def resolve(config: Config) -> Config:
         return config
 
-    @staticmethod
-    def load_splits(config: Config) -> Splits:
-        return parallel.load_splits(config.data, config.seq2seq)
-
-    @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, parallel.ParallelRows]:
-        s = config.seq2seq
-        return {name: parallel.ParallelRows(getattr(splits, name), tok, config.data.seq_len, s.target_len, s.prefix)
-                for name in ("train", "eval")}
-
     @classmethod
-    def create(cls, config: Config, tok: TextTokenizer) -> Seq2seqTask:
+    def create(cls, config: Config, tok: TextTokenizer) -> EncoderDecoderTask:
         return cls(config.model, config.seq2seq, tok.vocab_size)
-
-    def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> packing.Packer:
-        """Packs pairs several to a row on both sides (a target attends only to its own source),
-        at sizes measured on `rows`."""
-        return packing.packer_for(rows, layout, host_batch, parallel.SIDES)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """A batch of the right shapes and dtypes: sources of `seq_len`, targets of `target_len`."""
@@ -121,6 +109,34 @@ class Seq2seqTask:
         return objective(sums, self.terms, totals), sums
 
     @staticmethod
+    def summarize(sums: dict[str, float]) -> dict[str, float]:
+        """Loss (smoothed), perplexity (of the plain cross-entropy) and accuracy."""
+        out = token_metrics(sums, "tokens")
+        nll = float(sums["nll_sum"]) / max(float(sums["tokens"]), 1.0)
+        out["perplexity"] = float(np.exp(min(nll, 50.0)))
+        return out
+
+
+class Seq2seqTask(EncoderDecoderTask):
+    """Source/target pairs from parallel files (`task=seq2seq`), packed several to a row on both
+    sides, scored on decoded outputs (BLEU, chrF, ROUGE) as well."""
+
+    @staticmethod
+    def load_splits(config: Config) -> Splits:
+        return parallel.load_splits(config.data, config.seq2seq)
+
+    @staticmethod
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, parallel.ParallelRows]:
+        s = config.seq2seq
+        return {name: parallel.ParallelRows(getattr(splits, name), tok, config.data.seq_len, s.target_len, s.prefix)
+                for name in ("train", "eval")}
+
+    def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> packing.Packer:
+        """Packs pairs several to a row on both sides (a target attends only to its own source),
+        at sizes measured on `rows`."""
+        return packing.packer_for(rows, layout, host_batch, parallel.SIDES)
+
+    @staticmethod
     def decode_score(run, params: dict, rows: parallel.ParallelRows, limit: int | None = None
                      ) -> tuple[dict[str, float], dict[str, str]]:
         """BLEU, chrF and ROUGE of the first `limit` (None: all) rows' sources decoded by beam
@@ -131,10 +147,24 @@ class Seq2seqTask:
         hypotheses = Translator(run, params, s.target_len, s.eval_beam_size, s.length_penalty)(rows.sources[:count])
         return text_scores(hypotheses, rows.references[:count]), {"hypotheses.txt": "".join(h + "\n" for h in hypotheses)}
 
+
+class SpanCorruptionTask(EncoderDecoderTask):
+    """T5's pretraining objective on raw text (`task=span_corruption`): random spans of each
+    token-store row replaced by sentinels in the source, restored in the target
+    (`jaxlm.data.spans`). Its rows come full from the store, so they are not packed."""
+
+    extra_ids = spans.SENTINELS
+
     @staticmethod
-    def summarize(sums: dict[str, float]) -> dict[str, float]:
-        """Loss (smoothed), perplexity (of the plain cross-entropy) and accuracy."""
-        out = token_metrics(sums, "tokens")
-        nll = float(sums["nll_sum"]) / max(float(sums["tokens"]), 1.0)
-        out["perplexity"] = float(np.exp(min(nll, 50.0)))
-        return out
+    def load_splits(config: Config) -> Corpus:
+        return sources.load_corpus(config.data)
+
+    @staticmethod
+    def rows(config: Config, corpus: Corpus, tok: TextTokenizer) -> dict[str, spans.SpanRows]:
+        s = config.seq2seq
+        return {name: spans.SpanRows(rows, config.seed, s.noise_density, s.mean_span, tok.vocab_size, tok.bos_id,
+                                     tok.eos_id, s.target_len)
+                for name, rows in pipeline.token_rows(corpus, tok, config.data).items()}
+
+    def packer(self, rows: spans.SpanRows, layout: Layout, host_batch: int) -> None:
+        return None
