@@ -88,6 +88,7 @@ def test_bench_bad_arguments_exit_2(capsys):
     assert "--steps=0 must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a whole benchmark run of three presets, shrunk
 def test_gpu_script_dry_run_writes_its_table(tmp_path):
     """bench/gpu.sh runs the same commands on tiny shapes on CPU with --dry-run."""
     import os

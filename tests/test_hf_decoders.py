@@ -165,9 +165,10 @@ def test_import_holds_one_parameter_at_a_time_in_host_memory(tmp_path, scanned):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     largest = max(x.nbytes for x in jax.tree_util.tree_leaves(state.params))  # scanned: all layers of a weight
-    # measured: 5 copies of the largest parameter unrolled (0.33 of the weights), 2.5 of the
-    # largest stacked one scanned (0.63); holding every tensor would take the whole 45 MB
-    assert total > 40e6 and peak < total * (0.7 if scanned else 0.4), (peak, largest, total)
+    # measured: 5 copies of the largest parameter unrolled (0.33-0.45 of the weights, as other
+    # threads of the test process allocate too), 2.5 of the largest stacked one scanned (0.63);
+    # reading every tensor first took 1.13 and 1.5
+    assert total > 40e6 and peak < total * (0.8 if scanned else 0.5), (peak, largest, total)
     assert unused == [] and params["token_embed"]["embedding"].sharding == state.params["token_embed"]["embedding"].sharding
     again = decoders.from_params(restack(jax.device_get(params), scanned=False), "llama", model, tok.vocab_size)
     for name, w in written.items():

@@ -101,6 +101,7 @@ def test_rerun_with_another_model_is_refused(trained):
         train.train(config_lib.load(None, overrides + ["model.num_layers=3"]), workdir)
 
 
+@pytest.mark.slow  # tests/test_faults.py kills a run three times (mid-step, mid-save, at start) by default
 def test_killed_run_resumes_with_identical_losses(corpus_dir, cache_dir, tmp_path, capsys):
     from conftest import tiny_overrides
     overrides = tiny_overrides(corpus_dir, cache_dir) + [
