@@ -67,30 +67,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--system", help="with --chat: a system message before each prompt")
     gen.add_argument("--no-stream", action="store_true",
                      help="a single prompt is printed whole at the end, not token by token")
-    for name, what in (("fill-mask", "predict the mask tokens of texts with a masked-LM run"),
-                       ("classify", "label texts with a classification run")):
+    def texts_command(name: str, what: str, workdir: str, batch_size: int) -> argparse.ArgumentParser:
         cmd = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        cmd.add_argument("--workdir", required=True, help="a training run's directory")
+        cmd.add_argument("--workdir", required=True, help=workdir)
         cmd.add_argument("text", nargs="*", help="texts")
         cmd.add_argument("--prompt", action="append", default=[], help="a text (repeatable)")
         cmd.add_argument("--input", help="file with one text per line")
-        cmd.add_argument("--batch-size", type=int, default=64, help="texts run together")
+        cmd.add_argument("--batch-size", type=int, default=batch_size, help="texts run together")
         cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
-        if name == "fill-mask":
-            cmd.add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
+        return cmd
+
+    texts_command("fill-mask", "predict the mask tokens of texts with a masked-LM run", "a training run's directory",
+                  64).add_argument("--top-k", type=int, default=5, help="predictions shown per mask")
+    texts_command("classify", "label texts with a classification run", "a training run's directory", 64)
     for name, what in (("translate", "translate texts with a sequence-to-sequence run"),
                        ("summarize", "summarize texts with a sequence-to-sequence run")):
-        cmd = commands.add_parser(name, help=what, description=what[0].upper() + what[1:] + ".")
-        cmd.add_argument("--workdir", required=True, help="a sequence-to-sequence run's directory (task=seq2seq)")
-        cmd.add_argument("text", nargs="*", help="texts")
-        cmd.add_argument("--prompt", action="append", default=[], help="a text (repeatable)")
-        cmd.add_argument("--input", help="file with one text per line")
+        cmd = texts_command(name, what, "a sequence-to-sequence run's directory (task=seq2seq)", 32)
         cmd.add_argument("--beam-size", type=int, default=4, help="hypotheses kept (1: greedy)")
         cmd.add_argument("--length-penalty", type=float, default=0.6,
                          help="GNMT's alpha: scores over ((5 + length) / 6) ** alpha (0: none)")
         cmd.add_argument("--max-new-tokens", type=int, help="longest output (default: seq2seq.target_len)")
-        cmd.add_argument("--batch-size", type=int, default=32, help="texts decoded together")
-        cmd.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
     ans = commands.add_parser("answer", help="answer questions from a context with a question-answering run",
                               description="Answer questions with the span of a context that a "
                                           "question-answering run scores best.")

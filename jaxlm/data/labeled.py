@@ -29,8 +29,7 @@ from jaxlm.data.sources import (
     _decoded_blocks,
     _fingerprint,
     as_text,
-    example_splits,
-    file_stats,
+    example_file_splits,
     json_lines,
 )
 from jaxlm.data.tokenizer import TextTokenizer
@@ -88,10 +87,8 @@ def _examples(path: Path, data: DataConfig, cfg: ClassifyConfig, name: str) -> l
 
 def load_splits(data: DataConfig, cfg: ClassifyConfig) -> Splits:
     """Train and eval examples from labeled files (read in full: labeled sets are small)."""
-    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
-    fp = _fingerprint(["labeled", file_stats(train_files + eval_files), len(train_files), data.eval_fraction, data.text_key,
-                       cfg.label_key, cfg.pair_key, cfg.labels])
-    return Splits(train, held, "text", fp)
+    return example_file_splits(data, lambda path, name: _examples(path, data, cfg, name), "labeled",
+                               [data.text_key, cfg.label_key, cfg.pair_key, cfg.labels])
 
 
 def catalog_labels(data: DataConfig, cfg: ClassifyConfig) -> list[str]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxlm.config import DataConfig, Seq2seqConfig
 from jaxlm.data.labeled import encode_first, records
-from jaxlm.data.sources import Splits, _fingerprint, example_splits, file_stats
+from jaxlm.data.sources import Splits, example_file_splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
@@ -50,12 +50,8 @@ def _examples(path: Path, data: DataConfig, cfg: Seq2seqConfig, name: str) -> li
 
 def load_splits(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
     """Train and held-out pairs from parallel files (read in full)."""
-    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
-    if not held:
-        raise UserError("no held-out pairs; give data.eval_paths or more pairs")
-    fp = _fingerprint(["parallel", file_stats(train_files + eval_files), len(train_files), data.eval_fraction,
-                       cfg.source_key, cfg.target_key])
-    return Splits(train, held, "text", fp)
+    return example_file_splits(data, lambda path, name: _examples(path, data, cfg, name), "parallel",
+                               [cfg.source_key, cfg.target_key], "no held-out pairs; give data.eval_paths or more pairs")
 
 
 class ParallelRows:

@@ -23,9 +23,7 @@ from jaxlm.data import chat
 from jaxlm.data.sources import (
     Splits,
     _decoded_blocks,
-    _fingerprint,
-    example_splits,
-    file_stats,
+    example_file_splits,
     json_lines,
 )
 from jaxlm.data.tokenizer import TextTokenizer
@@ -54,12 +52,9 @@ def _examples(path: Path, data: DataConfig, cfg: SftConfig, name: str) -> list[d
 
 def load_splits(data: DataConfig, cfg: SftConfig) -> Splits:
     """Train and eval examples from JSONL files (read in full: fine-tuning sets are small)."""
-    train, held, train_files, eval_files = example_splits(data, lambda path, name: _examples(path, data, cfg, name))
-    if not held:
-        raise UserError("no held-out prompt/response examples; give data.eval_paths or more examples")
-    fp = _fingerprint(["prompts", file_stats(train_files + eval_files), len(train_files), data.eval_fraction,
-                       cfg.prompt_key, cfg.response_key, cfg.messages_key])
-    return Splits(train, held, "text", fp)
+    return example_file_splits(data, lambda path, name: _examples(path, data, cfg, name), "prompts",
+                               [cfg.prompt_key, cfg.response_key, cfg.messages_key],
+                               "no held-out prompt/response examples; give data.eval_paths or more examples")
 
 
 class PromptRows:

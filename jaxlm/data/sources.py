@@ -414,6 +414,18 @@ def example_splits(cfg: DataConfig, read: Callable[[Path, str], list[dict[str, A
     return train, held, train_files, eval_files
 
 
+def example_file_splits(cfg: DataConfig, read: Callable[[Path, str], list[dict[str, Any]]], kind: str,
+                        settings: list, no_eval: str = "") -> Splits:
+    """`Splits` of example files read whole (`example_splits`), fingerprinted by `kind`, the files
+    and the `settings` that shape the examples; `no_eval`, if given, is the error when nothing
+    is held out."""
+    train, held, train_files, eval_files = example_splits(cfg, read)
+    if no_eval and not held:
+        raise UserError(no_eval)
+    fp = _fingerprint([kind, file_stats(train_files + eval_files), len(train_files), cfg.eval_fraction, *settings])
+    return Splits(train, held, "text", fp)
+
+
 def file_stats(files: list[Path]) -> list[list]:
     """Path, size and modification time of each file: what a cache of their contents keys on."""
     return [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in files]
