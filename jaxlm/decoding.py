@@ -69,7 +69,7 @@ def extend(tokens_to_logits: TokensToLogits, cache: Any, token: Array, positions
 
 def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
              rng: Array, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0) -> Array:
+             top_k: int = 0, top_p: float = 1.0, limits: Array | None = None) -> Array:
     """Continues left-padded prompts; returns the new tokens [batch, max_new_tokens].
 
     Rows stop at EOS (which is kept) and are padded with `pad_id` after it; the loop ends
@@ -81,6 +81,8 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
       cache: an empty KV cache with room for prompt length + max_new_tokens positions.
       prompt: [batch, P] token ids, left-padded.
       prompt_mask: [batch, P], 1 on real prompt tokens.
+      limits: [batch], each row's most new tokens (at most max_new_tokens), e.g. from its
+        source's length; None: max_new_tokens for every row.
     """
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     batch = prompt.shape[0]
@@ -88,7 +90,8 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
     token, lengths, cache = prefill(tokens_to_logits, cache, prompt, prompt_mask, first_rng, **sampling)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
     ends = jnp.asarray(eos_id, jnp.int32).reshape(-1)  # any of these ends a row
-    done = jnp.isin(token, ends)
+    limits = jnp.full((batch,), max_new_tokens) if limits is None else limits
+    done = jnp.isin(token, ends) | (limits <= 1)
 
     def cond(carry):
         i, _, _, done, _, _ = carry
@@ -100,7 +103,7 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
         new, cache = extend(tokens_to_logits, cache, token, lengths + i - 1, step_rng, **sampling)
         new = jnp.where(done, pad_id, new)
         out = out.at[:, i].set(new)
-        return i + 1, cache, new, done | jnp.isin(new, ends), out, rng
+        return i + 1, cache, new, done | jnp.isin(new, ends) | (limits <= i + 1), out, rng
 
     carry = (jnp.asarray(1), cache, token, done, out, rng)
     return jax.lax.while_loop(cond, body, carry)[4]
@@ -120,7 +123,7 @@ def _beams(tree: Any, select: Callable[[Array], Array], axis: int) -> Any:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
                 beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
-                alpha: float = 0.6, cache_batch_axis: int = 0) -> tuple[Array, Array]:
+                alpha: float = 0.6, cache_batch_axis: int = 0, limits: Array | None = None) -> tuple[Array, Array]:
     """Batched beam search continuing left-padded prompts.
 
     Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
@@ -130,13 +133,16 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     length (end token included). A row stops once it has `beam_size` finished hypotheses and
     its best live one, normalised at its current length, scores no better than the worst of
     them (exact when alpha is 0); the search stops when every row has, or at
-    `max_new_tokens`, where the live hypotheses count as finished.
+    `max_new_tokens`, where the live hypotheses count as finished. A row with a shorter limit
+    finishes its live hypotheses the same way when they reach it.
 
     Args:
       cache: an empty KV cache for the prompt batch, with room for prompt length +
         max_new_tokens positions; it is repeated for the beams along `cache_batch_axis` (1 when
         the layers are scanned and the cache has a leading layer axis).
       prompt: [batch, P] token ids, left-padded; prompt_mask [batch, P], 1 on real tokens.
+      limits: [batch], each row's most new tokens (at most max_new_tokens), e.g. from its
+        source's length; None: max_new_tokens for every row.
 
     Returns:
       tokens [batch, beam_size, max_new_tokens] (end token kept, `pad_id` after it), best first,
@@ -144,6 +150,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     """
     batch, k = prompt.shape[0], beam_size
     ends = jnp.asarray(eos_id, jnp.int32).reshape(-1)
+    limits = jnp.full((batch,), max_new_tokens) if limits is None else limits
     mask = prompt_mask.astype(jnp.int32)
     logits, cache = tokens_to_logits(prompt, mask, jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0), cache)
     lengths = jnp.repeat(mask.sum(axis=1), k)  # [batch * k]
@@ -177,6 +184,12 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
         # alive: the best k candidates that did not end
         alive_score, keep = jax.lax.top_k(jnp.where(ending, neg, top_score), k)
         alive = jnp.take_along_axis(seqs, keep[:, :, None], axis=1)
+        # rows at their limit: the live hypotheses (i + 1 tokens) count as finished, none live on
+        stop = (i + 1 >= limits)[:, None]  # [batch, 1]
+        pool_score, pool = jax.lax.top_k(jnp.concatenate(
+            [pool_score, jnp.where(stop, alive_score / length_penalty(i + 1.0, alpha), neg)], axis=1), k)
+        fin = jnp.take_along_axis(jnp.concatenate([fin, alive], axis=1), pool[:, :, None], axis=1)
+        alive_score = jnp.where(stop, neg, alive_score)
         rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
         cache = _beams(cache, lambda x: x[rows], cache_batch_axis)
         token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)

@@ -2,7 +2,9 @@
 
 Used by `python -m jaxlm.infer translate|summarize` and by `evaluate` on a sequence-to-sequence
 run. Sources are encoded once; the decoder starts from BOS and reads the encoder's keys and
-values from its cache (`jaxlm.models.encoder_decoder.decoding_cache`).
+values from its cache (`jaxlm.models.encoder_decoder.decoding_cache`). An output ends at its
+end token, at `max_new_tokens`, or at `seq2seq.max_length_ratio` times its source's tokens
+(prefix and end token counted) + `seq2seq.max_length_offset`, whichever comes first.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Translator:
             raise UserError(f"--beam-size={beam_size} and --max-new-tokens={max_new_tokens} must be at least 1")
         self.run, self.params, self.tok = run, params, run.tokenizer
         self.max_new_tokens, self.beam_size, self.alpha = max_new_tokens, beam_size, length_penalty
+        self.ratio, self.offset = run.config.seq2seq.max_length_ratio, run.config.seq2seq.max_length_offset
         self._fn = jax.jit(self._decode)
 
     def _decode(self, params, inputs, segments, positions):
@@ -33,7 +36,11 @@ class Translator:
         cache = decoding_cache(model, params, inputs, segments, positions, 1 + self.max_new_tokens)
         logits = cached_logits(model, params, tok.vocab_size)
         start = jnp.full((inputs.shape[0], 1), tok.bos_id, jnp.int32)
-        settings = dict(max_new_tokens=self.max_new_tokens, eos_id=tok.end_ids, pad_id=tok.pad_id)
+        limits = jnp.full(inputs.shape[:1], self.max_new_tokens)
+        if self.ratio > 0:
+            source = (segments > 0).sum(axis=1)
+            limits = jnp.minimum(limits, jnp.ceil(self.ratio * source).astype(jnp.int32) + self.offset)
+        settings = dict(max_new_tokens=self.max_new_tokens, eos_id=tok.end_ids, pad_id=tok.pad_id, limits=limits)
         if self.beam_size == 1:
             return decoding.generate(logits, cache, start, jnp.ones_like(start), jax.random.key(0),
                                      temperature=0.0, **settings)

@@ -106,13 +106,16 @@ def check(c: Config) -> None:
              f"task=sft reads JSONL prompt/response files (data.source=prompts), and data.source=prompts is for "
              f"task=sft; got task={c.task} with data.source={d.source}")
     _require("{prompt}" in c.sft.prompt_format, f"sft.prompt_format={c.sft.prompt_format!r} must contain {{prompt}}")
-    _require(d.source in ("parallel", "none") if c.task == "seq2seq" else d.source != "parallel",
-             "data.source=parallel (TSV/CSV/JSONL source/target pairs) goes with task=seq2seq; "
-             f"got task={c.task} with data.source={d.source}")
+    _require(d.source in ("parallel", "tfds", "none") if c.task == "seq2seq" else d.source != "parallel",
+             "data.source=parallel (TSV/CSV/JSONL source/target pairs) goes with task=seq2seq, which also reads a "
+             f"TFDS catalog dataset (data.source=tfds data.name=wmt14_translate/de-en); got task={c.task} with "
+             f"data.source={d.source}")
     _require(c.seq2seq.target_len > 0 and 0.0 <= c.seq2seq.label_smoothing < 1.0 and c.seq2seq.eval_beam_size > 0
-             and c.seq2seq.length_penalty >= 0 and t.decode_eval_examples >= 0,
+             and c.seq2seq.length_penalty >= 0 and t.decode_eval_examples >= 0 and c.seq2seq.max_length_ratio >= 0
+             and c.seq2seq.max_length_offset >= 1,
              "seq2seq.target_len and seq2seq.eval_beam_size must be positive, seq2seq.label_smoothing in [0, 1), "
-             "seq2seq.length_penalty and train.decode_eval_examples >= 0")
+             "seq2seq.length_penalty, seq2seq.max_length_ratio and train.decode_eval_examples >= 0, "
+             "seq2seq.max_length_offset >= 1")
     _require(c.task != "span_corruption" or (d.source in ("builtin", "text", "tfds") and 0 < c.seq2seq.noise_density < 1
                                               and c.seq2seq.mean_span >= 1),
              "task=span_corruption reads raw text (data.source=builtin, text or tfds) and needs "

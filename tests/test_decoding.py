@@ -77,16 +77,16 @@ def toy(table: np.ndarray):
     return tokens_to_logits
 
 
-def exhaustive(table: np.ndarray, prompt: list[int], alpha: float) -> list[tuple[list[int], float]]:
-    """Every hypothesis, best first: each sequence that ends at EOS within L tokens, or runs L
-    tokens without one, scored by its log-probability over the length penalty."""
+def exhaustive(table: np.ndarray, prompt: list[int], alpha: float, limit: int = L) -> list[tuple[list[int], float]]:
+    """Every hypothesis, best first: each sequence that ends at EOS within `limit` tokens, or
+    runs `limit` tokens without one, scored by its log-probability over the length penalty."""
     import itertools
 
     from jaxlm.decoding import length_penalty
     out = []
-    for n in range(1, L + 1):
+    for n in range(1, limit + 1):
         for seq in itertools.product(range(V), repeat=n):
-            if EOS in seq[:-1] or (n < L and seq[-1] != EOS):
+            if EOS in seq[:-1] or (n < limit and seq[-1] != EOS):
                 continue
             last, position, history, total = prompt[-1], len(prompt) - 1, sum(prompt) % V, 0.0
             for token in seq:
@@ -116,14 +116,35 @@ def test_beam_search_finds_the_exhaustive_optimum():
                 np.testing.assert_allclose(float(scores[row, rank]), score, rtol=1e-5)
 
 
+def test_a_row_limit_ends_that_rows_hypotheses_where_it_says():
+    """Per-row limits (e.g. from source lengths): each row's beams are the enumerated best of
+    its own limit, in one batch with a row that runs the whole max_new_tokens."""
+    from jaxlm.decoding import beam_search
+    rng = np.random.default_rng(2)
+    prompts, mask = jnp.asarray([[0, 1, 2], [2, 0, 1]]), jnp.asarray([[0, 1, 1], [1, 1, 1]])
+    for seed in range(4):
+        table = rng.normal(0, 2, (8, V, V, V)).astype(np.float32)
+        table[..., EOS] -= 2.0
+        tokens, scores = beam_search(toy(table), jnp.zeros(2, jnp.int32), prompts, mask, beam_size=27,
+                                     max_new_tokens=L, eos_id=EOS, pad_id=0, alpha=0.6, limits=jnp.asarray([2, L]))
+        for row, (prompt, limit) in enumerate((([1, 2], 2), ([2, 0, 1], L))):
+            for rank, (want, score) in enumerate(exhaustive(table, prompt, 0.6, limit)[:5]):
+                assert tokens[row, rank].tolist() == want + [0] * (L - len(want)), (seed, row, rank)
+                np.testing.assert_allclose(float(scores[row, rank]), score, rtol=1e-5)
+
+
 def test_beam_of_one_is_greedy():
+    """Also under per-row limits, which cut greedy rows where they cut beams."""
     from jaxlm.decoding import beam_search
     rng = np.random.default_rng(1)
     prompts, mask = jnp.asarray([[1, 2], [0, 3]]), jnp.asarray([[1, 1], [0, 1]])
-    for _ in range(10):
+    for i in range(10):
+        limits = jnp.asarray([1 + i % L, L])
         table = rng.normal(0, 2, (8, V, V, V)).astype(np.float32)
+        table[..., EOS] -= 2.0
         greedy = generate(toy(table), jnp.zeros(2, jnp.int32), prompts, mask, jax.random.key(0), max_new_tokens=L,
-                          eos_id=EOS, pad_id=0, temperature=0.0)
+                          eos_id=EOS, pad_id=-1, temperature=0.0, limits=limits)
         beam, _ = beam_search(toy(table), jnp.zeros(2, jnp.int32), prompts, mask, beam_size=1, max_new_tokens=L,
-                              eos_id=EOS, pad_id=0, alpha=0.6)
+                              eos_id=EOS, pad_id=-1, alpha=0.6, limits=limits)
         np.testing.assert_array_equal(np.asarray(beam[:, 0]), np.asarray(greedy))
+        assert (np.asarray(greedy)[0] >= 0).sum() <= limits[0], i

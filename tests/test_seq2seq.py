@@ -46,6 +46,32 @@ def test_files_and_their_errors(tmp_path):
         config_lib.load(None, ["task=seq2seq", "data.source=text", "data.paths=[x.txt]"])
 
 
+def test_tfds_catalog_pairs_by_name(tmp_path):
+    """wmt14_translate/de-en (a Translation feature, in TFDS's older layout) and xsum load by
+    name; the keys name their features; `evaluate --split test` reads the test split."""
+    from conftest import prepare_catalog
+    tfds_dir = tmp_path / "tfds"
+    pairs = [{"de": f"w{4 + i % 20} w{5 + i % 7}", "en": f"w{30 + i % 11}"} for i in range(30)]
+    prepare_catalog("wmt14_translate/de-en", tfds_dir, {"train": pairs[:20], "validation": pairs[20:25],
+                                                        "test": pairs[25:]})
+    prepare_catalog("xsum", tfds_dir, {"train": [{"document": "w4 w5 w6", "summary": "w4"}] * 3,
+                                       "validation": [{"document": "w7 w8", "summary": "w8"}]})
+    common = ["task=seq2seq", "data.source=tfds", f"data.tfds_dir={tfds_dir}"]
+    config = config_lib.load(None, [*common, "data.name=wmt14_translate/de-en", "seq2seq.source_key=de",
+                                    "seq2seq.target_key=en"])
+    splits = Seq2seqTask.load_splits(config)  # TFDS stores examples shuffled
+    assert sorted((e["source"], e["target"]) for e in splits.train) == sorted((p["de"], p["en"]) for p in pairs[:20])
+    assert sorted(e["target"] for e in splits.eval) == sorted(p["en"] for p in pairs[20:25])
+    test = Seq2seqTask.load_splits(evaluate.test_config(config))
+    assert sorted(e["source"] for e in test.eval) == sorted(p["de"] for p in pairs[25:])
+    xsum = Seq2seqTask.load_splits(config_lib.load(None, [*common, "data.name=xsum", "seq2seq.source_key=document",
+                                                         "seq2seq.target_key=summary"]))
+    assert [e["target"] for e in xsum.eval] == ["w8"] and len(xsum.train) == 3
+    with pytest.raises(UserError, match=r"xsum has no feature 'source', 'target' \(it has document, summary\); "
+                                        "set seq2seq.source_key"):
+        Seq2seqTask.load_splits(config_lib.load(None, [*common, "data.name=xsum"]))
+
+
 def test_label_smoothing_spreads_the_target_mass_over_the_vocabulary():
     rows = parallel.ParallelRows(PAIRS, WORDS, 8, 6)
     batch = {k: np.stack([rows[i][k] for i in range(2)]) for k in parallel.KEYS}

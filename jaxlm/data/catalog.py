@@ -39,12 +39,18 @@ def catalog_dir(cfg: DataConfig) -> Path:
 
 def _import_legacy_module(dataset: str) -> None:
     """Imports the module of a catalog dataset kept in TFDS's older layout
-    (`tensorflow_datasets/<category>/<dataset>.py`, e.g. glue). TFDS registers those when the
-    category is imported, which fails as a whole without TensorFlow; the one module does not."""
+    (`tensorflow_datasets/<category>/<module>.py`, e.g. glue, or wmt14 for wmt14_translate). TFDS
+    registers those when the category is imported, which fails as a whole without TensorFlow;
+    the one module does not. The module is the file named like the dataset, or the one that
+    defines its builder class (the dataset's name in CamelCase)."""
     root = Path(tfds.__file__).parent
-    for path in sorted(root.glob(f"*/{dataset}.py")):
+    paths = sorted(root.glob(f"*/{dataset}.py"))
+    if not paths:
+        defines = f"class {''.join(part.capitalize() for part in dataset.split('_'))}("
+        paths = [p for p in sorted(root.glob("*/*.py")) if defines in p.read_text(errors="replace")]
+    for path in paths:
         try:
-            importlib.import_module(f"tensorflow_datasets.{path.parent.name}.{dataset}")
+            importlib.import_module(f"tensorflow_datasets.{path.parent.name}.{path.stem}")
         except ImportError:  # this one needs TensorFlow after all
             pass
 

@@ -5,7 +5,9 @@ A file holds one pair a line (TSV and CSV with a header row naming the columns; 
 a line): `seq2seq.source_key` names the source column, `seq2seq.target_key` the target. A
 missing column or an empty file is one error naming the file and line. Held-out pairs come from
 `data.eval_paths`, or a stable hashed share of the rest; `evaluate --split test` reads
-`data.test_paths`.
+`data.test_paths`. With `data.source=tfds`, the pairs come from a TFDS catalog dataset whose
+features the two keys name (`wmt14_translate/de-en`: `de`, `en`; `cnn_dailymail`: `article`,
+`highlights`; `xsum`: `document`, `summary`).
 
 A row holds the source `prefix + source [EOS]` (cut to `data.seq_len`) and the target
 `target [EOS]` (cut to `seq2seq.target_len`), which the decoder reads shifted right behind a
@@ -14,14 +16,16 @@ start token (BOS): `targets_in = [BOS] target`, `targets = target [EOS]`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from jaxlm.config import DataConfig, Seq2seqConfig
+from jaxlm.data.catalog import open_catalog
 from jaxlm.data.labeled import encode_first, records
-from jaxlm.data.sources import Splits, example_file_splits
+from jaxlm.data.sources import Splits, _fingerprint, as_text, example_file_splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 
@@ -42,16 +46,41 @@ def _examples(path: Path, data: DataConfig, cfg: Seq2seqConfig, name: str) -> li
             if record.get(key) is None:
                 raise UserError(f"{path}:{number}: no '{key}' column/field (it has {', '.join(map(str, record))}); "
                                 "set seq2seq.source_key and seq2seq.target_key")
-        source, target = str(record[cfg.source_key]), str(record[cfg.target_key])
-        out.append({"source": source, "target": target, "text": f"{source}\n{target}",  # text: a tokenizer's
-                    "key": f"{name}:{number}"})
+        out.append(_pair(str(record[cfg.source_key]), str(record[cfg.target_key]), f"{name}:{number}"))
     return out
+
+
+def _pair(source: str, target: str, key: str) -> dict[str, Any]:
+    return {"source": source, "target": target, "text": f"{source}\n{target}",  # text: a tokenizer's
+            "key": key}
 
 
 def load_splits(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
     """Train and held-out pairs from parallel files (read in full)."""
     return example_file_splits(data, lambda path, name: _examples(path, data, cfg, name), "parallel",
                                [cfg.source_key, cfg.target_key], "no held-out pairs; give data.eval_paths or more pairs")
+
+
+def load_catalog(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
+    """Train and held-out pairs of a TFDS catalog dataset (read in full, a few hundred records a
+    read); `evaluate --split test` reads its test split."""
+    builder, train, held = open_catalog(data)
+    features = builder.info.features
+    missing = [k for k in (cfg.source_key, cfg.target_key) if k not in features]
+    if missing:
+        raise UserError(f"{data.name} has no feature {', '.join(repr(k) for k in missing)} (it has "
+                        f"{', '.join(features)}); set seq2seq.source_key and seq2seq.target_key")
+
+    def read(source: Sequence[Any], split: str) -> list[dict[str, Any]]:
+        out = []
+        for start in range(0, len(source), 256):
+            for i, r in enumerate(source.__getitems__(range(start, min(start + 256, len(source)))), start):
+                out.append(_pair(as_text(r[cfg.source_key]), as_text(r[cfg.target_key]), f"{split}:{i}"))
+        return out
+
+    fp = _fingerprint(["tfds-parallel", data.name, data.train_split, data.eval_split, data.eval_fraction,
+                       cfg.source_key, cfg.target_key])
+    return Splits(read(train, data.train_split), read(held, data.eval_split), "text", fp)
 
 
 class ParallelRows:

@@ -110,6 +110,17 @@ class Stack(nn.Module):
         return Norm(cfg, name="ln_final")(x) if cfg.prenorm else x
 
 
+def token_std(cfg: ModelConfig) -> float:
+    """The token table's initial scale, as each layout draws it: T5 keeps unit-variance
+    embeddings (its tied output scales hidden states down by embed_dim ** -0.5 instead), the
+    2017 Transformer draws them at embed_dim ** -0.5 and scales them up by sqrt(embed_dim);
+    otherwise 0.02. At 0.02, T5's scaled tied output starts with logits of about 0.02 and
+    learns for hundreds of steps before it leaves the unigram distribution."""
+    if cfg.tie_embeddings and cfg.tied_output_scale:
+        return 1.0
+    return cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02
+
+
 class EncoderDecoder(nn.Module):
     """Source ids -> encoder states; target ids and encoder states -> next-token logits."""
 
@@ -117,7 +128,7 @@ class EncoderDecoder(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.token_embed = embed(cfg.vocab_size, cfg, ("vocab", "embed"))
+        self.token_embed = embed(cfg.vocab_size, cfg, ("vocab", "embed"), std=token_std(cfg))
         if cfg.positions == "learned":
             self.source_position_embed = embed(cfg.max_len, cfg, (None, "embed"))
             self.target_position_embed = embed(cfg.max_len, cfg, (None, "embed"))

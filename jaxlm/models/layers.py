@@ -385,10 +385,11 @@ class Mlp(nn.Module):
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
-def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str | None = None) -> nn.Embed:
-    """An embedding table [num, embed_dim] with logical axis names."""
+def embed(num: int, cfg: ModelConfig, axes: tuple[str | None, str], name: str | None = None,
+          std: float = 0.02) -> nn.Embed:
+    """An embedding table [num, embed_dim] with logical axis names, drawn at `std`."""
     return nn.Embed(num, cfg.embed_dim, dtype=dtype_of(cfg), param_dtype=jnp.float32,
-                    embedding_init=param_init(nn.initializers.normal(0.02), axes), name=name)
+                    embedding_init=param_init(nn.initializers.normal(std), axes), name=name)
 
 
 def padded_vocab(size: int, multiple: int) -> int:

@@ -123,6 +123,8 @@ class Seq2seqTask(EncoderDecoderTask):
 
     @staticmethod
     def load_splits(config: Config) -> Splits:
+        if config.data.source == "tfds":
+            return parallel.load_catalog(config.data, config.seq2seq)
         return parallel.load_splits(config.data, config.seq2seq)
 
     @staticmethod
