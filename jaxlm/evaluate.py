@@ -9,7 +9,9 @@ ROUGE-1/2/L of a sequence-to-sequence run, whose whole split is decoded (beam se
 predictions, the predictions are written beside the metrics, so any figure can be recomputed by
 hand: `<workdir>/eval/predictions-<split>-<step>.json` (SQuAD's official format, question id ->
 answer) or `<workdir>/eval/hypotheses-<split>-<step>.txt` (one output a line, in the split's
-order), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`.
+order), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`; with `--beam-size K`
+the names end in `-beamK` (`hypotheses-test-2000-beam1.txt`), so a greedy decode does not
+replace the beam search's files.
 """
 
 from __future__ import annotations
@@ -69,9 +71,10 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.workdir) / "eval"
         out.mkdir(exist_ok=True)
         files = {**files, "metrics.json": json.dumps({"step": step, "split": args.split, **metrics}, indent=1)}
+        tag = f"-beam{args.beam_size}" if args.beam_size else ""  # a decode apart from the config's keeps its files
         for name, text in files.items():
             stem, _, suffix = name.rpartition(".")
-            (out / f"{stem}-{args.split}-{step}.{suffix}").write_text(text, encoding="utf-8")
+            (out / f"{stem}-{args.split}-{step}{tag}.{suffix}").write_text(text, encoding="utf-8")
         print(f"wrote {', '.join(files)} of step {step} ({args.split}) to {out}", file=sys.stderr)
     if args.json:
         print(json.dumps({"step": step, "split": args.split, **metrics}))

@@ -129,11 +129,14 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     # evaluate decodes the whole split and writes the hypotheses its figures come from
     evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "3", "--json"])
     printed = json.loads(capsys.readouterr().out)
-    hypotheses = (tmp_path / "w" / "eval" / "hypotheses-eval-80.txt").read_text().splitlines()
+    hypotheses = (tmp_path / "w" / "eval" / "hypotheses-eval-80-beam3.txt").read_text().splitlines()
     assert hypotheses == [b for _, b in pairs]
     recomputed = text_scores(hypotheses, [b for _, b in pairs])
     assert all(printed[k] == pytest.approx(v) for k, v in recomputed.items())
     assert printed["chrf"] == pytest.approx(100.0)  # (BLEU is 0: no target has four words)
+    evaluate.main(["--workdir", str(tmp_path / "w")])  # the config's beam: its own files, the others kept
+    assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
+        "hypotheses-eval-80-beam3.txt", "hypotheses-eval-80.txt", "metrics-eval-80-beam3.json", "metrics-eval-80.json"]
 
 
 def test_text_scores_are_the_reference_implementations():
