@@ -122,3 +122,14 @@ def test_beam_search_is_the_same_with_scanned_layers():
         found.append((np.asarray(tokens), np.asarray(scores)))
     np.testing.assert_array_equal(found[1][0], found[0][0])
     np.testing.assert_allclose(found[1][1], found[0][1], rtol=1e-5)
+
+
+def test_the_token_table_starts_at_each_layouts_scale():
+    """T5 v1.0 (tied output scaled by width ** -0.5) draws unit-variance embeddings, the 2017
+    layout width ** -0.5 (scaled up by sqrt(width)), an untied T5 v1.1 0.02; so each model's
+    first logits and inputs have the scale its layout assumes."""
+    v10 = dataclasses.replace(LAYOUTS["t5"], tie_embeddings=True, tied_output_scale=True)
+    for cfg, std in ((v10, 1.0), (LAYOUTS["2017"], 32 ** -0.5), (LAYOUTS["t5"], 0.02)):
+        table = init(cfg)[1]["token_embed"]["embedding"]
+        table = np.asarray(getattr(table, "value", table))
+        assert np.std(table) == pytest.approx(std, rel=0.1), (cfg.positions, cfg.tied_output_scale)
