@@ -9,13 +9,13 @@ jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
 everything those commands do (tokenizer training, data encoding, compilation, training and both
 decodes of the test books). The Hugging Face side builds `T5ForConditionalGeneration` from a
-`T5Config` of the same shapes (3 + 3 layers, width 256, 4 heads of 64, gated-GELU 768, 32
-relative buckets up to distance 128, one tied embedding scaled as T5 v1.0 scales it, dropout
-0.1) on the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first) and
-trains it on the same budget: 32 pairs a step (padded to the longest of the batch, as
-transformers' seq2seq collator does; jaxlm packs them), sources cut to 96 tokens and targets to
-112, label smoothing 0.1, AdamW (b2 0.95, weight decay 0.01 off norms and the relative-position
-tables), clipping 1.0, warmup 200 then cosine to 10% of lr 2e-3. Its time covers training and
+`T5Config` of the preset's shapes, read from the YAML (layers, width, heads, gated-GELU width,
+relative buckets and distance, dropout; one tied embedding scaled as T5 v1.0 scales it), on the
+same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains it on the
+preset's budget: its steps and pairs a step (padded to the longest of the batch, as
+transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
+smoothing, AdamW settings (weight decay off norms and the relative-position tables), clipping
+1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time covers training and
 both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
 
 Each side writes `<workdir>/<side>.json`; the table prints every side found there, so the two may

@@ -212,3 +212,19 @@ def test_tiny_reader_trains_evaluates_and_answers(tmp_path, corpus_dir, cache_di
         assert answer in by_id[passage.strip("[]")]  # the answer is a span of the passage it names
     with pytest.raises(SystemExit):  # not both
         infer.main(["answer", "--workdir", str(work), "--index", str(tmp_path / "index"), "--context", "x", "q"])
+
+
+def test_squad_from_the_tfds_catalog(tmp_path):
+    """`squad` loads by name (prepared locally with TFDS's own builder): every record, with its
+    answers' text and character starts."""
+    from conftest import prepare_catalog
+
+    from jaxlm.config import DataConfig
+    records = [{"id": f"q{i}", "title": "t", "context": f"The cat {i} sat on the mat.", "question": "Where?",
+                "answers": {"text": ["the mat"], "answer_start": [17]}} for i in range(5)]
+    prepare_catalog("squad", tmp_path, {"train": records[:4], "validation": records[4:]})
+    splits = squad.load_catalog(DataConfig(source="tfds", name="squad", tfds_dir=str(tmp_path)))
+    assert sorted(e["id"] for e in splits.train) == ["q0", "q1", "q2", "q3"]  # TFDS stores them shuffled
+    (held,) = splits.eval
+    assert held["id"] == "q4" and held["answers"] == [{"text": "the mat", "start": 17}]
+    assert held["context"][17:24] == "the mat"

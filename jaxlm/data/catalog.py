@@ -112,6 +112,13 @@ def open_catalog(cfg: DataConfig) -> tuple[tfds.core.DatasetBuilder, Sequence[An
     return builder, train, held
 
 
+def split_records(source: Sequence[Any], first: int = 0, end: int | None = None) -> Iterator[Any]:
+    """The records `first` to `end` (default: the last) of a split, a few hundred a read."""
+    end = len(source) if end is None else end
+    for start in range(first, end, 256):
+        yield from source.__getitems__(range(start, min(start + 256, end)))
+
+
 class CatalogCorpus(Corpus):
     """The documents of a TFDS catalog dataset's train and eval splits, read in order (or in
     pieces of `PIECE_RECORDS` records)."""
@@ -126,10 +133,8 @@ class CatalogCorpus(Corpus):
         return self._records(split, 0, len(self._splits[split]))
 
     def _records(self, split: str, first: int, end: int) -> Iterator[str]:
-        source = self._splits[split]
-        for start in range(first, end, 256):  # a few hundred records per read
-            for record in source.__getitems__(range(start, min(start + 256, end))):
-                yield as_text(record[self.config.text_key])
+        for record in split_records(self._splits[split], first, end):
+            yield as_text(record[self.config.text_key])
 
     def count(self, split: str) -> int:
         return len(self._splits[split])

@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from jaxlm.config import ClassifyConfig, DataConfig
-from jaxlm.data.catalog import catalog_builder, open_catalog
+from jaxlm.data.catalog import catalog_builder, open_catalog, split_records
 from jaxlm.data.sources import (
     Splits,
     _decoded_blocks,
@@ -124,8 +124,7 @@ def load_catalog(data: DataConfig, cfg: ClassifyConfig) -> Splits:
 
     def read(source: Sequence[Any], split: str) -> list[dict[str, Any]]:
         out = []
-        for i in range(len(source)):
-            record = source[i]
+        for i, record in enumerate(split_records(source)):
             label = int(record[cfg.label_key])
             if label < 0:
                 raise UserError(f"{data.name} split '{split}' is unlabeled (example {i} has label {label}); "

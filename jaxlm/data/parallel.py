@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from jaxlm.config import DataConfig, Seq2seqConfig
-from jaxlm.data.catalog import open_catalog
+from jaxlm.data.catalog import open_catalog, split_records
 from jaxlm.data.labeled import encode_first, records
 from jaxlm.data.sources import Splits, _fingerprint, as_text, example_file_splits
 from jaxlm.data.tokenizer import TextTokenizer
@@ -62,8 +62,8 @@ def load_splits(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
 
 
 def load_catalog(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
-    """Train and held-out pairs of a TFDS catalog dataset (read in full, a few hundred records a
-    read); `evaluate --split test` reads its test split."""
+    """Train and held-out pairs of a TFDS catalog dataset (read in full); `evaluate --split test`
+    reads its test split."""
     builder, train, held = open_catalog(data)
     features = builder.info.features
     missing = [k for k in (cfg.source_key, cfg.target_key) if k not in features]
@@ -72,11 +72,8 @@ def load_catalog(data: DataConfig, cfg: Seq2seqConfig) -> Splits:
                         f"{', '.join(features)}); set seq2seq.source_key and seq2seq.target_key")
 
     def read(source: Sequence[Any], split: str) -> list[dict[str, Any]]:
-        out = []
-        for start in range(0, len(source), 256):
-            for i, r in enumerate(source.__getitems__(range(start, min(start + 256, len(source)))), start):
-                out.append(_pair(as_text(r[cfg.source_key]), as_text(r[cfg.target_key]), f"{split}:{i}"))
-        return out
+        return [_pair(as_text(r[cfg.source_key]), as_text(r[cfg.target_key]), f"{split}:{i}")
+                for i, r in enumerate(split_records(source))]
 
     fp = _fingerprint(["tfds-parallel", data.name, data.train_split, data.eval_split, data.eval_fraction,
                        cfg.source_key, cfg.target_key])

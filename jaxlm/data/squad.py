@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxlm.config import DataConfig, QAConfig
-from jaxlm.data.catalog import open_catalog
+from jaxlm.data.catalog import open_catalog, split_records
 from jaxlm.data.sources import Splits, _fingerprint, _is_eval, as_text, expand_paths
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
@@ -90,8 +90,7 @@ def load_catalog(data: DataConfig) -> Splits:
 
     def read(source: Sequence[Any]) -> list[dict[str, Any]]:
         out = []
-        for i in range(len(source)):
-            r = source[i]
+        for r in split_records(source):
             answers = [(as_text(t), int(s)) for t, s in zip(r["answers"]["text"], r["answers"]["answer_start"])]
             out.append(_example(as_text(r["id"]), as_text(r["question"]), as_text(r["context"]), answers,
                                 bool(r.get("is_impossible", False)), data.name))
