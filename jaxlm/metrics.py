@@ -9,6 +9,7 @@ import re
 import string
 from collections import Counter
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import jax
@@ -26,17 +27,61 @@ def objective(sums: dict[str, Any], terms: tuple[tuple[str, str], ...],
     return sum(sums[s] / jnp.maximum(counts[d], 1.0) for s, d in terms)
 
 
-def token_sums(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
-    """(summed cross-entropy, correct predictions) of weighted tokens; logits [..., vocab] float32.
+def token_losses(logits: Array, targets: Array, smoothing: float = 0.0, vocab: int | None = None
+                 ) -> tuple[Array, Array, Array]:
+    """Per-token (label-smoothed loss, plain cross-entropy, correct) of `logits` [..., vocab_padded]
+    against `targets` [...]: each [...].
 
-    One max over the vocabulary serves the log-sum-exp and the accuracy (a prediction is correct
-    when the target's logit is the largest), so the logits are read once less than with a
-    separate argmax; over a large vocabulary that read is a noticeable share of a step on CPUs.
+    With `smoothing` e, the target takes 1 - e of the probability and the first `vocab` ids (the
+    tokenizer's; the rest is padding of the table) share e evenly. A prediction is correct when
+    the target's logit is the largest.
+
+    Written with its own gradient, `softmax - target distribution`, computed in one pass over
+    the logits with the target found by comparing ids (no gather, no scatter-add, no padded
+    copy): autodiff of log_softmax and take_along_axis made four passes over a [tokens, vocab]
+    array, a sixth of a small encoder-decoder's step on CPUs (`docs/benchmarks.md`).
     """
-    top = jax.lax.stop_gradient(logits.max(-1))  # [...]
-    target = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [...]
-    losses = jnp.log(jnp.exp(logits - top[..., None]).sum(-1)) + top - target
-    return (losses * weights).sum(), ((target >= top) * weights).sum()
+    return _token_losses(logits, targets, float(smoothing), logits.shape[-1] if vocab is None else vocab)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _token_losses(logits: Array, targets: Array, smoothing: float, vocab: int) -> tuple[Array, Array, Array]:
+    return _token_losses_fwd(logits, targets, smoothing, vocab)[0]
+
+
+def _token_losses_fwd(logits: Array, targets: Array, smoothing: float, vocab: int):
+    top = jax.lax.stop_gradient(logits.max(-1))  # [...]: one max serves the log-sum-exp and accuracy
+    lse = jnp.log(jnp.exp(logits - top[..., None]).sum(-1)) + top  # [...]
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    target = jnp.where(ids == targets[..., None], logits, 0).sum(-1)  # [...]
+    nll = lse - target
+    loss = nll
+    if smoothing:
+        real = logits if vocab == logits.shape[-1] else jnp.where(ids < vocab, logits, 0)
+        loss = (1.0 - smoothing) * nll + smoothing * (lse - real.sum(-1) / vocab)
+    correct = (target >= top).astype(logits.dtype)
+    return (loss, nll, correct), (logits, targets, lse)
+
+
+def _token_losses_bwd(smoothing: float, vocab: int, res: tuple, grads: tuple) -> tuple[Array, None]:
+    logits, targets, lse = res
+    g_loss, g_nll, _ = grads  # [...] each; `correct` has no gradient
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    at_target = ((1.0 - smoothing) * g_loss + g_nll)[..., None]
+    d = (g_loss + g_nll)[..., None] * jnp.exp(logits - lse[..., None]) - jnp.where(ids == targets[..., None], at_target, 0)
+    if smoothing:
+        spread = (smoothing / vocab) * g_loss[..., None]
+        d = d - (spread if vocab == logits.shape[-1] else jnp.where(ids < vocab, spread, 0))
+    return d.astype(logits.dtype), None
+
+
+_token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
+
+
+def token_sums(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
+    """(summed cross-entropy, correct predictions) of weighted tokens; logits [..., vocab] float32."""
+    losses, _, correct = token_losses(logits, targets)
+    return (losses * weights).sum(), (correct * weights).sum()
 
 
 def chunked_token_sums(project: Callable[[Any, Array], Array], head: Any, hidden: Array, targets: Array,

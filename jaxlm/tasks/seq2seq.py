@@ -11,7 +11,7 @@ from jaxlm.config import Config, ModelConfig, Seq2seqConfig
 from jaxlm.data import packing, parallel, pipeline, sources, spans
 from jaxlm.data.sources import Corpus, Splits
 from jaxlm.data.tokenizer import TextTokenizer
-from jaxlm.metrics import objective, text_scores, token_metrics
+from jaxlm.metrics import objective, text_scores, token_losses, token_metrics
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder_decoder import EncoderDecoder
@@ -99,13 +99,9 @@ class EncoderDecoderTask:
         gets 1 - smoothing of the probability, the rest spread evenly over the tokenizer's ids."""
         logits = self.logits(params, batch, train, rng)  # [batch, target, vocab]
         weights = self.weights(batch)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        target_logp = jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
-        uniform = logp[..., :self.vocab].mean(-1)  # the mean log-probability of every real id
-        smoothed = -(1.0 - self.smoothing) * target_logp - self.smoothing * uniform
-        correct = (target_logp >= logp.max(-1)) * weights
-        sums = {"loss_sum": (smoothed * weights).sum(), "nll_sum": (-target_logp * weights).sum(),
-                "tokens": weights.sum(), "correct": correct.sum()}
+        losses, nll, correct = token_losses(logits, batch["targets"], self.smoothing, self.vocab)
+        sums = {"loss_sum": (losses * weights).sum(), "nll_sum": (nll * weights).sum(),
+                "tokens": weights.sum(), "correct": (correct * weights).sum()}
         return objective(sums, self.terms, totals), sums
 
     @staticmethod
