@@ -8,13 +8,15 @@ budget with Hugging Face transformers (PyTorch), side by side on this machine; p
 jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
 everything those commands do (tokenizer training, data encoding, compilation, training and both
-decodes of the test books). The Hugging Face side builds `T5ForConditionalGeneration` from a
-`T5Config` of the preset's shapes, read from the YAML (layers, width, heads, gated-GELU width,
-relative buckets and distance, dropout; one tied embedding scaled as T5 v1.0 scales it), on the
+decodes of the test books). The Hugging Face side builds the preset's architecture from a config
+of its shapes, read from the YAML: `MarianMTModel` for the 2017 layout the preset uses (post-norm,
+sinusoidal positions, embeddings scaled by sqrt(width), ReLU, biases, one tied table), or
+`T5ForConditionalGeneration` for the T5 layout (relative buckets, gated GELU, T5 v1.0's scaled
+tied output); layers, width, heads, feed-forward width and dropout as the YAML says, on the
 same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains it on the
 preset's budget: its steps and pairs a step (padded to the longest of the batch, as
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
-smoothing, AdamW settings (weight decay off norms and the relative-position tables), clipping
+smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping
 1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time covers training and
 both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
 
@@ -60,6 +62,31 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
         return [(r["en"], r["es"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
+def hf_model(transformers, m: dict, cfg: dict, s: dict, vocab: int, ids: dict) -> tuple:
+    """The preset's architecture in transformers, and the parameter-name parts that take no weight
+    decay (as jaxlm's decay mask: norms, biases, position tables): `T5ForConditionalGeneration`
+    for the T5 layout, `MarianMTModel` (post-norm, sinusoidal positions, embeddings times
+    sqrt(width), ReLU, biases: the 2017 Transformer) for the 2017 layout."""
+    if m.get("prenorm", True):
+        config = transformers.T5Config(
+            vocab_size=vocab, d_model=m["embed_dim"], d_kv=m["embed_dim"] // m["num_heads"],
+            d_ff=m["mlp_dim"], num_layers=m["num_layers"], num_decoder_layers=m["decoder_layers"],
+            num_heads=m["num_heads"], relative_attention_num_buckets=m["relative_buckets"],
+            relative_attention_max_distance=m["relative_max_distance"], dropout_rate=m["dropout"],
+            feed_forward_proj="gated-gelu", pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
+            decoder_start_token_id=ids["<s>"], tie_word_embeddings=True)
+        return transformers.T5ForConditionalGeneration(config), ("layer_norm", "relative_attention_bias")
+    config = transformers.MarianConfig(
+        vocab_size=vocab, d_model=m["embed_dim"], encoder_layers=m["num_layers"],
+        decoder_layers=m["decoder_layers"], encoder_attention_heads=m["num_heads"],
+        decoder_attention_heads=m["num_heads"], encoder_ffn_dim=m["mlp_dim"], decoder_ffn_dim=m["mlp_dim"],
+        activation_function=m["activation"], dropout=m["dropout"], attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=max(cfg["data"]["seq_len"], s["target_len"]), scale_embedding=True,
+        share_encoder_decoder_embeddings=True, tie_word_embeddings=True, pad_token_id=ids["<pad>"],
+        eos_token_id=ids["</s>"], decoder_start_token_id=ids["<s>"], forced_eos_token_id=None)
+    return transformers.MarianMTModel(config), ("layer_norm", "bias", "embed_positions")
+
+
 def run_hf(work: Path, steps: int | None) -> dict:
     import sacrebleu
     import torch
@@ -76,15 +103,7 @@ def run_hf(work: Path, steps: int | None) -> dict:
     ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    config = transformers.T5Config(
-        vocab_size=tok.get_vocab_size(), d_model=m["embed_dim"], d_kv=m["embed_dim"] // m["num_heads"],
-        d_ff=m["mlp_dim"], num_layers=m["num_layers"], num_decoder_layers=m["decoder_layers"],
-        num_heads=m["num_heads"], relative_attention_num_buckets=m["relative_buckets"],
-        relative_attention_max_distance=m["relative_max_distance"], dropout_rate=m["dropout"],
-        feed_forward_proj="gated-gelu", pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
-        decoder_start_token_id=ids["<s>"], tie_word_embeddings=True)
-    model = transformers.T5ForConditionalGeneration(config)
-
+    model, no_decay = hf_model(transformers, m, cfg, s, tok.get_vocab_size(), ids)
     def encode(texts: list[str], cap: int) -> list[list[int]]:
         return [e.ids[:cap - 1] + [ids["</s>"]] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -101,8 +120,8 @@ def run_hf(work: Path, steps: int | None) -> dict:
     test = read_pairs(DATA / "test.tsv")
     sources = encode([p[0] for p in train], cfg["data"]["seq_len"])
     targets = encode([p[1] for p in train], s["target_len"])
-    decay = [p for n, p in model.named_parameters() if "layer_norm" not in n and "relative_attention_bias" not in n]
-    rest = [p for n, p in model.named_parameters() if "layer_norm" in n or "relative_attention_bias" in n]
+    decay = [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)]
+    rest = [p for n, p in model.named_parameters() if any(k in n for k in no_decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
                             lr=o["learning_rate"], betas=(0.9, 0.95), eps=1e-8)
     warmup, end = o["warmup_steps"], 0.1

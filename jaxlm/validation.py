@@ -11,6 +11,7 @@ from jaxlm.config import (
     DECODER_TASKS,
     DTYPES,
     ENCODER_DECODER_TASKS,
+    INITS,
     LORA_TARGETS,
     MLPS,
     NORMS,
@@ -68,6 +69,7 @@ def check(c: Config) -> None:
     _choice("model.norm", m.norm, NORMS)
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("model.mlp", m.mlp, MLPS)
+    _choice("model.init", m.init, INITS)
     _require(m.lora_rank >= 0 and m.lora_alpha > 0, "model.lora_rank must be >= 0 (0: no adapters) and model.lora_alpha > 0")
     unknown = set(m.lora_targets.split(",")) - set(LORA_TARGETS)
     _require(not unknown, f"model.lora_targets names {', '.join(sorted(unknown))}; pick from {', '.join(LORA_TARGETS)}")

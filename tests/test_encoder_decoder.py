@@ -133,3 +133,42 @@ def test_the_token_table_starts_at_each_layouts_scale():
         table = init(cfg)[1]["token_embed"]["embedding"]
         table = np.asarray(getattr(table, "value", table))
         assert np.std(table) == pytest.approx(std, rel=0.1), (cfg.positions, cfg.tied_output_scale)
+
+
+def kernel(params: dict, *path: str) -> np.ndarray:
+    for key in path:
+        params = params[key]
+    return np.asarray(getattr(params, "value", params))
+
+
+@pytest.mark.parametrize("layout, scheme", [("2017", "xavier"), ("t5", "fan_in")])
+def test_each_layouts_init_lets_the_source_reach_the_logits(layout, scheme):
+    """Drawn as its layout draws it (2017: Glorot uniform; T5: N(0, 1 / fan_in), queries of its
+    unscaled attention 1 / head_dim smaller), a width-128 model's first logits move with its
+    source. Drawn at 0.02 (residual outputs smaller still) beside a residual stream of unit
+    scale, the source moved them by about 1%, and a post-norm run trained into a language
+    model of its targets that ignored them."""
+    def source_effect(cfg: ModelConfig) -> float:
+        model, params = init(cfg)
+        src, src_seg, src_pos, tgt, tgt_seg, tgt_pos = map(jnp.asarray, batch(1))
+        other = jnp.where(src_seg > 0, (src + 7) % 63 + 1, 0)
+        a, b = (model.apply({"params": params}, s, src_seg, src_pos, tgt, tgt_seg, tgt_pos) for s in (src, other))
+        return float(jnp.std(a - b) / jnp.std(a))
+
+    cfg = dataclasses.replace(LAYOUTS[layout], embed_dim=128, mlp_dim=512, num_layers=3, decoder_layers=3, head_dim=0)
+    if layout == "t5":  # v1.0's tied output: unit-variance embeddings, so the residual stream starts at 1
+        cfg = dataclasses.replace(cfg, tie_embeddings=True, tied_output_scale=True)
+    assert source_effect(dataclasses.replace(cfg, init=scheme)) > 0.3
+    assert source_effect(dataclasses.replace(cfg, init="normal")) < 0.05
+
+    params = init(dataclasses.replace(cfg, init=scheme))[1]
+    head, width, mlp = cfg.head_size, 128, 512
+    if scheme == "xavier":  # uniform of variance 2 / (fan_in + fan_out)
+        want = {("wi",): (2 / (width + mlp)) ** 0.5, ("query",): (2 / (width + width)) ** 0.5}
+    else:
+        want = {("wi",): width ** -0.5, ("wo",): mlp ** -0.5, ("query",): (width * head) ** -0.5,
+                ("key",): width ** -0.5}
+    block = params["decoder"]["block_0"]
+    for (name,), std in want.items():
+        sub = block["mlp"] if name.startswith("w") else block["cross_attention"]
+        assert np.std(kernel(sub, name, "kernel")) == pytest.approx(std, rel=0.1), name

@@ -207,6 +207,25 @@ class Norm(nn.Module):
         return h.astype(dtype_of(self.cfg))
 
 
+def kernel_init(cfg: ModelConfig, std: float, contract: int, ndim: int, gain: float = 1.0) -> Callable:
+    """A kernel's initializer [*contracted, *features] under `model.init`:
+
+    - normal: N(0, std), std 0.02 and residual outputs 0.02 / sqrt(2 layers) (GPT-2, BERT);
+    - fan_in: N(0, gain / fan_in) (T5; a query of unscaled attention has gain 1 / head_dim);
+    - xavier: uniform of variance 2 / (fan_in + fan_out) (the 2017 Transformer, fairseq).
+
+    At width 128, 0.02 is a quarter of fan_in ** -0.5: a post-norm encoder-decoder drawn that
+    way started with cross-attention outputs of 2% of the residual stream, and trained for an
+    hour into a language model of its targets that ignored its sources (`docs/benchmarks.md`).
+    """
+    if cfg.init == "normal":
+        return nn.initializers.normal(std)
+    axes = dict(in_axis=tuple(range(contract)), out_axis=tuple(range(contract, ndim)))
+    if cfg.init == "xavier":
+        return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", **axes)
+    return nn.initializers.variance_scaling(gain, "fan_in", "normal", **axes)
+
+
 class Dense(nn.Module):
     """x @ kernel (+ bias), contracting the last `contract` axes of x.
 
@@ -218,14 +237,15 @@ class Dense(nn.Module):
     axes: tuple[str, ...]  # logical names of the kernel's axes
     cfg: ModelConfig
     contract: int = 1
-    std: float = 0.02
+    std: float = 0.02  # model.init=normal
     bias: bool | None = None  # None: model.use_bias
+    gain: float = 1.0  # model.init=fan_in: variance times this
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         in_shape = x.shape[-self.contract:]
-        kernel = self.param("kernel", param_init(nn.initializers.normal(self.std), self.axes),
-                            (*in_shape, *self.features), jnp.float32)
+        init = kernel_init(self.cfg, self.std, self.contract, self.contract + len(self.features), self.gain)
+        kernel = self.param("kernel", param_init(init, self.axes), (*in_shape, *self.features), jnp.float32)
         dtype = dtype_of(self.cfg)
         dims = tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract))
         y = jax.lax.dot_general(x.astype(dtype), kernel.astype(dtype), (dims, ((), ())))
@@ -264,6 +284,11 @@ def merge_lora(params: dict, cfg: ModelConfig) -> dict:
     return {k: merge_lora(v, cfg) for k, v in params.items()}
 
 
+def query_gain(cfg: ModelConfig) -> float:
+    """Unscaled attention (T5) draws its queries 1 / head_dim smaller in variance instead."""
+    return 1.0 if cfg.scale_attention else 1.0 / cfg.head_size
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention with segment masks, rotary positions and a KV cache.
 
@@ -286,7 +311,7 @@ class SelfAttention(nn.Module):
         proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
         qkv_axes = ("embed", "heads", "kv")
         biased = cfg.use_bias or cfg.qkv_bias
-        q = Dense((heads, head_dim), qkv_axes, cfg, bias=biased, name="query")(x)  # [batch, length, heads, head_dim]
+        q = Dense((heads, head_dim), qkv_axes, cfg, bias=biased, gain=query_gain(cfg), name="query")(x)  # [batch, length, heads, head_dim]
         k = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="key")(x)  # [batch, length, kv_heads, head_dim]
         v = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="value")(x)
         if cfg.positions == "rotary":
@@ -344,7 +369,7 @@ class CrossAttention(nn.Module):
         kv_heads = cfg.num_kv_heads or heads
         axes = ("embed", "heads", "kv")
         biased = cfg.use_bias or cfg.qkv_bias
-        q = Dense((heads, head_dim), axes, cfg, bias=biased, name="query")(x)  # [batch, q, heads, head_dim]
+        q = Dense((heads, head_dim), axes, cfg, bias=biased, gain=query_gain(cfg), name="query")(x)  # [batch, q, heads, head_dim]
         key = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="key")
         value = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="value")
         if encoded is not None:
