@@ -214,9 +214,10 @@ def kernel_init(cfg: ModelConfig, std: float, contract: int, ndim: int, gain: fl
     - fan_in: N(0, gain / fan_in) (T5; a query of unscaled attention has gain 1 / head_dim);
     - xavier: uniform of variance 2 / (fan_in + fan_out) (the 2017 Transformer, fairseq).
 
-    At width 128, 0.02 is a quarter of fan_in ** -0.5: a post-norm encoder-decoder drawn that
-    way started with cross-attention outputs of 2% of the residual stream, and trained for an
-    hour into a language model of its targets that ignored its sources (`docs/benchmarks.md`).
+    At width 128, 0.02 is a quarter of fan_in ** -0.5: an encoder-decoder drawn that way
+    (residual stream at unit scale) moved its first logits by about 1% with its source, and a
+    post-norm one trained into a language model of its targets that ignored its sources
+    (`docs/benchmarks.md`).
     """
     if cfg.init == "normal":
         return nn.initializers.normal(std)
