@@ -3,18 +3,19 @@ budget with Hugging Face transformers (PyTorch), side by side on this machine; p
 (greedy and beam 4), chrF and wall times of both.
 
     pip install torch==2.13.0 transformers        # for the reference side only
-    python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf]
+    python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf] [--layout preset|t5]
 
 jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
 everything those commands do (tokenizer training, data encoding, compilation, training and both
 decodes of the test books). The Hugging Face side builds the preset's architecture from a config
-of its shapes, read from the YAML: `MarianMTModel` for the 2017 layout the preset uses (post-norm,
-sinusoidal positions, embeddings scaled by sqrt(width), ReLU, biases, one tied table), or
-`T5ForConditionalGeneration` for the T5 layout (relative buckets, gated GELU, T5 v1.0's scaled
-tied output); layers, width, heads, feed-forward width and dropout as the YAML says, on the
-same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains it on the
-preset's budget: its steps and pairs a step (padded to the longest of the batch, as
+of its shapes, read from the YAML: `MarianMTModel` for the 2017 layout the preset uses
+(post-norm, sinusoidal positions, embeddings scaled by sqrt(width), ReLU, biases, one tied
+table), or `T5ForConditionalGeneration` for the T5 layout (`--layout t5` sets it on both sides:
+relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation); layers,
+width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
+model its own way. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
+side first), and trains on the preset's budget: its steps and pairs a step (padded to the longest of the batch, as
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
 smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping
 1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time covers training and
@@ -39,11 +40,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs/translate_bible_en_es.yaml"
 DATA = ROOT.parent / "shared/data/translation/bible_en_es"
+# --layout t5: the preset's shapes in T5's layout on both sides (v1.1's gated GELU, v1.0's tied
+# and scaled output, T5's initialisation); transformers builds T5ForConditionalGeneration
+T5_LAYOUT = {"positions": "relative", "relative_buckets": 32, "relative_max_distance": 128, "norm": "rmsnorm",
+             "prenorm": True, "use_bias": False, "scale_attention": False, "scale_embeddings": False,
+             "mlp": "geglu", "tie_embeddings": True, "tied_output_scale": True, "init": "fan_in"}
 
 
-def run_jaxlm(work: Path, steps: int | None) -> dict:
+def layout_overrides(layout: str) -> dict:
+    return T5_LAYOUT if layout == "t5" else {}
+
+
+def run_jaxlm(work: Path, steps: int | None, layout: str) -> dict:
     run = work / "jaxlm"
     extra = [f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}"] if steps else []
+    extra += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout_overrides(layout).items()]
     start = time.time()
     subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", str(CONFIG), "--workdir", str(run), *extra],
                    check=True)
@@ -87,13 +98,14 @@ def hf_model(transformers, m: dict, cfg: dict, s: dict, vocab: int, ids: dict) -
     return transformers.MarianMTModel(config), ("layer_norm", "bias", "embed_positions")
 
 
-def run_hf(work: Path, steps: int | None) -> dict:
+def run_hf(work: Path, steps: int | None, layout: str) -> dict:
     import sacrebleu
     import torch
     import transformers
     import yaml
     from tokenizers import Tokenizer
     cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["model"].update(layout_overrides(layout))
     m, o, t, s = cfg["model"], cfg["optim"], cfg["train"], cfg["seq2seq"]
     steps = steps or t["steps"]
     tokenizer_file = work / "jaxlm" / "tokenizer.json"
@@ -181,11 +193,13 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("runs/seq2seq_vs_hf"))
     parser.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
     parser.add_argument("--only", choices=("jaxlm", "hf"), help="run one side")
+    parser.add_argument("--layout", choices=("preset", "t5"), default="preset",
+                        help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     for side, fn in (("jaxlm", run_jaxlm), ("hf", run_hf)):
         if args.only in (None, side):
-            result = fn(args.workdir, args.steps)
+            result = fn(args.workdir, args.steps, args.layout)
             (args.workdir / f"{side}.json").write_text(json.dumps(result))
     results = {side: json.loads((args.workdir / f"{side}.json").read_text())
                for side in ("jaxlm", "hf") if (args.workdir / f"{side}.json").exists()}
