@@ -135,12 +135,6 @@ def test_the_token_table_starts_at_each_layouts_scale():
         assert np.std(table) == pytest.approx(std, rel=0.1), (cfg.positions, cfg.tied_output_scale)
 
 
-def kernel(params: dict, *path: str) -> np.ndarray:
-    for key in path:
-        params = params[key]
-    return np.asarray(getattr(params, "value", params))
-
-
 @pytest.mark.parametrize("layout, scheme", [("2017", "xavier"), ("t5", "fan_in")])
 def test_each_layouts_init_lets_the_source_reach_the_logits(layout, scheme):
     """Drawn as its layout draws it (2017: Glorot uniform; T5: N(0, 1 / fan_in), queries of its
@@ -164,11 +158,10 @@ def test_each_layouts_init_lets_the_source_reach_the_logits(layout, scheme):
     params = init(dataclasses.replace(cfg, init=scheme))[1]
     head, width, mlp = cfg.head_size, 128, 512
     if scheme == "xavier":  # uniform of variance 2 / (fan_in + fan_out)
-        want = {("wi",): (2 / (width + mlp)) ** 0.5, ("query",): (2 / (width + width)) ** 0.5}
+        want = {"wi": (2 / (width + mlp)) ** 0.5, "query": (2 / (width + width)) ** 0.5}
     else:
-        want = {("wi",): width ** -0.5, ("wo",): mlp ** -0.5, ("query",): (width * head) ** -0.5,
-                ("key",): width ** -0.5}
+        want = {"wi": width ** -0.5, "wo": mlp ** -0.5, "query": (width * head) ** -0.5, "key": width ** -0.5}
     block = params["decoder"]["block_0"]
-    for (name,), std in want.items():
-        sub = block["mlp"] if name.startswith("w") else block["cross_attention"]
-        assert np.std(kernel(sub, name, "kernel")) == pytest.approx(std, rel=0.1), name
+    for name, std in want.items():
+        kernel = block["mlp" if name.startswith("w") else "cross_attention"][name]["kernel"]
+        assert np.std(np.asarray(getattr(kernel, "value", kernel))) == pytest.approx(std, rel=0.1), name
