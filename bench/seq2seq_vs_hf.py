@@ -15,11 +15,11 @@ table), or `T5ForConditionalGeneration` for the T5 layout (`--layout t5` sets it
 relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation); layers,
 width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
 model its own way. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
-side first), and trains on the preset's budget: its steps and pairs a step (padded to the longest of the batch, as
-transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
-smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping
-1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time covers training and
-both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
+side first), and trains on the preset's budget: its steps and pairs a step (padded to the
+longest of the batch, as transformers' seq2seq collator does; jaxlm packs them), its source and
+target lengths, label smoothing, AdamW settings (weight decay off norms, biases and position
+tables), clipping 1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time
+covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
 
 Each side writes `<workdir>/<side>.json`; the table prints every side found there, so the two may
 run at different times.
@@ -73,11 +73,12 @@ def read_pairs(path: Path) -> list[tuple[str, str]]:
         return [(r["en"], r["es"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
-def hf_model(transformers, m: dict, cfg: dict, s: dict, vocab: int, ids: dict) -> tuple:
+def hf_model(transformers, cfg: dict, vocab: int, ids: dict) -> tuple:
     """The preset's architecture in transformers, and the parameter-name parts that take no weight
     decay (as jaxlm's decay mask: norms, biases, position tables): `T5ForConditionalGeneration`
     for the T5 layout, `MarianMTModel` (post-norm, sinusoidal positions, embeddings times
     sqrt(width), ReLU, biases: the 2017 Transformer) for the 2017 layout."""
+    m, s = cfg["model"], cfg["seq2seq"]
     if m.get("prenorm", True):
         config = transformers.T5Config(
             vocab_size=vocab, d_model=m["embed_dim"], d_kv=m["embed_dim"] // m["num_heads"],
@@ -106,7 +107,7 @@ def run_hf(work: Path, steps: int | None, layout: str) -> dict:
     from tokenizers import Tokenizer
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg["model"].update(layout_overrides(layout))
-    m, o, t, s = cfg["model"], cfg["optim"], cfg["train"], cfg["seq2seq"]
+    o, t, s = cfg["optim"], cfg["train"], cfg["seq2seq"]
     steps = steps or t["steps"]
     tokenizer_file = work / "jaxlm" / "tokenizer.json"
     if not tokenizer_file.exists():
@@ -115,7 +116,7 @@ def run_hf(work: Path, steps: int | None, layout: str) -> dict:
     ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
-    model, no_decay = hf_model(transformers, m, cfg, s, tok.get_vocab_size(), ids)
+    model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
     def encode(texts: list[str], cap: int) -> list[list[int]]:
         return [e.ids[:cap - 1] + [ids["</s>"]] for e in tok.encode_batch(texts, add_special_tokens=False)]
 

@@ -312,7 +312,8 @@ class SelfAttention(nn.Module):
         proj_std = 0.02 / (2 * cfg.num_layers) ** 0.5  # GPT-2's scaled init of residual projections
         qkv_axes = ("embed", "heads", "kv")
         biased = cfg.use_bias or cfg.qkv_bias
-        q = Dense((heads, head_dim), qkv_axes, cfg, bias=biased, gain=query_gain(cfg), name="query")(x)  # [batch, length, heads, head_dim]
+        q = Dense((heads, head_dim), qkv_axes, cfg, bias=biased, gain=query_gain(cfg),
+                  name="query")(x)  # [batch, length, heads, head_dim]
         k = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="key")(x)  # [batch, length, kv_heads, head_dim]
         v = Dense((kv_heads, head_dim), qkv_axes, cfg, bias=biased, name="value")(x)
         if cfg.positions == "rotary":
@@ -370,7 +371,8 @@ class CrossAttention(nn.Module):
         kv_heads = cfg.num_kv_heads or heads
         axes = ("embed", "heads", "kv")
         biased = cfg.use_bias or cfg.qkv_bias
-        q = Dense((heads, head_dim), axes, cfg, bias=biased, gain=query_gain(cfg), name="query")(x)  # [batch, q, heads, head_dim]
+        q = Dense((heads, head_dim), axes, cfg, bias=biased, gain=query_gain(cfg),
+                  name="query")(x)  # [batch, q, heads, head_dim]
         key = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="key")
         value = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="value")
         if encoded is not None:
