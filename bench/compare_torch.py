@@ -10,7 +10,8 @@ master weights, the preset's betas, epsilon and weight decay) and gradient clipp
 random tokens, in one process: the two alternate round by round, so a change in the machine's
 load hits both. Each side runs the whole batch in one pass (no microbatches). tokens/s is batch x
 length over the wall time of `--steps` steps after warm-up (jaxlm's steps dispatched back to
-back and waited for at the end, as its training loop runs).
+back and waited for at the end, as its training loop runs). jaxlm's attention is its default
+kernel for the machine (`model.attention_impl=auto`: the chunked kernel on one CPU device).
 
 What is compared, model by model:
   gpt2_small        configs/gpt2_small.yaml vs GPT2LMHeadModel (no dropout on either side),
@@ -79,7 +80,7 @@ def jaxlm_side(name: str, dtype: str, steps: int):
     shape = SHAPES[name]
     config = config_lib.load(str(ROOT / "configs" / shape.config), shape.overrides + [
         f"train.batch_size={shape.batch}", f"data.seq_len={shape.seq_len}", f"model.dtype={dtype}",
-        "model.attention_impl=xla", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "optim.clip_norm=1.0",
+        "model.attention_impl=auto", "mesh.data=1", "mesh.fsdp=1", "mesh.tensor=1", "optim.clip_norm=1.0",
         "train.grad_accum_steps=1"])
     run = shapes_run(config, mode="jit")
     c = run.compiled

@@ -28,7 +28,7 @@ DECODER_TASKS = ("clm", "sft")  # the tasks of a decoder-only language model
 POSITIONS = ("rotary", "learned", "relative", "sinusoidal")  # relative (T5 buckets), sinusoidal: encoder-decoders
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "auto")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 MLPS = ("plain", "swiglu", "geglu")
 INITS = ("normal", "fan_in", "xavier")
@@ -75,7 +75,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     dropout: float = 0.0
     dtype: str = "float32"  # compute dtype; parameters are always float32
-    attention_impl: str = "xla"  # xla | cudnn | auto (cuDNN on GPUs with bfloat16 and head dims <= 128, else XLA)
+    attention_impl: str = "auto"  # xla | cudnn | chunked | auto (cuDNN on GPUs with bfloat16 and head dims <= 128, chunked on one CPU, else XLA)
     remat: str = "none"  # recompute activations in the backward pass: none, full, save_dots, ...
     scan_layers: bool = False  # one compiled block under nn.scan (faster compiles for deep models)
     logits_chunk: int = 0  # decoders: row positions whose output logits the loss computes at a time; 0: whole rows

@@ -1,6 +1,6 @@
 """Attention kernels against the reference math on packed and padded batches.
 
-XLA's kernel runs everywhere; cuDNN's only on a GPU (`bash bench/gpu.sh` runs this file there
+XLA's kernel and the chunked CPU kernel run everywhere; cuDNN's only on a GPU (`bash bench/gpu.sh` runs this file there
 first). Each kernel must respect segment ids (packed documents never see each other), padding
 (segment 0 is never attended to) and causality, and give padding queries finite outputs.
 """
@@ -10,9 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxlm.models import chunked_attention
 from jaxlm.models.layers import attention, make_attention_mask
 
-IMPLS = ["xla", pytest.param("cudnn", marks=pytest.mark.skipif(
+IMPLS = ["xla", "chunked", pytest.param("cudnn", marks=pytest.mark.skipif(
     jax.default_backend() != "gpu", reason="cuDNN attention needs a GPU"))]
 TOLERANCE = {"float32": 2e-5, "bfloat16": 2e-2}
 
@@ -64,3 +65,41 @@ def test_attention_matches_the_reference_on_packed_and_padded_rows(impl, dtype, 
     # the mask matters: attending across documents would be far off
     crossed = reference(q, k, v, np.where(real, 1, 0), causal)
     assert np.abs(crossed - want)[real].max() > 10 * TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("bias_rows", [0, 1, 4])
+def test_chunked_attention_gradients_equal_xlas(monkeypatch, causal, bias_rows):
+    """The chunked kernel's own backward pass (probabilities recomputed from the saved row
+    statistics) gives XLA's gradients for queries, keys, values and the score bias, over
+    several chunks, with grouped-query heads, packed and padded rows."""
+    monkeypatch.setattr(chunked_attention, "CACHE_BYTES", 2 * 4 * 128 * 128 * 4)  # two rows a chunk: 2 chunks
+    q, k, v, segments = packed_and_padded(rows=4, heads=4, head_dim=16)
+    segments[2, :100], segments[3] = 1, 1  # two more rows: padded, and full
+    k, v = k[:, :, :2], v[:, :, :2]  # two key heads, each serving two query heads
+    rng = np.random.default_rng(1)
+    bias = rng.standard_normal((bias_rows, 4, 128, 128)).astype(np.float32) if bias_rows else None
+    weights = rng.standard_normal(q.shape).astype(np.float32)
+    index = jnp.arange(q.shape[1])
+    mask = make_attention_mask(jnp.asarray(segments), jnp.asarray(segments), index, index, causal=False)
+
+    def outputs_and_grads(impl):
+        def f(q, k, v, bias):
+            out = attention(q, k, v, mask, impl, is_causal=causal, bias=bias)
+            return (out * weights).sum(), out
+        grad = jax.grad(f, argnums=(0, 1, 2, 3) if bias_rows else (0, 1, 2), has_aux=True)
+        return jax.jit(grad)(q, k, v, bias)
+
+    (want_grads, want), (got_grads, got) = outputs_and_grads("xla"), outputs_and_grads("chunked")
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    for name, g, w in zip(("q", "k", "v", "bias"), got_grads, want_grads):
+        assert np.abs(np.asarray(w)).max() > 0.1, name  # a gradient that is there to compare
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=2e-5, err_msg=name)
+
+
+def test_chunks_fit_the_cache_and_divide_the_batch():
+    # a MiniLM reader's row (12 heads x 256 x 256 float32 scores) is 3 MB: one row a chunk
+    assert chunked_attention.rows_per_chunk(16, 12, 256, 256) == 1
+    # 196 KB a row at length 64: five fit, four divide 32
+    assert chunked_attention.rows_per_chunk(32, 12, 64, 64) == 4
+    assert chunked_attention.rows_per_chunk(7, 1, 8, 8) == 7  # a small batch is one chunk

@@ -130,15 +130,18 @@ def test_param_axis_names():
     assert flat["['block_0']['mlp']['wi']['kernel']"] == ("embed", "mlp")
 
 
-@pytest.mark.parametrize("impl,backend,dtype,head_dim,want", [
-    ("auto", "gpu", jnp.bfloat16, 64, "cudnn"), ("auto", "gpu", jnp.bfloat16, 128, "cudnn"),
-    ("auto", "cpu", jnp.bfloat16, 64, "xla"), ("auto", "tpu", jnp.bfloat16, 64, "xla"),
-    ("auto", "gpu", jnp.float32, 64, "xla"), ("auto", "gpu", jnp.bfloat16, 160, "xla"),
-    ("auto", "gpu", jnp.bfloat16, 36, "xla"), ("xla", "gpu", jnp.bfloat16, 64, "xla"),
-    ("cudnn", "cpu", jnp.float32, 64, "cudnn")])
-def test_auto_attention_picks_cudnn_where_it_applies(impl, backend, dtype, head_dim, want):
+@pytest.mark.parametrize("impl,backend,devices,dtype,head_dim,want", [
+    ("auto", "gpu", 1, jnp.bfloat16, 64, "cudnn"), ("auto", "gpu", 8, jnp.bfloat16, 128, "cudnn"),
+    ("auto", "cpu", 1, jnp.bfloat16, 64, "chunked"), ("auto", "cpu", 1, jnp.float32, 32, "chunked"),
+    ("auto", "cpu", 8, jnp.float32, 64, "xla"), ("auto", "tpu", 1, jnp.bfloat16, 64, "xla"),
+    ("auto", "gpu", 1, jnp.float32, 64, "xla"), ("auto", "gpu", 1, jnp.bfloat16, 160, "xla"),
+    ("auto", "gpu", 1, jnp.bfloat16, 36, "xla"), ("xla", "gpu", 1, jnp.bfloat16, 64, "xla"),
+    ("cudnn", "cpu", 1, jnp.float32, 64, "cudnn"), ("chunked", "gpu", 8, jnp.float32, 64, "chunked")])
+def test_auto_attention_picks_the_kernel_for_the_machine(impl, backend, devices, dtype, head_dim, want):
+    """cuDNN where it applies, the chunked kernel on one CPU device, XLA elsewhere; a named kernel
+    is kept."""
     from jaxlm.models.layers import attention_backend
-    assert attention_backend(impl, dtype, head_dim, backend) == want
+    assert attention_backend(impl, dtype, head_dim, backend, devices) == want
 
 
 def test_causal_attention_is_passed_as_is_causal(monkeypatch):
@@ -153,11 +156,11 @@ def test_causal_attention_is_passed_as_is_causal(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
-    cfg = dataclasses.replace(CFG, attention_impl="auto")
+    cfg = dataclasses.replace(CFG, attention_impl="auto")  # XLA's kernel on the tests' 8 CPU devices
     model = DecoderLM(cfg)
     variables = model.init(jax.random.key(0), tokens())
     model.apply(variables, tokens())
-    assert calls[-2:] == [(True, "xla")] * 2  # two layers; auto is XLA on the CPU
+    assert calls[-2:] == [(True, "xla")] * 2  # two layers
     cache = model.init(jax.random.key(0), tokens(length=4), decode=True)["cache"]
     calls.clear()
     model.apply({**variables, "cache": cache}, tokens(length=4), decode=True, mutable=["cache"])

@@ -63,6 +63,37 @@ def test_cached_decoding_equals_the_full_forward(layout, scan):
     np.testing.assert_allclose(np.stack(got, 1), want, atol=2e-5, rtol=1e-5)
 
 
+def test_the_chunked_kernel_gives_xlas_gradients_and_cached_decoding():
+    """T5's layout (a learned score bias from relative positions) with `attention_impl=chunked`:
+    the gradient of every parameter, the relative-position tables included, is XLA kernel's, and
+    decoding one token at a time through the cache gives XLA's teacher-forced logits."""
+    cfgs = {impl: dataclasses.replace(LAYOUTS["t5"], attention_impl=impl) for impl in ("xla", "chunked")}
+    _, params = init(cfgs["xla"])
+    inputs = tuple(map(jnp.asarray, batch(1)))
+    weights = jax.random.normal(jax.random.key(2), (B, T, 64))
+
+    def grads(cfg):
+        def loss(p):
+            return (EncoderDecoder(cfg).apply({"params": p}, *inputs) * weights).sum()
+        return jax.jit(jax.grad(loss))(params)
+
+    want, got = grads(cfgs["xla"]), grads(cfgs["chunked"])
+    paths = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_leaves_with_path(want)]
+    assert any("relative" in p for p in paths)
+    for path, w, g in zip(paths, jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=path)
+    model = EncoderDecoder(cfgs["chunked"])
+    src, src_seg, src_pos, tgt, tgt_seg, tgt_pos = inputs
+    full = EncoderDecoder(cfgs["xla"]).apply({"params": params}, *inputs)
+    cache = decoding_cache(model, params, src, src_seg, src_pos, T)
+    step = jax.jit(cached_logits(model, params, 64))
+    got = []
+    for i in range(T):
+        logits, cache = step(tgt[:, i:i + 1], tgt_seg[:, i:i + 1], tgt_pos[:, i:i + 1], cache)
+        got.append(logits[:, 0])
+    np.testing.assert_allclose(np.stack(got, 1), full, atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("t5",)))
 def test_padded_source_positions_are_ignored(layout):
     """Whatever the padding of a source holds, and however long the padding is, the logits of

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxlm.config import ModelConfig
+from jaxlm.models import chunked_attention
 
 Array = jax.Array
 
@@ -75,34 +76,44 @@ def make_attention_mask(
 CUDNN_MAX_HEAD_DIM = 128  # cuDNN's fused attention: head dims up to 128 (256 on Hopper), multiples of 8
 
 
-def attention_backend(impl: str, dtype: jnp.dtype, head_dim: int, backend: str | None = None) -> str:
+def attention_backend(impl: str, dtype: jnp.dtype, head_dim: int, backend: str | None = None,
+                      devices: int | None = None) -> str:
     """The attention kernel `model.attention_impl` names: "auto" is cuDNN's fused attention where
-    it applies (a GPU, bfloat16, a head dim it takes), else XLA.
+    it applies (a GPU, bfloat16, a head dim it takes), the chunked kernel on a single CPU device
+    (`chunked_attention`: its loop over batch rows is for one device), else XLA.
 
     Args:
       backend: the JAX backend (default: `jax.default_backend()`).
+      devices: the device count (default: `jax.device_count()`).
     """
     if impl != "auto":
         return impl
     backend = backend or jax.default_backend()
     fits = head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
-    return "cudnn" if backend == "gpu" and dtype == jnp.bfloat16 and fits else "xla"
+    if backend == "gpu" and dtype == jnp.bfloat16 and fits:
+        return "cudnn"
+    devices = jax.device_count() if devices is None else devices
+    return "chunked" if backend == "cpu" and devices == 1 else "xla"
 
 
 def attention(q: Array, k: Array, v: Array, mask: Array, impl: str, is_causal: bool = False,
               bias: Array | None = None, scaled: bool = True) -> Array:
-    """Scaled dot-product attention through `jax.nn.dot_product_attention`.
+    """Scaled dot-product attention: `jax.nn.dot_product_attention` (XLA or cuDNN) or the
+    chunked CPU kernel (`chunked_attention`).
 
     Args:
       q: [batch, q, heads, head_dim]; k, v: [batch, k, heads, head_dim].
       mask: [batch, 1, q, k] booleans. A query with no visible key gets a finite output.
-      impl: "xla", "cudnn" or "auto" (see `attention_backend`).
+      impl: "xla", "cudnn", "chunked" or "auto" (see `attention_backend`).
       is_causal: also mask keys after each query (queries and keys aligned at slot 0); cuDNN
         then runs its causal kernel instead of reading the whole mask for it.
       bias: added to the scores, [1, heads, q, k] (T5's relative positions).
       scaled: divide the scores by sqrt(head_dim) (T5 does not).
     """
     impl = attention_backend(impl, q.dtype, q.shape[-1])
+    if impl == "chunked":
+        scale = q.shape[-1] ** -0.5 if scaled else 1.0
+        return chunked_attention.attention(q, k, v, mask, bias, scale, is_causal)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=is_causal,
                                         scale=None if scaled else 1.0, implementation=impl)
 
