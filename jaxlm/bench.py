@@ -31,6 +31,7 @@ from jaxlm import train as train_lib
 from jaxlm.config import Config
 from jaxlm.errors import UserError, cli
 from jaxlm.models import flops
+from jaxlm.models.layers import attention_backend, dtype_of
 from jaxlm.workdir import shapes_run
 
 
@@ -88,6 +89,7 @@ def bench_step(config: Config, steps: int, warmup: int, matmul_size: int) -> dic
     out: dict[str, Any] = {
         "device": jax.devices()[0].device_kind, "devices": devices,
         "mesh": dict(c.mesh.shape), "dtype": cfg.model.dtype, "batch": rows, "seq_len": length,
+        "attention": attention_backend(cfg.model.attention_impl, dtype_of(cfg.model), cfg.model.head_size),
         "parameters": sum(x.size for x in jax.tree_util.tree_leaves(c.abstract_state.params)),
         "compile_s": compile_s, "step_s_median": median, "step_s_min": min(times), "step_s_max": max(times),
         "step_s_stdev": statistics.stdev(times) if len(times) > 1 else 0.0,
@@ -150,7 +152,7 @@ def report(r: dict[str, Any]) -> str:
 
     lines = [
         f"{r['config']} (task={r['task']}) on {r['devices']} x {r['device']} {r['mesh']}, {r['dtype']}, "
-        f"batch {r['batch']} x {r['seq_len']}, {r['parameters']:,} parameters",
+        f"batch {r['batch']} x {r['seq_len']}, {r['attention']} attention, {r['parameters']:,} parameters",
         _row("compile", r["compile_s"], "s"),
         _row("step (median)", r["step_s_median"], "s"),
         _row("step (min / max)", f"{r['step_s_min']:.4g} / {r['step_s_max']:.4g}", "s"),
