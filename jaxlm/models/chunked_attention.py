@@ -7,8 +7,8 @@ again in the backward pass, each one a trip through memory (50 MB an array for a
 stay in the CPU's cache from the first pass to the last, and the backward pass recomputes the
 probabilities from the saved row maxima and sums (flash attention's recomputation) instead of
 reading stored ones. On the MiniLM reader's shapes one layer's forward and backward took
-0.08-0.09 s against XLA's 0.19-0.21 s (`docs/benchmarks.md`); on short rows (64-128 tokens) the
-two are even.
+0.10 s against XLA's 0.20 s (`bench/attention.py`, `docs/benchmarks.md`); on short rows
+(64-128 tokens), whose scores fit in cache anyway, the two are even.
 
 The loop runs over batch rows, so it is meant for one device (or data sharded over devices whose
 rows split evenly into the chunks); on accelerators XLA's kernel or cuDNN's fused one is the
