@@ -1,8 +1,9 @@
 """Attention kernels against the reference math on packed and padded batches.
 
-XLA's kernel and the chunked CPU kernel run everywhere; cuDNN's only on a GPU (`bash bench/gpu.sh` runs this file there
-first). Each kernel must respect segment ids (packed documents never see each other), padding
-(segment 0 is never attended to) and causality, and give padding queries finite outputs.
+XLA's kernel and the chunked CPU kernel run everywhere; cuDNN's only on a GPU (`bash bench/gpu.sh`
+runs this file there first). Each kernel must respect segment ids (packed documents never see
+each other), padding (segment 0 is never attended to) and causality, and give padding queries
+finite outputs.
 """
 
 import jax

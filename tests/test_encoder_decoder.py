@@ -38,6 +38,17 @@ def init(cfg: ModelConfig):
     return model, model.init(jax.random.key(0), *map(jnp.asarray, batch()))["params"]
 
 
+def one_at_a_time(model: EncoderDecoder, params, src, src_seg, src_pos, tgt, tgt_seg, tgt_pos) -> np.ndarray:
+    """Logits [batch, target, vocab] of the target fed one token at a time through the cache."""
+    cache = decoding_cache(model, params, src, src_seg, src_pos, tgt.shape[1])
+    step = jax.jit(cached_logits(model, params, model.cfg.vocab_size))
+    got = []
+    for i in range(tgt.shape[1]):
+        logits, cache = step(tgt[:, i:i + 1], tgt_seg[:, i:i + 1], tgt_pos[:, i:i + 1], cache)
+        got.append(logits[:, 0])
+    return np.stack(got, 1)
+
+
 def slow_except(values: list, keep: tuple) -> list:
     """`values` as test parameters, those not in `keep` marked slow: each layout is checked by
     default somewhere, every combination with -m slow."""
@@ -54,13 +65,8 @@ def test_cached_decoding_equals_the_full_forward(layout, scan):
     model, params = init(cfg)
     src, src_seg, src_pos, tgt, tgt_seg, tgt_pos = map(jnp.asarray, batch(1))
     want = model.apply({"params": params}, src, src_seg, src_pos, tgt, tgt_seg, tgt_pos)
-    cache = decoding_cache(model, params, src, src_seg, src_pos, T)
-    step = jax.jit(cached_logits(model, params, cfg.vocab_size))
-    got = []
-    for i in range(T):
-        logits, cache = step(tgt[:, i:i + 1], tgt_seg[:, i:i + 1], tgt_pos[:, i:i + 1], cache)
-        got.append(logits[:, 0])
-    np.testing.assert_allclose(np.stack(got, 1), want, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(one_at_a_time(model, params, src, src_seg, src_pos, tgt, tgt_seg, tgt_pos),
+                               want, atol=2e-5, rtol=1e-5)
 
 
 def test_the_chunked_kernel_gives_xlas_gradients_and_cached_decoding():
@@ -82,16 +88,9 @@ def test_the_chunked_kernel_gives_xlas_gradients_and_cached_decoding():
     assert any("relative" in p for p in paths)
     for path, w, g in zip(paths, jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got)):
         np.testing.assert_allclose(g, w, atol=1e-5, rtol=1e-4, err_msg=path)
-    model = EncoderDecoder(cfgs["chunked"])
-    src, src_seg, src_pos, tgt, tgt_seg, tgt_pos = inputs
     full = EncoderDecoder(cfgs["xla"]).apply({"params": params}, *inputs)
-    cache = decoding_cache(model, params, src, src_seg, src_pos, T)
-    step = jax.jit(cached_logits(model, params, 64))
-    got = []
-    for i in range(T):
-        logits, cache = step(tgt[:, i:i + 1], tgt_seg[:, i:i + 1], tgt_pos[:, i:i + 1], cache)
-        got.append(logits[:, 0])
-    np.testing.assert_allclose(np.stack(got, 1), full, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(one_at_a_time(EncoderDecoder(cfgs["chunked"]), params, *inputs), full,
+                               atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("t5",)))

@@ -84,9 +84,15 @@ def _attention(q: Array, k: Array, v: Array, mask: Array, bias: Array | None, sc
     return _forward(q, k, v, mask, bias, scale)[0]
 
 
-def _forward(q, k, v, mask, bias, scale):
+def _plan(q: Array, k: Array, bias: Array | None) -> tuple[int, bool, Array | None]:
+    """Rows a chunk, whether the bias is one for all rows (or none), and a per-row bias in chunks."""
     c = rows_per_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     shared_bias = bias is None or bias.shape[0] == 1
+    return c, shared_bias, None if shared_bias else _chunks(bias, c)
+
+
+def _forward(q, k, v, mask, bias, scale):
+    c, shared_bias, per_row_bias = _plan(q, k, bias)
 
     def chunk(args):
         q, k, v, mask, b = args
@@ -97,7 +103,6 @@ def _forward(q, k, v, mask, bias, scale):
         out = jnp.einsum("bhqk,bhkd->bhqd", (e * inv).astype(v.dtype), v)
         return out, jnp.concatenate([top, inv], -1)  # the row statistics the backward pass needs
 
-    per_row_bias = None if shared_bias else _chunks(bias, c)
     out, stats = jax.lax.map(chunk, (*(_chunks(x, c) for x in (q, k, v, mask)), per_row_bias))
     out, stats = _unchunk(out), _unchunk(stats)  # [batch, heads, q, head_dim], [batch, heads, q, (max, 1 / sum)]
     return out, (q, k, v, mask, bias, out, stats)
@@ -105,8 +110,7 @@ def _forward(q, k, v, mask, bias, scale):
 
 def _backward(scale, residuals, d_out):
     q, k, v, mask, bias, out, stats = residuals
-    c = rows_per_chunk(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    shared_bias = bias is None or bias.shape[0] == 1
+    c, shared_bias, per_row_bias = _plan(q, k, bias)
     # d(softmax) needs each query's sum over keys of p * dp, which equals d_out . out
     delta = (d_out.astype(jnp.float32) * out.astype(jnp.float32)).sum(-1, keepdims=True)  # [batch, heads, q, 1]
 
@@ -123,7 +127,6 @@ def _backward(scale, residuals, d_out):
         d_k = jnp.einsum("bhqk,bhqd->bhkd", d_qk, q)
         return d_bias, (d_q, d_k, d_v, None if shared_bias else d_s)
 
-    per_row_bias = None if shared_bias else _chunks(bias, c)
     chunks = (*(_chunks(x, c) for x in (q, k, v, mask)), per_row_bias,
               *(_chunks(x, c) for x in (d_out, stats, delta)))
     start = None if bias is None or not shared_bias else jnp.zeros(bias.shape, jnp.float32)
