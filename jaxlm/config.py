@@ -55,6 +55,7 @@ class ModelConfig:
     relative_buckets: int = 32  # positions=relative: buckets of query-key distance (half each way in an encoder)
     relative_max_distance: int = 128  # positions=relative: distances from here on share the last bucket
     decoder_layers: int = 0  # encoder-decoders: the decoder's blocks; 0: num_layers
+    copy_attention: bool = False  # encoder-decoders: mix the output with an attention over source ids (pointer-generator)
     prenorm: bool = True  # encoder-decoders: norm before each sublayer (T5); false: after the residual sum (2017)
     scale_attention: bool = True  # attention scores divided by sqrt(head_dim); T5 folds that into its weights
     scale_embeddings: bool = False  # token embeddings times sqrt(embed_dim) (the 2017 Transformer)

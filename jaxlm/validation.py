@@ -125,6 +125,9 @@ def check(c: Config) -> None:
     _require(c.task in ENCODER_DECODER_TASKS or m.positions in ("rotary", "learned"),
              f"model.positions={m.positions} is an encoder-decoder's (task=seq2seq, span_corruption); decoders and encoders "
              "take rotary or learned")
+    _require(c.task in ENCODER_DECODER_TASKS or not m.copy_attention,
+             f"model.copy_attention copies from an encoder-decoder's source (task=seq2seq, span_corruption); "
+             f"set it false for task={c.task}")
     _require(c.task == "qa" or d.source != "squad",
              f"data.source=squad (SQuAD JSON files) is for task=qa, not task={c.task}")
     _require(c.task != "qa" or d.source in ("squad", "tfds", "none"),

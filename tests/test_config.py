@@ -50,6 +50,7 @@ def test_overrides_apply_with_types():
     ("model.logits_chunk=48", "model.logits_chunk=48 does not divide data.seq_len=128"),
     ("train.profile_steps=[5]", "train.profile_steps=[5] must be [first, last]"),
     ("train.peak_tflops=-1", "train.peak_tflops=-1.0 must be >= 0"),
+    ("model.copy_attention=true", "model.copy_attention copies from an encoder-decoder's source"),
 ])
 def test_bad_input_is_one_clear_error(override, expected):
     with pytest.raises(UserError, match=None) as info:

@@ -3,6 +3,7 @@ padded and packed sources and targets compute what they would alone."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,6 +22,8 @@ LAYOUTS = {
     "2017": ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=64, max_len=32, positions="sinusoidal",
                         prenorm=False, scale_embeddings=True, activation="relu"),
 }
+# the 2017 layout copying from its source (a pointer-generator head)
+LAYOUTS["copy"] = dataclasses.replace(LAYOUTS["2017"], copy_attention=True)
 B, S, T = 3, 9, 6
 
 
@@ -57,7 +60,7 @@ def slow_except(values: list, keep: tuple) -> list:
 
 
 @pytest.mark.parametrize("layout,scan", slow_except([(layout, scan) for layout in sorted(LAYOUTS) for scan in (False, True)],
-                                                    keep=(("t5", False),)))
+                                                    keep=(("t5", False), ("copy", False))))
 def test_cached_decoding_equals_the_full_forward(layout, scan):
     """Target tokens fed one at a time through the cache (cross-attention keys and values
     computed once, when the cache is primed) give the teacher-forced logits."""
@@ -93,7 +96,7 @@ def test_the_chunked_kernel_gives_xlas_gradients_and_cached_decoding():
                                atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("t5",)))
+@pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("t5", "copy")))
 def test_padded_source_positions_are_ignored(layout):
     """Whatever the padding of a source holds, and however long the padding is, the logits of
     the target are the same."""
@@ -106,7 +109,7 @@ def test_padded_source_positions_are_ignored(layout):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("2017",)))
+@pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("2017", "copy")))
 def test_a_packed_row_gives_each_example_what_it_gives_alone(layout):
     """Two examples packed in one row on both sides (segment ids 1 and 2, positions restarting):
     each target position's logits equal those of its example in a row of its own."""
@@ -130,12 +133,48 @@ def test_a_packed_row_gives_each_example_what_it_gives_alone(layout):
     np.testing.assert_allclose(got[4:9], alone(b_src, b_tgt), atol=1e-5, rtol=1e-5)
 
 
+def test_the_copy_head_mixes_the_output_with_its_own_sources_ids():
+    """Two examples packed in one row, their sources' ids disjoint. With the copy gate shut, the
+    output is the model's softmax (the copy-less model's, same weights); wide open, each target
+    position's probability lies on its own source's ids, none on the other's; in between, the
+    log-probabilities and their gradient stay finite, at a padding position too."""
+    cfg = LAYOUTS["copy"]
+    model, params = init(cfg)
+    params = jax.tree_util.tree_map(np.asarray, nn.meta.unbox(params))
+    a_src, b_src = np.array([2, 3, 4, 3, 5]), np.array([40, 41, 42, 43, 44, 45, 40])
+    src = np.concatenate([a_src, b_src, [0, 0]])[None]
+    src_seg = np.concatenate([np.ones(5), np.full(7, 2), [0, 0]]).astype(np.int32)[None]
+    src_pos = np.concatenate([np.arange(5), np.arange(7), [0, 0]])[None]
+    tgt = np.array([[1, 7, 9, 1, 11, 13, 17, 19, 0]])
+    tgt_seg = np.array([[1, 1, 1, 2, 2, 2, 2, 2, 0]], np.int32)
+    tgt_pos = np.array([[0, 1, 2, 0, 1, 2, 3, 4, 0]])
+    inputs = (src, src_seg, src_pos, tgt, tgt_seg, tgt_pos)
+
+    def with_gate(bias: float) -> dict:
+        return {**params, "copy_head": {**params["copy_head"], "gate": {**params["copy_head"]["gate"],
+                                                                        "bias": np.full((1,), bias, np.float32)}}}
+
+    plain = EncoderDecoder(dataclasses.replace(cfg, copy_attention=False))
+    logits = plain.apply({"params": {k: v for k, v in params.items() if k != "copy_head"}}, *inputs)
+    np.testing.assert_allclose(model.apply({"params": with_gate(40.0)}, *inputs), jax.nn.log_softmax(logits),
+                               atol=1e-5, rtol=1e-5)
+    probs = np.exp(model.apply({"params": with_gate(-40.0)}, *inputs))[0]  # [target, vocab]
+    for positions, own, other in ((slice(0, 3), a_src, b_src), (slice(3, 8), b_src, a_src)):
+        assert probs[positions][:, np.unique(own)].sum(-1) == pytest.approx(1.0, abs=1e-5)
+        assert probs[positions][:, np.unique(other)].max() < 1e-6
+
+    def loss(p):
+        out = model.apply({"params": p}, *inputs)
+        return (out * jax.nn.one_hot(tgt, cfg.vocab_size)).sum()
+
+    assert np.isfinite(model.apply({"params": params}, *inputs)).all()
+    assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(jax.grad(loss)(params)))
+
+
 @pytest.mark.slow
 def test_beam_search_is_the_same_with_scanned_layers():
     """Under `model.scan_layers` the cache has a leading layer axis; beam search repeats and
     reorders its beams on the next axis and finds the same hypotheses."""
-    import flax.linen as nn
-
     from jaxlm.decoding import beam_search
     from jaxlm.models.layers import restack
     cfg = LAYOUTS["t5"]

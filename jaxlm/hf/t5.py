@@ -108,10 +108,10 @@ def check_layout(m: ModelConfig) -> None:
     t5 = (m.positions, m.norm, m.use_bias or m.qkv_bias, m.scale_attention, m.prenorm, m.scale_embeddings,
           m.num_kv_heads in (0, m.num_heads)) == ("relative", "rmsnorm", False, False, True, False, True)
     mlp = (m.mlp, m.activation) == ("plain", "relu") or m.mlp == "geglu"
-    if not (t5 and mlp and m.tied_output_scale == m.tie_embeddings):
+    if not (t5 and mlp and m.tied_output_scale == m.tie_embeddings and not m.copy_attention):
         raise UserError("this encoder-decoder is not in T5's layout (relative positions, RMSNorm before each "
                         "sublayer, no biases, unscaled attention, a ReLU or gated-GELU MLP, a scaled tied or an "
-                        "untied output); it cannot be exported")
+                        "untied output, no copy head); it cannot be exported")
 
 
 def hf_config(m: ModelConfig, vocab: int, pad: int, eos: int, start: int) -> dict:

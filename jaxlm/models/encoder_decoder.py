@@ -13,6 +13,8 @@ The layouts are config choices:
 - 2017: `positions=sinusoidal` (or learned), `norm=layernorm`, `prenorm=false` (each sublayer's
   residual sum normalised), `scale_embeddings=true`, tied output.
 
+Either may copy from its source (`copy_attention`, see `CopyHead`).
+
 One token table serves the source, the target and (tied) the output layer. Packed rows on
 either side carry segment ids (0 = padding); a target segment attends only to the source
 segment of the same id.
@@ -38,6 +40,7 @@ from jaxlm.models.layers import (
     SelfAttention,
     constrain,
     embed,
+    make_attention_mask,
     param_init,
     sinusoidal,
     stack,
@@ -121,6 +124,49 @@ def token_std(cfg: ModelConfig) -> float:
     return cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02
 
 
+class CopyHead(nn.Module):
+    """Copying from the source, as a pointer-generator (See et al., 2017): each target position
+    attends once more to the encoder's outputs, and its next-token distribution becomes
+    `gate * softmax(logits) + (1 - gate) * copy`, where `copy` sums that attention's weights per
+    source token id and `gate` is learned from the decoder's state. A summary can then name what
+    the model has never seen (a package, a program), which a vocabulary alone learns only by
+    heart. Decoding keeps the source's keys, ids and segment ids in the cache, as
+    `CrossAttention` keeps its keys and values.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, segment_ids: Array, logits: Array, encoded: Array | None,
+                 encoded_segments: Array | None, source: Array | None, decode: bool = False) -> Array:
+        """Log-probabilities [batch, target, vocab] (float32) from the decoder's final states
+        `hidden` [batch, target, embed], their `logits` [batch, target, vocab] and the source's
+        ids `source` [batch, source] (None with `encoded`: read from the cache)."""
+        cfg = self.cfg
+        project = partial(Dense, (cfg.embed_dim,), ("embed", "mlp"), cfg, bias=False)
+        if encoded is not None:
+            keys = project(name="key")(encoded)  # [batch, source, embed]
+            if decode:
+                for name, array in (("copy_key", keys), ("source", source), ("source_segments", encoded_segments)):
+                    self.put_variable("cache", name, array)
+        else:
+            keys, source, encoded_segments = (self.get_variable("cache", n)
+                                              for n in ("copy_key", "source", "source_segments"))
+        queries = project(name="query")(hidden)  # [batch, target, embed]
+        scores = jnp.einsum("bte,bse->bts", queries, keys).astype(jnp.float32) * np.float32(cfg.embed_dim ** -0.5)
+        mask = make_attention_mask(segment_ids, encoded_segments, jnp.arange(hidden.shape[1]),
+                                   jnp.arange(keys.shape[1]), causal=False)[:, 0]
+        weights = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min))  # [batch, target, source]
+        # each row's weights summed per source token id: [batch, target, vocab]
+        copy = jax.vmap(lambda w, ids: jnp.zeros((w.shape[0], logits.shape[-1]), w.dtype).at[:, ids].add(w))(
+            weights, source)
+        gate = Dense((1,), ("embed", None), cfg, bias=True, name="gate")(hidden).astype(jnp.float32)  # [batch, target, 1]
+        copied = copy > 0
+        log_copy = jnp.where(copied, jnp.log(jnp.where(copied, copy, 1.0)), -jnp.inf)
+        return jnp.logaddexp(jax.nn.log_sigmoid(gate) + jax.nn.log_softmax(logits),
+                             jax.nn.log_sigmoid(-gate) + log_copy)
+
+
 class EncoderDecoder(nn.Module):
     """Source ids -> encoder states; target ids and encoder states -> next-token logits."""
 
@@ -136,6 +182,8 @@ class EncoderDecoder(nn.Module):
         self.decoder = Stack(dataclasses.replace(cfg, num_layers=cfg.decoder_layers or cfg.num_layers), DecoderLayer)
         if not cfg.tie_embeddings:
             self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), dataclasses.replace(cfg, use_bias=False))
+        if cfg.copy_attention:
+            self.copy_head = CopyHead(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _embed(self, tokens: Array, positions: Array, table: str, deterministic: bool) -> Array:
@@ -156,21 +204,26 @@ class EncoderDecoder(nn.Module):
 
     def decode(self, tokens: Array, segment_ids: Array, positions: Array, encoded: Array | None,
                encoded_segments: Array | None, decode: bool = False, deterministic: bool = True,
-               hidden_only: bool = False) -> Array:
+               source: Array | None = None) -> Array:
         """Float32 logits [batch, target, vocab] of target ids [batch, target] (the decoder's
-        inputs: the start token, then the target shifted right).
+        inputs: the start token, then the target shifted right); with `copy_attention`,
+        log-probabilities (logits to any softmax).
 
         Args:
           encoded, encoded_segments: `encode`'s states and the source's segment ids; with
             `decode=True`, None reads the encoder's keys and values from the cache, which a
             call with them (and no target tokens) fills.
           decode: read and extend the KV cache (the `cache` collection must be mutable).
-          hidden_only: the final hidden states [batch, target, embed] instead.
+          source: the source's ids [batch, source], which `copy_attention` copies from; given
+            with `encoded`.
         """
         x = self._embed(tokens, positions, "target", deterministic)
         x = self.decoder(x, segment_ids, positions, encoded, encoded_segments, decode=decode,
                          deterministic=deterministic)
-        return x if hidden_only else self.output(x)
+        logits = self.output(x)
+        if self.cfg.copy_attention:
+            logits = self.copy_head(x, segment_ids, logits, encoded, encoded_segments, source, decode)
+        return logits
 
     def output(self, hidden: Array) -> Array:
         """The output layer: hidden states [..., embed] -> float32 logits [..., vocab]."""
@@ -188,7 +241,7 @@ class EncoderDecoder(nn.Module):
         """Teacher-forced logits [batch, target, vocab]: `decode` over `encode`."""
         encoded = self.encode(inputs, input_segments, input_positions, deterministic)
         return self.decode(targets_in, target_segments, target_positions, encoded, input_segments,
-                           deterministic=deterministic)
+                           deterministic=deterministic, source=inputs)
 
 
 def decoding_cache(model: EncoderDecoder, params: dict, inputs: Array, input_segments: Array,
@@ -198,12 +251,12 @@ def decoding_cache(model: EncoderDecoder, params: dict, inputs: Array, input_seg
     batch = inputs.shape[0]
     encoded = model.apply({"params": params}, inputs, input_segments, input_positions, method="encode")
     target = jnp.ones((batch, target_len), jnp.int32)
-    shape = jax.eval_shape(partial(model.init, method="decode", decode=True), jax.random.key(0), target, target,
-                           target, encoded, input_segments)["cache"]
+    shape = jax.eval_shape(partial(model.init, method="decode", decode=True, source=inputs), jax.random.key(0),
+                           target, target, target, encoded, input_segments)["cache"]
     cache = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shape)
     none = jnp.zeros((batch, 0), jnp.int32)  # no target tokens: only the cross-attention entries are written
     _, primed = model.apply({"params": params, "cache": cache}, none, none, none, encoded, input_segments,
-                            decode=True, method="decode", mutable=["cache"])
+                            decode=True, source=inputs, method="decode", mutable=["cache"])
     return primed["cache"]
 
 

@@ -58,6 +58,13 @@ def cross_attention(cfg: ModelConfig, batch: int, source_len: int, target_len: i
             + 2 * 2.0 * batch * target_len * source_len * q_width)
 
 
+def copy_head(cfg: ModelConfig, batch: int, source_len: int, target_len: int) -> float:
+    """Forward FLOPs of `copy_attention`: query and key projections, one head's [target, source]
+    scores over the full width, and the weights summed into the vocabulary."""
+    return (dense(batch * target_len, cfg.embed_dim, cfg.embed_dim) + dense(batch * source_len, cfg.embed_dim, cfg.embed_dim)
+            + 2.0 * batch * target_len * source_len * cfg.embed_dim + batch * target_len * source_len)
+
+
 def train_step(forward: float) -> float:
     """Model FLOPs of a training step whose forward pass costs `forward`."""
     return TRAIN_PASSES * forward

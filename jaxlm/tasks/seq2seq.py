@@ -67,14 +67,15 @@ class EncoderDecoderTask:
                 "target_positions": one_document_a_row(batch_size, t)}
 
     def forward_flops(self, batch_size: int, seq_len: int) -> float:
-        """Model FLOPs of a forward pass: both stacks (the decoder's cross-attention included)
-        and the output layer on every target token."""
+        """Model FLOPs of a forward pass: both stacks (the decoder's cross-attention included),
+        the output layer on every target token and the copy head, if any."""
         cfg = self.model.cfg
         decoder = cfg.decoder_layers or cfg.num_layers
         return (flops.blocks(cfg, batch_size, seq_len, causal=False)
                 + flops.blocks(cfg, batch_size, self.target_len, causal=True, layers=decoder)
                 + decoder * flops.cross_attention(cfg, batch_size, seq_len, self.target_len)
-                + flops.dense(batch_size * self.target_len, cfg.embed_dim, cfg.vocab_size))
+                + flops.dense(batch_size * self.target_len, cfg.embed_dim, cfg.vocab_size)
+                + (flops.copy_head(cfg, batch_size, seq_len, self.target_len) if cfg.copy_attention else 0.0))
 
     def init(self, rng: Array, batch: dict[str, Array]) -> dict:
         return self.model.init(rng, *(batch[k] for k in self.batch_keys if k != "targets"))
