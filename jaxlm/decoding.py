@@ -114,16 +114,20 @@ def length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _beams(tree: Any, select: Callable[[Array], Array], axis: int) -> Any:
+def _beams(tree: Any, select: Callable[[Array], Array], axis: int | Any) -> Any:
     """`select` applied along `axis` (the batch of beams) of every cache array that has it (not
-    the scalar cache indices)."""
-    return jax.tree_util.tree_map(lambda x: jnp.moveaxis(select(jnp.moveaxis(x, axis, 0)), 0, axis)
-                                  if x.ndim > axis else x, tree)
+    the scalar cache indices); `axis` is one int or a tree of ints, a prefix of the cache's."""
+    def along(ax: int, subtree: Any) -> Any:
+        return jax.tree_util.tree_map(lambda x: jnp.moveaxis(select(jnp.moveaxis(x, ax, 0)), 0, ax)
+                                      if x.ndim > ax else x, subtree)
+
+    return jax.tree_util.tree_map(along, axis, tree)
 
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
                 beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
-                alpha: float = 0.6, cache_batch_axis: int = 0, limits: Array | None = None) -> tuple[Array, Array]:
+                alpha: float = 0.6, cache_batch_axis: int | Any = 0, limits: Array | None = None
+                ) -> tuple[Array, Array]:
     """Batched beam search continuing left-padded prompts.
 
     Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
@@ -139,7 +143,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     Args:
       cache: an empty KV cache for the prompt batch, with room for prompt length +
         max_new_tokens positions; it is repeated for the beams along `cache_batch_axis` (1 when
-        the layers are scanned and the cache has a leading layer axis).
+        the layers are scanned and the cache has a leading layer axis), one int or a tree of
+        ints whose structure is a prefix of the cache's (an axis for each part).
       prompt: [batch, P] token ids, left-padded; prompt_mask [batch, P], 1 on real tokens.
       limits: [batch], each row's most new tokens (at most max_new_tokens), e.g. from its
         source's length; None: max_new_tokens for every row.

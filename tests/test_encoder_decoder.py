@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.encoder_decoder import EncoderDecoder, cached_logits, decoding_cache
+from jaxlm.models.encoder_decoder import EncoderDecoder, cache_batch_axes, cached_logits, decoding_cache
 
 LAYOUTS = {
     # T5 v1.1: relative positions, RMSNorm, pre-norm, no biases, unscaled scores, gated GELU,
@@ -171,23 +171,24 @@ def test_the_copy_head_mixes_the_output_with_its_own_sources_ids():
     assert all(np.isfinite(g).all() for g in jax.tree_util.tree_leaves(jax.grad(loss)(params)))
 
 
-@pytest.mark.slow
-def test_beam_search_is_the_same_with_scanned_layers():
-    """Under `model.scan_layers` the cache has a leading layer axis; beam search repeats and
-    reorders its beams on the next axis and finds the same hypotheses."""
+@pytest.mark.parametrize("layout", slow_except(["t5", "copy"], keep=("copy",)))
+def test_beam_search_is_the_same_with_scanned_layers(layout):
+    """Under `model.scan_layers` the decoder's cache has a leading layer axis; beam search repeats
+    and reorders its beams on the next axis there (and on the first in the copy head's cache)
+    and finds the same hypotheses."""
     from jaxlm.decoding import beam_search
     from jaxlm.models.layers import restack
-    cfg = LAYOUTS["t5"]
+    cfg = LAYOUTS[layout]
     model, params = init(cfg)
     params = nn.meta.unbox(params)
     scanned = EncoderDecoder(dataclasses.replace(cfg, scan_layers=True))
     src, src_seg, src_pos = map(jnp.asarray, batch(4)[:3])
     found = []
-    for m, p, axis in ((model, params, 0), (scanned, restack(params, True), 1)):
+    for m, p in ((model, params), (scanned, restack(params, True))):
         cache = decoding_cache(m, p, src, src_seg, src_pos, 9)
         start = jnp.zeros((B, 1), jnp.int32)
         tokens, scores = beam_search(cached_logits(m, p, cfg.vocab_size), cache, start, jnp.ones_like(start), 3, 8,
-                                     eos_id=1, pad_id=0, cache_batch_axis=axis)
+                                     eos_id=1, pad_id=0, cache_batch_axis=cache_batch_axes(m.cfg, cache))
         found.append((np.asarray(tokens), np.asarray(scores)))
     np.testing.assert_array_equal(found[1][0], found[0][0])
     np.testing.assert_allclose(found[1][1], found[0][1], rtol=1e-5)

@@ -25,7 +25,8 @@ ENCODER = ModelConfig(num_layers=2, embed_dim=32, num_heads=4, vocab_size=128, m
 LLAMA = dataclasses.replace(MODEL, num_kv_heads=2, mlp="swiglu", norm="rmsnorm", use_bias=False, qkv_bias=True,
                             tie_embeddings=False, rope_scaling="llama3", rope_original_max_len=16)
 S2S = dataclasses.replace(MODEL, decoder_layers=3, positions="relative", relative_buckets=8, relative_max_distance=16,
-                          norm="rmsnorm", use_bias=False, scale_attention=False, mlp="geglu", tie_embeddings=False)
+                          norm="rmsnorm", use_bias=False, scale_attention=False, mlp="geglu", tie_embeddings=False,
+                          copy_attention=True)
 # every model family, as (task factory); the mesh and accumulation checks run for each
 FAMILIES = {
     "decoder": lambda: ClmTask(MODEL, np.ones(128, np.int32)),
@@ -33,7 +34,7 @@ FAMILIES = {
     # masked-LM + next-sentence: two loss terms with different denominators (tokens, pairs)
     "encoder": lambda: MlmTask(ENCODER, MlmConfig(mask_rate=0.3, nsp=True), 16, 0, np.arange(4),
                                np.zeros(128, bool), 3),
-    # the encoder-decoder, T5's layout, packed on both sides; targets shorter than sources
+    # the encoder-decoder, T5's layout with a copy head, packed on both sides; targets shorter than sources
     "seq2seq": lambda: Seq2seqTask(S2S, Seq2seqConfig(target_len=12, label_smoothing=0.1), 120),
 }
 # Golden values: loss of the first step and of the step after one update, for MODEL, seed 0 and

@@ -260,6 +260,12 @@ def decoding_cache(model: EncoderDecoder, params: dict, inputs: Array, input_seg
     return primed["cache"]
 
 
+def cache_batch_axes(cfg: ModelConfig, cache: dict) -> dict:
+    """The batch axis of each part of a decoding cache: 1 in the decoder's when its layers are
+    scanned (a leading layer axis), 0 elsewhere (the copy head's)."""
+    return {part: int(cfg.scan_layers and part == "decoder") for part in cache}
+
+
 def cached_logits(model: EncoderDecoder, params: dict, vocab: int) -> Callable:
     """`decoding`'s `tokens_to_logits` through a cache from `decoding_cache`. Ids from `vocab` up
     (the table's padding beyond the tokenizer's vocabulary) are never chosen."""
