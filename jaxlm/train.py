@@ -35,6 +35,7 @@ from jaxlm.metrics import add_sums
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.layers import restack
+from jaxlm.tasks.base import batch_rows
 from jaxlm.workdir import (
     Run,
     build,
@@ -359,36 +360,40 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
               f"so the learning rate rises to {float(lr_at(tcfg.steps - 1)):.2e} and never reaches its "
               f"peak {cfg.optim.learning_rate:.2e}", file=sys.stderr)
     rng = jax.random.key(cfg.seed)  # the run's key; the step draws from its streams (jaxlm.rngs)
-    tokens_per_step = tcfg.batch_size * cfg.data.seq_len
-    flops_per_device = flops.train_step(run.task.forward_flops(tcfg.batch_size, cfg.data.seq_len)) / jax.device_count()
     peak = perf.utilisation_peak(cfg)
     profile = Profile(workdir / "profile", tcfg.profile_steps)
     last_eval: dict[str, float] = {}
     clock, clock_step = time.time(), start_step
-    inflight: deque = deque()  # (step, device metrics) of dispatched steps not yet seen finished
+    inflight: deque = deque()  # (step, device metrics, rows) of dispatched steps not yet seen finished
+    rows_done = 0  # rows of model input the steps finished since the last log computed
     data_wait = 0.0  # seconds spent waiting for input batches since the last log
     nonfinite = NonFinite(tcfg.on_nonfinite, tcfg.max_skipped)
 
     def log_train(step: int, device_metrics) -> None:
-        nonlocal clock, clock_step, data_wait
+        nonlocal clock, clock_step, data_wait, rows_done
         sums = add_sums(None, device_metrics)  # waits for that step only
         now = time.time()
         steps = max(step - clock_step, 1)
         seconds = max(now - clock, 1e-9)
-        tflops = flops_per_device * steps / seconds / 1e12  # model TFLOP/s per device
+        # the rows the steps computed, not the examples they took: packing puts several in a row
+        model_flops = flops.train_step(run.task.forward_flops(rows_done, cfg.data.seq_len))
+        tflops = model_flops / jax.device_count() / seconds / 1e12  # model TFLOP/s per device
         values = {**run.task.summarize(sums), "learning_rate": float(lr_at(step - 1)), "grad_norm": sums["grad_norm"],
-                  "tokens_per_s": tokens_per_step * steps / seconds, "model_tflops_per_device": tflops,
+                  "tokens_per_s": rows_done * cfg.data.seq_len / seconds,
+                  "examples_per_s": tcfg.batch_size * steps / seconds, "model_tflops_per_device": tflops,
                   **({"mfu": tflops * 1e12 / peak} if peak else {}),
                   "data_wait_s": data_wait / steps, "eta_s": writers.eta(step),
                   **({"skipped_steps": nonfinite.total} if nonfinite.total else {})}
-        clock, clock_step, data_wait = now, step, 0.0
+        clock, clock_step, data_wait, rows_done = now, step, 0.0, 0
         writers.write(step, "train", values)
 
     def finish(unfinished: int) -> None:
         """Waits until at most `unfinished` dispatched steps are still running; logs and counts
         the finished ones (so the console and TensorBoard show steps the device has done)."""
+        nonlocal rows_done
         while len(inflight) > unfinished:
-            done, device_metrics = inflight.popleft()
+            done, device_metrics, rows = inflight.popleft()
+            rows_done += rows
             jax.block_until_ready(device_metrics)  # that step, all of it
             nonfinite.saw(done, bool(device_metrics["nonfinite"]))
             if done % tcfg.log_every == 0 or done == tcfg.steps:
@@ -411,7 +416,7 @@ def train(config: Config, workdir: Path) -> dict[str, float]:
                 profile.before(step + 1)
                 state, metrics = c.train_step(state, batch, rng)
                 step += 1
-                inflight.append((step, metrics))
+                inflight.append((step, metrics, batch_rows(run.task, host_batch) * jax.process_count()))
                 # wait for step N - 1 while step N runs: the next batch is prepared and dispatched
                 # in the meantime, and a stop (or a checkpoint) never waits for a queue of steps
                 finish(RUN_AHEAD)

@@ -95,6 +95,8 @@ def format_line(step: int, total: int, kind: str, values: dict[str, float]) -> s
             parts.append(f"lr {value:.2e}")
         elif key == "tokens_per_s":
             parts.append(f"tok/s {value:,.0f}")
+        elif key == "examples_per_s":
+            parts.append(f"ex/s {value:,.1f}")
         elif key == "model_tflops_per_device":
             parts.append(f"tflop/s/device {value:.3g}")
         elif key == "mfu":

@@ -10,7 +10,12 @@ import numpy as np
 import pytest
 
 from jaxlm.config import ModelConfig
-from jaxlm.models.encoder_decoder import EncoderDecoder, cache_batch_axes, cached_logits, decoding_cache
+from jaxlm.models.encoder_decoder import (
+    EncoderDecoder,
+    cache_batch_axes,
+    cached_logits,
+    decoding_cache,
+)
 
 LAYOUTS = {
     # T5 v1.1: relative positions, RMSNorm, pre-norm, no biases, unscaled scores, gated GELU,

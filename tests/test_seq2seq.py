@@ -117,11 +117,16 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
                  "data.seq_len=12", "seq2seq.source_key=en", "seq2seq.target_key=es", "seq2seq.target_len=10",
                  "seq2seq.label_smoothing=0.0", "model.positions=relative", "model.norm=rmsnorm", "model.use_bias=false",
                  "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
-                 "train.batch_size=8", "train.steps=80", "train.log_every=40", "train.eval_every=80",
+                 "train.batch_size=32", "train.steps=80", "train.log_every=40", "train.eval_every=80",
                  "train.decode_eval_examples=0",
                  "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
     final = train.train(config_lib.load(None, overrides), tmp_path / "w")
     assert final["accuracy"] == 1.0, final  # every target token of the pairs
+    # throughput counts the rows the steps computed: a step's 32 pairs go into 24 rows at most
+    # (packed two to a row where they fit, in a multiple of the 8 devices), not one a row
+    logged = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in logged if r["kind"] == "train"][-1]
+    assert last["tokens_per_s"] / last["examples_per_s"] == pytest.approx(12 * 24 / 32)  # seq_len x rows / pairs
     capsys.readouterr()
     for beam in ("1", "3"):
         infer.main(["translate", "--workdir", str(tmp_path / "w"), "--beam-size", beam, "the black cat", "good morning"])

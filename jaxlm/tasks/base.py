@@ -32,7 +32,7 @@ Batch = dict[str, np.ndarray]
 class Task(Protocol):
     """An objective with its model and its data (see the module docstring)."""
 
-    batch_keys: tuple[str, ...]  # the arrays of a batch the step takes
+    batch_keys: tuple[str, ...]  # the arrays of a batch the step takes, the model's input first
     terms: tuple[tuple[str, str], ...]  # the loss: sum over (sum key, denominator key)
     lower_is_better: frozenset[str]  # reported metrics that improve downward (losses, perplexity)
 
@@ -82,6 +82,12 @@ class Task(Protocol):
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Reported metrics from metric sums aggregated over devices and steps."""
+
+
+def batch_rows(task: Task, batch: Batch) -> int:
+    """Rows of model input in `batch`: the length of its first key (the model's input, by the
+    protocol's convention), fewer than the batch's examples where the task packs them."""
+    return len(batch[task.batch_keys[0]])
 
 
 def one_document_a_row(batch_size: int, seq_len: int) -> np.ndarray:
