@@ -31,7 +31,7 @@ DTYPES = ("float32", "bfloat16")
 ATTENTION_IMPLS = ("xla", "cudnn", "chunked", "auto")
 ACTIVATIONS = ("gelu_tanh", "gelu", "relu", "silu")
 MLPS = ("plain", "swiglu", "geglu")
-INITS = ("normal", "fan_in", "xavier")
+INITS = ("normal", "normal_flat", "fan_in", "xavier")
 LORA_TARGETS = ("query", "key", "value", "out", "wi", "wi_gate", "wo")  # attention and MLP projections
 ROPE_SCALINGS = ("none", "llama3")
 REMAT = ("none", "full", "save_dots", "save_dots_no_batch")
@@ -60,7 +60,7 @@ class ModelConfig:
     scale_attention: bool = True  # attention scores divided by sqrt(head_dim); T5 folds that into its weights
     scale_embeddings: bool = False  # token embeddings times sqrt(embed_dim) (the 2017 Transformer)
     tied_output_scale: bool = False  # hidden states times embed_dim ** -0.5 before a tied output layer (T5)
-    init: str = "normal"  # kernels: normal (0.02, residual outputs / sqrt(2 layers): GPT-2, BERT), fan_in (T5), xavier (2017)
+    init: str = "normal"  # kernels: normal (0.02, residual outputs / sqrt(2 layers): GPT-2, BERT), normal_flat (0.02, the token table too: BART, Marian), fan_in (T5), xavier (2017)
     rope_base: float = 10000.0
     rope_scaling: str = "none"  # llama3: Llama 3.1's long-context rescaling of the rotary frequencies
     rope_factor: float = 8.0  # rope_scaling=llama3: how much longer than rope_original_max_len

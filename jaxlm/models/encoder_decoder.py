@@ -119,6 +119,8 @@ def token_std(cfg: ModelConfig) -> float:
     2017 Transformer draws them at embed_dim ** -0.5 and scales them up by sqrt(embed_dim);
     otherwise 0.02. At 0.02, T5's scaled tied output starts with logits of about 0.02 and
     learns for hundreds of steps before it leaves the unigram distribution."""
+    if cfg.init == "normal_flat":
+        return 0.02
     if cfg.tie_embeddings and cfg.tied_output_scale:
         return 1.0
     return cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02

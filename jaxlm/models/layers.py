@@ -222,6 +222,8 @@ def kernel_init(cfg: ModelConfig, std: float, contract: int, ndim: int, gain: fl
     """A kernel's initializer [*contracted, *features] under `model.init`:
 
     - normal: N(0, std), std 0.02 and residual outputs 0.02 / sqrt(2 layers) (GPT-2, BERT);
+    - normal_flat: N(0, 0.02), residual outputs too (BART and Marian as transformers draws them;
+      encoder-decoders draw their token table at 0.02 as well);
     - fan_in: N(0, gain / fan_in) (T5; a query of unscaled attention has gain 1 / head_dim);
     - xavier: uniform of variance 2 / (fan_in + fan_out) (the 2017 Transformer, fairseq).
 
@@ -230,8 +232,8 @@ def kernel_init(cfg: ModelConfig, std: float, contract: int, ndim: int, gain: fl
     post-norm one trained into a language model of its targets that ignored its sources
     (`docs/benchmarks.md`).
     """
-    if cfg.init == "normal":
-        return nn.initializers.normal(std)
+    if cfg.init in ("normal", "normal_flat"):
+        return nn.initializers.normal(std if cfg.init == "normal" else 0.02)
     axes = dict(in_axis=tuple(range(contract)), out_axis=tuple(range(contract, ndim)))
     if cfg.init == "xavier":
         return nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", **axes)

@@ -1,0 +1,225 @@
+"""Train the Bible English -> Spanish encoder-decoder with jaxlm and the same architecture and
+budget with Hugging Face transformers (PyTorch), side by side on this machine; prints test BLEU
+(greedy and beam 4), chrF and wall times of both.
+
+    pip install torch==2.13.0 transformers        # for the reference side only
+    python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf] [--layout preset|t5]
+
+jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
+`evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
+everything those commands do (tokenizer training, data encoding, compilation, training and both
+decodes of the test books). The Hugging Face side builds the preset's architecture from a config
+of its shapes, read from the YAML: `MarianMTModel` for the 2017 layout the preset uses
+(post-norm, sinusoidal positions, embeddings scaled by sqrt(width), ReLU, biases, one tied
+table), or `T5ForConditionalGeneration` for the T5 layout (`--layout t5` sets it on both sides:
+relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation); layers,
+width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
+model its own way. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
+side first), and trains on the preset's budget: its steps and pairs a step (padded to the
+longest of the batch, as transformers' seq2seq collator does; jaxlm packs them), its source and
+target lengths, label smoothing, AdamW settings (weight decay off norms, biases and position
+tables), clipping 1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time
+covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
+
+Each side writes `<workdir>/<side>.json`; the table prints every side found there, so the two may
+run at different times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = ROOT / "configs/translate_bible_en_es.yaml"
+DATA = ROOT.parent / "shared/data/translation/bible_en_es"
+# --layout t5: the preset's shapes in T5's layout on both sides (v1.1's gated GELU, v1.0's tied
+# and scaled output, T5's initialisation); transformers builds T5ForConditionalGeneration
+T5_LAYOUT = {"positions": "relative", "relative_buckets": 32, "relative_max_distance": 128, "norm": "rmsnorm",
+             "prenorm": True, "use_bias": False, "scale_attention": False, "scale_embeddings": False,
+             "mlp": "geglu", "tie_embeddings": True, "tied_output_scale": True, "init": "fan_in"}
+
+
+def layout_overrides(layout: str) -> dict:
+    return T5_LAYOUT if layout == "t5" else {}
+
+
+def run_jaxlm(work: Path, steps: int | None, layout: str) -> dict:
+    run = work / "jaxlm"
+    extra = [f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}"] if steps else []
+    extra += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout_overrides(layout).items()]
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", str(CONFIG), "--workdir", str(run), *extra],
+                   check=True)
+    trained = time.time() - start
+    scores = {}
+    for beam in (4, 1):
+        out = subprocess.run([sys.executable, "-m", "jaxlm.evaluate", "--workdir", str(run), "--split", "test",
+                              "--beam-size", str(beam), "--json"], check=True, capture_output=True, text=True)
+        scores[beam] = json.loads(out.stdout.strip().splitlines()[-1])
+    return {"bleu_beam4": scores[4]["bleu"], "chrf_beam4": scores[4]["chrf"], "bleu_greedy": scores[1]["bleu"],
+            "chrf_greedy": scores[1]["chrf"], "train_s": trained, "seconds": time.time() - start}
+
+
+def read_pairs(path: Path) -> list[tuple[str, str]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return [(r["en"], r["es"]) for r in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
+
+
+def hf_model(transformers, cfg: dict, vocab: int, ids: dict) -> tuple:
+    """The preset's architecture in transformers, and the parameter-name parts that take no weight
+    decay (as jaxlm's decay mask: norms, biases, position tables): `T5ForConditionalGeneration`
+    for the T5 layout, `MarianMTModel` (post-norm, sinusoidal positions, embeddings times
+    sqrt(width), ReLU, biases: the 2017 Transformer) for the 2017 layout."""
+    m, s = cfg["model"], cfg["seq2seq"]
+    if m.get("prenorm", True):
+        config = transformers.T5Config(
+            vocab_size=vocab, d_model=m["embed_dim"], d_kv=m["embed_dim"] // m["num_heads"],
+            d_ff=m["mlp_dim"], num_layers=m["num_layers"], num_decoder_layers=m["decoder_layers"],
+            num_heads=m["num_heads"], relative_attention_num_buckets=m["relative_buckets"],
+            relative_attention_max_distance=m["relative_max_distance"], dropout_rate=m["dropout"],
+            feed_forward_proj="gated-gelu", pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
+            decoder_start_token_id=ids["<s>"], tie_word_embeddings=True)
+        return transformers.T5ForConditionalGeneration(config), ("layer_norm", "relative_attention_bias")
+    config = transformers.MarianConfig(
+        vocab_size=vocab, d_model=m["embed_dim"], encoder_layers=m["num_layers"],
+        decoder_layers=m["decoder_layers"], encoder_attention_heads=m["num_heads"],
+        decoder_attention_heads=m["num_heads"], encoder_ffn_dim=m["mlp_dim"], decoder_ffn_dim=m["mlp_dim"],
+        activation_function=m["activation"], dropout=m["dropout"], attention_dropout=0.0, activation_dropout=0.0,
+        max_position_embeddings=max(cfg["data"]["seq_len"], s["target_len"]), scale_embedding=True,
+        share_encoder_decoder_embeddings=True, tie_word_embeddings=True, pad_token_id=ids["<pad>"],
+        eos_token_id=ids["</s>"], decoder_start_token_id=ids["<s>"], forced_eos_token_id=None)
+    return transformers.MarianMTModel(config), ("layer_norm", "bias", "embed_positions")
+
+
+def run_hf(work: Path, steps: int | None, layout: str) -> dict:
+    import sacrebleu
+    import torch
+    import transformers
+    import yaml
+    from tokenizers import Tokenizer
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg["model"].update(layout_overrides(layout))
+    o, t, s = cfg["optim"], cfg["train"], cfg["seq2seq"]
+    steps = steps or t["steps"]
+    tokenizer_file = work / "jaxlm" / "tokenizer.json"
+    if not tokenizer_file.exists():
+        sys.exit(f"{tokenizer_file} is missing: run the jaxlm side first (--only jaxlm), whose tokenizer both use")
+    tok = Tokenizer.from_file(str(tokenizer_file))
+    ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
+    if os.environ.get("HFX_INIT") == "jaxlm":
+        with torch.no_grad():
+            for name, mod in model.named_modules():
+                if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+                    torch.nn.init.xavier_uniform_(mod.weight)
+                    if mod.bias is not None:
+                        mod.bias.zero_()
+            model.get_input_embeddings().weight.normal_(0, cfg["model"]["embed_dim"] ** -0.5)
+        print("jaxlm init", flush=True)
+    def encode(texts: list[str], cap: int) -> list[list[int]]:
+        return [e.ids[:cap - 1] + [ids["</s>"]] for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def padded(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """[batch, longest] ids and their mask (1 on tokens)."""
+        width = max(map(len, seqs))
+        x = torch.full((len(seqs), width), ids["<pad>"], dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            x[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
+        return x, mask
+
+    train = read_pairs(DATA / "train.tsv")
+    test = read_pairs(DATA / "test.tsv")
+    sources = encode([p[0] for p in train], cfg["data"]["seq_len"])
+    targets = encode([p[1] for p in train], s["target_len"])
+    decay = [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)]
+    rest = [p for n, p in model.named_parameters() if any(k in n for k in no_decay)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
+                            lr=o["learning_rate"], betas=(0.9, 0.95), eps=1e-8)
+    warmup, end = o["warmup_steps"], 0.1
+
+    def lr_factor(step: int) -> float:  # optax: linear warmup, then cosine decay to `end` of the peak
+        if step < warmup:
+            return step / warmup
+        progress = min((step - warmup) / max(steps - warmup, 1), 1.0)
+        return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"])
+    gen = torch.Generator().manual_seed(0)
+    order: list[int] = []
+    start = time.time()
+    model.train()
+    for step in range(steps):
+        if len(order) < t["batch_size"]:
+            order += torch.randperm(len(train), generator=gen).tolist()
+        batch, order = order[:t["batch_size"]], order[t["batch_size"]:]
+        src, src_mask = padded([sources[i] for i in batch])
+        labels, label_mask = padded([targets[i] for i in batch])
+        decoder_in = torch.cat([torch.full((len(batch), 1), ids["<s>"]), labels[:, :-1]], 1)
+        logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=decoder_in,
+                       decoder_attention_mask=torch.cat([torch.ones(len(batch), 1, dtype=torch.long),
+                                                         label_mask[:, :-1]], 1)).logits
+        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(label_mask == 0, -100).reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        if (step + 1) % t["log_every"] == 0:
+            print(f"hf step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
+    trained = time.time() - start
+    model.eval()
+    test_sources = encode([p[0] for p in test], cfg["data"]["seq_len"])
+    references = [p[1] for p in test]
+    scores = {}
+    for beam in (4, 1):
+        hypotheses = []
+        with torch.no_grad():
+            for i in range(0, len(test_sources), 32):
+                src, src_mask = padded(test_sources[i:i + 32])
+                out = model.generate(input_ids=src, attention_mask=src_mask, num_beams=beam,
+                                     length_penalty=s["length_penalty"], max_new_tokens=s["target_len"],
+                                     do_sample=False)
+                hypotheses += tok.decode_batch(out.tolist(), skip_special_tokens=True)
+        scores[beam] = (sacrebleu.corpus_bleu(hypotheses, [references]).score,
+                        sacrebleu.corpus_chrf(hypotheses, [references]).score)
+    return {"bleu_beam4": scores[4][0], "chrf_beam4": scores[4][1], "bleu_greedy": scores[1][0],
+            "chrf_greedy": scores[1][1], "train_s": trained, "seconds": time.time() - start}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, default=Path("runs/seq2seq_vs_hf"))
+    parser.add_argument("--steps", type=int, help="optimizer steps (default: the config's)")
+    parser.add_argument("--only", choices=("jaxlm", "hf"), help="run one side")
+    parser.add_argument("--layout", choices=("preset", "t5"), default="preset",
+                        help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    for side, fn in (("jaxlm", run_jaxlm), ("hf", run_hf)):
+        if args.only in (None, side):
+            result = fn(args.workdir, args.steps, args.layout)
+            (args.workdir / f"{side}.json").write_text(json.dumps(result))
+    results = {side: json.loads((args.workdir / f"{side}.json").read_text())
+               for side in ("jaxlm", "hf") if (args.workdir / f"{side}.json").exists()}
+    print(f"{'':6s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
+    for side, r in results.items():
+        print(f"{side:6s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
+              f"{r['train_s']:8.0f} {r['seconds']:8.0f}")
+    if len(results) == 2:
+        print(f"jaxlm / hf total time: {results['jaxlm']['seconds'] / results['hf']['seconds']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
