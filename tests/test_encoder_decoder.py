@@ -210,6 +210,27 @@ def test_the_token_table_starts_at_each_layouts_scale():
         assert np.std(table) == pytest.approx(std, rel=0.1), (cfg.positions, cfg.tied_output_scale)
 
 
+def test_normal_flat_draws_every_kernel_and_the_token_table_at_0_02():
+    """`model.init=normal_flat`, as transformers draws BART and Marian: residual outputs at 0.02
+    too (`normal` draws them 0.02 / sqrt(2 layers)), and the token table (the 2017 layout draws
+    width ** -0.5)."""
+    cfg = dataclasses.replace(LAYOUTS["2017"], embed_dim=128, mlp_dim=512, num_layers=3, decoder_layers=3)
+    flat, normal = (init(dataclasses.replace(cfg, init=scheme))[1] for scheme in ("normal_flat", "normal"))
+
+    def std(params, *path: str) -> float:
+        for key in path:
+            params = params[key]
+        return float(np.std(np.asarray(getattr(params, "value", params))))
+
+    block = ("decoder", "block_0")
+    kernels = [(*block, "attention", "out", "kernel"), (*block, "mlp", "wo", "kernel"),
+               (*block, "cross_attention", "query", "kernel"), ("encoder", "block_2", "mlp", "wi", "kernel")]
+    for path in [("token_embed", "embedding"), *kernels]:
+        assert std(flat, *path) == pytest.approx(0.02, rel=0.1), path
+    assert std(normal, *kernels[0]) == pytest.approx(0.02 / 6 ** 0.5, rel=0.1)
+    assert std(normal, "token_embed", "embedding") == pytest.approx(128 ** -0.5, rel=0.1)
+
+
 @pytest.mark.parametrize("layout, scheme", [("2017", "xavier"), ("t5", "fan_in")])
 def test_each_layouts_init_lets_the_source_reach_the_logits(layout, scheme):
     """Drawn as its layout draws it (2017: Glorot uniform; T5: N(0, 1 / fan_in), queries of its
