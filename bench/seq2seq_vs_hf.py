@@ -4,6 +4,7 @@ budget with Hugging Face transformers (PyTorch), side by side on this machine; p
 
     pip install torch==2.13.0 transformers        # for the reference side only
     python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf] [--layout preset|t5]
+                                  [--hf-init library|xavier]
 
 jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
@@ -14,7 +15,9 @@ of its shapes, read from the YAML: `MarianMTModel` for the 2017 layout the prese
 table), or `T5ForConditionalGeneration` for the T5 layout (`--layout t5` sets it on both sides:
 relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation); layers,
 width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
-model its own way. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
+model its own way (the preset draws as transformers draws Marian: `model.init=normal_flat`);
+`--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (give it
+its own `--workdir`), to compare initialisations within one library. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
 side first), and trains on the preset's budget: its steps and pairs a step (padded to the
 longest of the batch, as transformers' seq2seq collator does; jaxlm packs them), its source and
 target lengths, label smoothing, AdamW settings (weight decay off norms, biases and position
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -99,7 +103,19 @@ def hf_model(transformers, cfg: dict, vocab: int, ids: dict) -> tuple:
     return transformers.MarianMTModel(config), ("layer_norm", "bias", "embed_positions")
 
 
-def run_hf(work: Path, steps: int | None, layout: str) -> dict:
+def glorot(torch, model, width: int) -> None:
+    """Draws `model` as jaxlm's `model.init=xavier` draws the 2017 layout: Glorot-uniform kernels,
+    zero biases, the (tied) token table at N(0, 1 / width)."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.weight is not model.get_input_embeddings().weight:
+                torch.nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    module.bias.zero_()
+        model.get_input_embeddings().weight.normal_(0.0, width ** -0.5)
+
+
+def run_hf(work: Path, steps: int | None, layout: str, init: str = "library") -> dict:
     import sacrebleu
     import torch
     import transformers
@@ -117,6 +133,8 @@ def run_hf(work: Path, steps: int | None, layout: str) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
+    if init == "xavier":
+        glorot(torch, model, cfg["model"]["embed_dim"])
     def encode(texts: list[str], cap: int) -> list[list[int]]:
         return [e.ids[:cap - 1] + [ids["</s>"]] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -196,9 +214,12 @@ def main() -> None:
     parser.add_argument("--only", choices=("jaxlm", "hf"), help="run one side")
     parser.add_argument("--layout", choices=("preset", "t5"), default="preset",
                         help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
+    parser.add_argument("--hf-init", choices=("library", "xavier"), default="library",
+                        help="the Hugging Face side's initialisation: transformers' own, or jaxlm's model.init=xavier")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    for side, fn in (("jaxlm", run_jaxlm), ("hf", run_hf)):
+    sides = (("jaxlm", run_jaxlm), ("hf", functools.partial(run_hf, init=args.hf_init)))
+    for side, fn in sides:
         if args.only in (None, side):
             result = fn(args.workdir, args.steps, args.layout)
             (args.workdir / f"{side}.json").write_text(json.dumps(result))
