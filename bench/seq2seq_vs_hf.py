@@ -16,12 +16,13 @@ table), or `T5ForConditionalGeneration` for the T5 layout (`--layout t5` sets it
 relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation); layers,
 width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
 model its own way (the preset draws as transformers draws Marian: `model.init=normal_flat`);
-`--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (give it
-its own `--workdir`), to compare initialisations within one library. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm
-side first), and trains on the preset's budget: its steps and pairs a step (padded to the
-longest of the batch, as transformers' seq2seq collator does; jaxlm packs them), its source and
-target lengths, label smoothing, AdamW settings (weight decay off norms, biases and position
-tables), clipping 1.0, and warmup then cosine decay to 10% of the peak learning rate. Its time
+`--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (its
+result goes to `hf-xavier.json`), to compare initialisations within one library. It uses the
+same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
+preset's budget: its steps and pairs a step (padded to the longest of the batch, as
+transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
+smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping 1.0,
+and warmup then cosine decay to 10% of the peak learning rate. Its time
 covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
 
 Each side writes `<workdir>/<side>.json`; the table prints every side found there, so the two may
@@ -218,18 +219,18 @@ def main() -> None:
                         help="the Hugging Face side's initialisation: transformers' own, or jaxlm's model.init=xavier")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    sides = (("jaxlm", run_jaxlm), ("hf", functools.partial(run_hf, init=args.hf_init)))
-    for side, fn in sides:
+    hf_side = "hf" if args.hf_init == "library" else f"hf-{args.hf_init}"  # its own result file
+    for side, name, fn in (("jaxlm", "jaxlm", run_jaxlm), ("hf", hf_side, functools.partial(run_hf, init=args.hf_init))):
         if args.only in (None, side):
             result = fn(args.workdir, args.steps, args.layout)
-            (args.workdir / f"{side}.json").write_text(json.dumps(result))
-    results = {side: json.loads((args.workdir / f"{side}.json").read_text())
-               for side in ("jaxlm", "hf") if (args.workdir / f"{side}.json").exists()}
-    print(f"{'':6s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
-    for side, r in results.items():
-        print(f"{side:6s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
+            (args.workdir / f"{name}.json").write_text(json.dumps(result))
+    results = {name: json.loads((args.workdir / f"{name}.json").read_text())
+               for name in ("jaxlm", "hf", "hf-xavier") if (args.workdir / f"{name}.json").exists()}
+    print(f"{'':9s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
+    for name, r in results.items():
+        print(f"{name:9s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
               f"{r['train_s']:8.0f} {r['seconds']:8.0f}")
-    if len(results) == 2:
+    if "jaxlm" in results and "hf" in results:
         print(f"jaxlm / hf total time: {results['jaxlm']['seconds'] / results['hf']['seconds']:.2f}")
 
 
