@@ -16,6 +16,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import ast  # noqa: E402
 import inspect  # noqa: E402
+import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -48,6 +49,13 @@ def corpus_dir(tmp_path_factory) -> Path:
 def cache_dir(tmp_path_factory) -> Path:
     """One dataset/tokenizer cache for the whole session."""
     return tmp_path_factory.mktemp("cache")
+
+
+def records(workdir: Path, kind: str) -> dict[int, dict]:
+    """The logged records of one kind by step; a line still being written by a live run is left out."""
+    text = (workdir / "metrics.jsonl").read_text()
+    lines = text[:text.rfind("\n") + 1].splitlines()
+    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
 
 
 def tiny_overrides(corpus_dir: Path, cache_dir: Path) -> list[str]:

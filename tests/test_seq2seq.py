@@ -6,6 +6,7 @@ import json
 import jax
 import numpy as np
 import pytest
+from conftest import records
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, infer, train
@@ -122,10 +123,9 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
                  "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
     final = train.train(config_lib.load(None, overrides), tmp_path / "w")
     assert final["accuracy"] == 1.0, final  # every target token of the pairs
-    # throughput counts the rows the steps computed: a step's 32 pairs go into 24 rows at most
-    # (packed two to a row where they fit, in a multiple of the 8 devices), not one a row
-    logged = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in logged if r["kind"] == "train"][-1]
+    # throughput counts the rows the steps computed: a step's 32 pairs go into 24 rows (packed
+    # two to a row where they fit, in a multiple of the 8 devices), not one a row
+    last = records(tmp_path / "w", "train")[80]
     assert last["tokens_per_s"] / last["examples_per_s"] == pytest.approx(12 * 24 / 32)  # seq_len x rows / pairs
     capsys.readouterr()
     for beam in ("1", "3"):

@@ -9,18 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import records
 
 from jaxlm import config as config_lib
 from jaxlm import evaluate, infer, train
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.errors import UserError
-
-
-def records(workdir: Path, kind: str) -> dict[int, dict]:
-    """The logged records of one kind by step; a line still being written by a live run is left out."""
-    text = (workdir / "metrics.jsonl").read_text()
-    lines = text[:text.rfind("\n") + 1].splitlines()
-    return {r["step"]: r for r in map(json.loads, lines) if r["kind"] == kind}
 
 
 @pytest.fixture(scope="module")
