@@ -88,7 +88,7 @@ def test_bench_bad_arguments_exit_2(capsys):
     assert "--steps=0 must be at least 1" in capsys.readouterr().err
 
 
-@pytest.mark.slow  # a whole benchmark run of three presets, shrunk
+@pytest.mark.slow  # a whole benchmark run of four presets, shrunk
 def test_gpu_script_dry_run_writes_its_table(tmp_path):
     """bench/gpu.sh runs the same commands on tiny shapes on CPU with --dry-run."""
     import os
@@ -100,6 +100,7 @@ def test_gpu_script_dry_run_writes_its_table(tmp_path):
                           text=True, env={**os.environ, "PYTHON": sys.executable}, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "gpu.jsonl").read_text().splitlines()]
-    assert [r["config"] for r in rows] == ["gpt2_small", "gpt_350m", "bert_large_mlm"]
+    assert [r["config"] for r in rows] == ["gpt2_small", "gpt_350m", "bert_large_mlm", "t5_base", "gpt2_small"]
+    assert [r["attention"] for r in rows][-1] == "xla"
     table = (tmp_path / "gpu.md").read_text().splitlines()
-    assert table[0].startswith("| model | device |") and len(table) == 2 + 3
+    assert table[0].startswith("| model | device | attention |") and len(table) == 2 + 5
