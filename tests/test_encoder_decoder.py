@@ -16,6 +16,7 @@ from jaxlm.models.encoder_decoder import (
     cached_logits,
     decoding_cache,
 )
+from jaxlm.models.layers import relative_bias, relative_bucket
 
 LAYOUTS = {
     # T5 v1.1: relative positions, RMSNorm, pre-norm, no biases, unscaled scores, gated GELU,
@@ -99,6 +100,30 @@ def test_the_chunked_kernel_gives_xlas_gradients_and_cached_decoding():
     full = EncoderDecoder(cfgs["xla"]).apply({"params": params}, *inputs)
     np.testing.assert_allclose(one_at_a_time(EncoderDecoder(cfgs["chunked"]), params, *inputs), full,
                                atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_relative_bias_reads_the_table_without_gather_or_scatter(dtype):
+    """T5's bias takes each bucket's value exactly, as indexing the table would, with the same
+    gradient; and neither it nor its gradient gathers or scatters (a scatter-add into the few
+    table entries is a contended atomic loop on GPUs)."""
+    cfg = dataclasses.replace(LAYOUTS["t5"], dtype=dtype, relative_buckets=8, relative_max_distance=12)
+    table = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
+    q_index, k_index = jnp.arange(3, 14), jnp.arange(20)
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 11, 20)), jnp.float32)
+    for bidirectional in (True, False):
+        bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, 8, 12)
+        indexed = lambda t: jnp.transpose(t.astype(dtype)[bucket], (2, 0, 1))[None]  # noqa: B023, E731
+        ours = lambda t: relative_bias(t, q_index, k_index, bidirectional, cfg)  # noqa: B023, E731
+        np.testing.assert_array_equal(np.asarray(ours(table), np.float32), np.asarray(indexed(table), np.float32))
+        loss = lambda t: (ours(t).astype(jnp.float32) * weights).sum()  # noqa: B023, E731
+        # each entry's gradient: the sum of its positions' weights, as the compute dtype holds them
+        held = np.asarray(weights.astype(dtype), np.float64)[0]
+        want = np.stack([[held[h][np.asarray(bucket) == b].sum() for h in range(4)] for b in range(8)])
+        # one rounding of each sum to bfloat16 at most (a scatter-add in bfloat16 rounds at every add)
+        np.testing.assert_allclose(jax.grad(loss)(table), want, rtol=2 ** -8 if dtype == "bfloat16" else 1e-6)
+        hlo = jax.jit(jax.value_and_grad(loss)).lower(table).as_text()
+        assert "gather" not in hlo and "scatter" not in hlo
 
 
 @pytest.mark.parametrize("layout", slow_except(sorted(LAYOUTS), keep=("t5", "copy")))
