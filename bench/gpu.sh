@@ -4,7 +4,7 @@
 # with cuDNN's fused attention (model.attention_impl=auto), and gpt2_small once more with XLA's
 # attention to show what the fused kernel is worth. Target: at least 50% MFU on an H100/H200.
 #
-#   bash bench/gpu.sh [OUT_DIR]            # on a machine with a GPU and jax[cuda12] installed
+#   bash bench/gpu.sh [OUT_DIR]            # on a machine with a GPU and a CUDA build of jax (jax[cuda12] or jax[cuda13])
 #   bash bench/gpu.sh --dry-run [OUT_DIR]  # anywhere: the same commands on tiny shapes on CPU
 #
 # Checks the attention kernels first (tests/test_attention.py, cuDNN's included on a GPU). Writes
@@ -22,7 +22,7 @@ mkdir -p "$out"
 python=${PYTHON:-python}
 
 if [[ $dry == 0 ]] && ! "$python" -c 'import jax, sys; sys.exit(jax.default_backend() != "gpu")'; then
-    echo "no GPU backend in jax here: install jax[cuda12], or pass --dry-run" >&2
+    echo "no GPU backend in jax here: install jax[cuda12] or jax[cuda13], or pass --dry-run" >&2
     exit 2
 fi
 
