@@ -269,7 +269,7 @@ LLAMA3_FREQS = [1.0, 0.663601279258728, 0.44036662578582764, 0.2922278344631195,
 
 
 def test_llama3_rope_scaling_matches_transformers():
-    from jaxlm.models.layers import rope_frequencies
+    from jaxlm.models.positions import rope_frequencies
     cfg = ModelConfig(embed_dim=256, num_heads=4, rope_base=500000.0, rope_scaling="llama3", rope_factor=8.0,
                       rope_low_freq_factor=1.0, rope_high_freq_factor=4.0, rope_original_max_len=8192)
     np.testing.assert_allclose(rope_frequencies(cfg, 64), LLAMA3_FREQS, rtol=1e-6)

@@ -16,7 +16,7 @@ from jaxlm.models.encoder_decoder import (
     cached_logits,
     decoding_cache,
 )
-from jaxlm.models.layers import relative_bias, relative_bucket
+from jaxlm.models.positions import relative_bias, relative_bucket
 
 LAYOUTS = {
     # T5 v1.1: relative positions, RMSNorm, pre-norm, no biases, unscaled scores, gated GELU,
@@ -107,12 +107,13 @@ def test_the_relative_bias_reads_the_table_without_gather_or_scatter(dtype):
     """T5's bias takes each bucket's value exactly, as indexing the table would, with the same
     gradient; and neither it nor its gradient gathers or scatters (a scatter-add into the few
     table entries is a contended atomic loop on GPUs)."""
-    cfg = dataclasses.replace(LAYOUTS["t5"], dtype=dtype, relative_buckets=8, relative_max_distance=12)
+    cfg = dataclasses.replace(LAYOUTS["t5"], dtype=dtype)  # 8 buckets, distances up to 12
     table = jnp.asarray(np.random.default_rng(0).standard_normal((8, 4)), jnp.float32)
     q_index, k_index = jnp.arange(3, 14), jnp.arange(20)
     weights = jnp.asarray(np.random.default_rng(1).standard_normal((1, 4, 11, 20)), jnp.float32)
     for bidirectional in (True, False):
-        bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, 8, 12)
+        bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, cfg.relative_buckets,
+                                 cfg.relative_max_distance)
         indexed = lambda t: jnp.transpose(t.astype(dtype)[bucket], (2, 0, 1))[None]  # noqa: B023, E731
         ours = lambda t: relative_bias(t, q_index, k_index, bidirectional, cfg)  # noqa: B023, E731
         np.testing.assert_array_equal(np.asarray(ours(table), np.float32), np.asarray(indexed(table), np.float32))

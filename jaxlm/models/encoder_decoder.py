@@ -42,9 +42,9 @@ from jaxlm.models.layers import (
     embed,
     make_attention_mask,
     param_init,
-    sinusoidal,
     stack,
 )
+from jaxlm.models.positions import sinusoidal
 
 Array = jax.Array
 
