@@ -183,6 +183,7 @@ class Seq2seqConfig:
     label_smoothing: float = 0.1  # share of each target's probability spread over the vocabulary
     eval_beam_size: int = 4  # beam search of evaluation (BLEU, chrF, ROUGE); 1: greedy
     length_penalty: float = 0.6  # GNMT's alpha: beam scores over ((5 + length) / 6) ** alpha
+    no_repeat_ngram: int = 0  # decoding: no n tokens in a row occur twice in an output (n; 0: any may)
     max_length_ratio: float = 2.0  # decoding stops at this many times a source's tokens + max_length_offset (0: off)
     max_length_offset: int = 10  # ... and always at target_len (or --max-new-tokens)
     noise_density: float = 0.15  # task=span_corruption: share of a row's tokens in the spans to restore

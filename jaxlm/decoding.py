@@ -59,17 +59,39 @@ def prefill(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_
 
 
 def extend(tokens_to_logits: TokensToLogits, cache: Any, token: Array, positions: Array, rng: Array,
-           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> tuple[Array, Any]:
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+           logits_filter: Callable[[Array], Array] | None = None) -> tuple[Array, Any]:
     """Feeds each row's last token [batch] at its position [batch]; returns the next token
-    [batch] and the cache."""
+    [batch] (drawn from `logits_filter(logits)` where given) and the cache."""
     ones = jnp.ones((token.shape[0], 1), jnp.int32)
     logits, cache = tokens_to_logits(token[:, None], ones, positions[:, None], cache)
-    return sample_logits(logits[:, -1], rng, temperature, top_k, top_p), cache
+    logits = logits[:, -1] if logits_filter is None else logits_filter(logits[:, -1])
+    return sample_logits(logits, rng, temperature, top_k, top_p), cache
+
+
+def block_repeated_ngrams(logits: Array, tokens: Array, length: Array | int, n: int) -> Array:
+    """`logits` [batch, vocab] at -inf for each token that would repeat an n-gram: one that,
+    appended to `tokens[:, :length]` [batch, max_len], ends an n-gram already in them (n 1: any
+    token in them). n 0: `logits` unchanged."""
+    if n == 0:
+        return logits
+    (batch, max_len), vocab = tokens.shape, logits.shape[-1]
+    padded = jnp.pad(tokens, ((0, 0), (0, n)))
+    # the n-gram starting at each j < length - n + 1: do its first n - 1 tokens equal the last
+    # n - 1, and which token follows them
+    match = jnp.broadcast_to(jnp.arange(max_len) <= length - n, (batch, max_len))
+    last = jax.lax.dynamic_slice_in_dim(padded, jnp.maximum(length - (n - 1), 0), n - 1, axis=1)  # [batch, n - 1]
+    for m in range(n - 1):
+        match &= padded[:, m:m + max_len] == last[:, m:m + 1]
+    follows = padded[:, n - 1:n - 1 + max_len]
+    rows = jnp.arange(batch)[:, None]
+    banned = jnp.zeros((batch, vocab), bool).at[rows, jnp.where(match, follows, vocab)].set(True, mode="drop")
+    return jnp.where(banned, -jnp.inf, logits)
 
 
 def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
              rng: Array, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int, temperature: float = 1.0,
-             top_k: int = 0, top_p: float = 1.0, limits: Array | None = None) -> Array:
+             top_k: int = 0, top_p: float = 1.0, limits: Array | None = None, no_repeat_ngram: int = 0) -> Array:
     """Continues left-padded prompts; returns the new tokens [batch, max_new_tokens].
 
     Rows stop at EOS (which is kept) and are padded with `pad_id` after it; the loop ends
@@ -83,6 +105,7 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
       prompt_mask: [batch, P], 1 on real prompt tokens.
       limits: [batch], each row's most new tokens (at most max_new_tokens), e.g. from its
         source's length; None: max_new_tokens for every row.
+      no_repeat_ngram: n > 0: no n tokens in a row occur twice among a row's new tokens.
     """
     sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     batch = prompt.shape[0]
@@ -100,7 +123,8 @@ def generate(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt
     def body(carry):
         i, cache, token, done, out, rng = carry
         rng, step_rng = jax.random.split(rng)
-        new, cache = extend(tokens_to_logits, cache, token, lengths + i - 1, step_rng, **sampling)
+        new, cache = extend(tokens_to_logits, cache, token, lengths + i - 1, step_rng, **sampling,
+                            logits_filter=lambda logits: block_repeated_ngrams(logits, out, i, no_repeat_ngram))
         new = jnp.where(done, pad_id, new)
         out = out.at[:, i].set(new)
         return i + 1, cache, new, done | jnp.isin(new, ends) | (limits <= i + 1), out, rng
@@ -126,8 +150,8 @@ def _beams(tree: Any, select: Callable[[Array], Array], axis: int | Any) -> Any:
 
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
                 beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
-                alpha: float = 0.6, cache_batch_axis: int | Any = 0, limits: Array | None = None
-                ) -> tuple[Array, Array]:
+                alpha: float = 0.6, cache_batch_axis: int | Any = 0, limits: Array | None = None,
+                no_repeat_ngram: int = 0) -> tuple[Array, Array]:
     """Batched beam search continuing left-padded prompts.
 
     Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
@@ -148,6 +172,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
       prompt: [batch, P] token ids, left-padded; prompt_mask [batch, P], 1 on real tokens.
       limits: [batch], each row's most new tokens (at most max_new_tokens), e.g. from its
         source's length; None: max_new_tokens for every row.
+      no_repeat_ngram: n > 0: no n tokens in a row occur twice among a hypothesis's new tokens
+        (the other scores are the model's own, not renormalised).
 
     Returns:
       tokens [batch, beam_size, max_new_tokens] (end token kept, `pad_id` after it), best first,
@@ -177,6 +203,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
 
     def body(carry):
         i, cache, logp, alive_score, alive, fin_score, fin = carry
+        logp = block_repeated_ngrams(logp, alive.reshape(batch * k, -1), i, no_repeat_ngram)
         candidates = (alive_score[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
         top_score, top = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
         origin, token = top // vocab, (top % vocab).astype(jnp.int32)

@@ -9,9 +9,11 @@ ROUGE-1/2/L of a sequence-to-sequence run, whose whole split is decoded (beam se
 predictions, the predictions are written beside the metrics, so any figure can be recomputed by
 hand: `<workdir>/eval/predictions-<split>-<step>.json` (SQuAD's official format, question id ->
 answer) or `<workdir>/eval/hypotheses-<split>-<step>.txt` (one output a line, in the split's
-order), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`; with `--beam-size K`
-the names end in `-beamK` (`hypotheses-test-2000-beam1.txt`), so a greedy decode does not
-replace the beam search's files.
+order), and the metrics to `<workdir>/eval/metrics-<split>-<step>.json`. A decode whose settings
+the command line gives keeps its own files: with `--beam-size K` the names end in `-beamK`
+(`hypotheses-test-2000-beam1.txt`), with `seq2seq.length_penalty=A` in `-lpA` and with
+`seq2seq.no_repeat_ngram=N` in `-norepeatN`, so a greedy decode does not replace the beam
+search's files.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from jaxlm.config import Config
 from jaxlm.errors import UserError, cli
 from jaxlm.train import evaluate_outputs
 from jaxlm.workdir import open_run
+
+# decoding settings a command line may change, and how the files of such a decode are tagged
+DECODING_TAGS = {"seq2seq.eval_beam_size": "beam", "seq2seq.length_penalty": "lp", "seq2seq.no_repeat_ngram": "norepeat"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.workdir) / "eval"
         out.mkdir(exist_ok=True)
         files = {**files, "metrics.json": json.dumps({"step": step, "split": args.split, **metrics}, indent=1)}
-        tag = f"-beam{args.beam_size}" if args.beam_size else ""  # a decode apart from the config's keeps its files
+        given = dict(o.split("=", 1) for o in overrides)
+        tag = "".join(f"-{short}{given[key]}" for key, short in DECODING_TAGS.items() if key in given)
         for name, text in files.items():
             stem, _, suffix = name.rpartition(".")
             (out / f"{stem}-{args.split}-{step}{tag}.{suffix}").write_text(text, encoding="utf-8")

@@ -6,7 +6,7 @@
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
     python -m jaxlm.infer translate|summarize --workdir DIR [TEXT ...] [--input FILE] [--beam-size K]
-        [--length-penalty A] [--max-new-tokens N]
+        [--length-penalty A] [--no-repeat-ngram N] [--max-new-tokens N]
     python -m jaxlm.infer answer --workdir DIR --context TEXT [QUESTION ...] [--input FILE]
     python -m jaxlm.infer answer --workdir DIR --index INDEX [--retriever-workdir E] [--top-k K] [QUESTION ...]
 
@@ -83,9 +83,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, what in (("translate", "translate texts with a sequence-to-sequence run"),
                        ("summarize", "summarize texts with a sequence-to-sequence run")):
         cmd = texts_command(name, what, "a sequence-to-sequence run's directory (task=seq2seq)", 32)
-        cmd.add_argument("--beam-size", type=int, default=4, help="hypotheses kept (1: greedy)")
-        cmd.add_argument("--length-penalty", type=float, default=0.6,
-                         help="GNMT's alpha: scores over ((5 + length) / 6) ** alpha (0: none)")
+        cmd.add_argument("--beam-size", type=int,
+                         help="hypotheses kept (1: greedy; default: the run's seq2seq.eval_beam_size)")
+        cmd.add_argument("--length-penalty", type=float, help="GNMT's alpha: scores over ((5 + length) / 6) ** alpha "
+                                                              "(0: none; default: the run's seq2seq.length_penalty)")
+        cmd.add_argument("--no-repeat-ngram", type=int, help="no n tokens in a row twice in an output "
+                                                             "(0: off; default: the run's seq2seq.no_repeat_ngram)")
         cmd.add_argument("--max-new-tokens", type=int, help="longest output (default: seq2seq.target_len)")
     ans = commands.add_parser("answer", help="answer questions from a context with a question-answering run",
                               description="Answer questions with the span of a context that a "
@@ -259,8 +262,11 @@ def seq2seq_command(args: argparse.Namespace, texts: list[str]) -> None:
         raise UserError(f"{args.command} needs a sequence-to-sequence run (task=seq2seq); "
                         f"'{args.workdir}' trains task={run.config.task}")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    translator = Translator(run, params, args.max_new_tokens or run.config.seq2seq.target_len, args.beam_size,
-                            args.length_penalty)
+    s = run.config.seq2seq  # the run's decoding settings, unless the command line gives others
+    beam_size = s.eval_beam_size if args.beam_size is None else args.beam_size
+    alpha = s.length_penalty if args.length_penalty is None else args.length_penalty
+    no_repeat_ngram = s.no_repeat_ngram if args.no_repeat_ngram is None else args.no_repeat_ngram
+    translator = Translator(run, params, args.max_new_tokens or s.target_len, beam_size, alpha, no_repeat_ngram)
     start = time.time()
     for output in translator(texts, args.batch_size):
         print(output, flush=True)

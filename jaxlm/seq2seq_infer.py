@@ -23,11 +23,15 @@ from jaxlm.workdir import Run
 class Translator:
     """Batched decoding of a sequence-to-sequence run: one compiled function per (batch, beam)."""
 
-    def __init__(self, run: Run, params, max_new_tokens: int, beam_size: int = 1, length_penalty: float = 0.6):
+    def __init__(self, run: Run, params, max_new_tokens: int, beam_size: int = 1, length_penalty: float = 0.6,
+                 no_repeat_ngram: int = 0):
         if beam_size < 1 or max_new_tokens < 1:
             raise UserError(f"--beam-size={beam_size} and --max-new-tokens={max_new_tokens} must be at least 1")
+        if length_penalty < 0 or no_repeat_ngram < 0:
+            raise UserError(f"--length-penalty={length_penalty} and --no-repeat-ngram={no_repeat_ngram} must be at least 0")
         self.run, self.params, self.tok = run, params, run.tokenizer
         self.max_new_tokens, self.beam_size, self.alpha = max_new_tokens, beam_size, length_penalty
+        self.no_repeat_ngram = no_repeat_ngram
         self.ratio, self.offset = run.config.seq2seq.max_length_ratio, run.config.seq2seq.max_length_offset
         self._fn = jax.jit(self._decode)
 
@@ -40,7 +44,8 @@ class Translator:
         if self.ratio > 0:
             source = (segments > 0).sum(axis=1)
             limits = jnp.minimum(limits, jnp.ceil(self.ratio * source).astype(jnp.int32) + self.offset)
-        settings = dict(max_new_tokens=self.max_new_tokens, eos_id=tok.end_ids, pad_id=tok.pad_id, limits=limits)
+        settings = dict(max_new_tokens=self.max_new_tokens, eos_id=tok.end_ids, pad_id=tok.pad_id, limits=limits,
+                        no_repeat_ngram=self.no_repeat_ngram)
         if self.beam_size == 1:
             return decoding.generate(logits, cache, start, jnp.ones_like(start), jax.random.key(0),
                                      temperature=0.0, **settings)

@@ -114,9 +114,9 @@ def check(c: Config) -> None:
              f"data.source={d.source}")
     _require(c.seq2seq.target_len > 0 and 0.0 <= c.seq2seq.label_smoothing < 1.0 and c.seq2seq.eval_beam_size > 0
              and c.seq2seq.length_penalty >= 0 and t.decode_eval_examples >= 0 and c.seq2seq.max_length_ratio >= 0
-             and c.seq2seq.max_length_offset >= 1,
+             and c.seq2seq.max_length_offset >= 1 and c.seq2seq.no_repeat_ngram >= 0,
              "seq2seq.target_len and seq2seq.eval_beam_size must be positive, seq2seq.label_smoothing in [0, 1), "
-             "seq2seq.length_penalty, seq2seq.max_length_ratio and train.decode_eval_examples >= 0, "
+             "seq2seq.length_penalty, seq2seq.max_length_ratio, seq2seq.no_repeat_ngram and train.decode_eval_examples >= 0, "
              "seq2seq.max_length_offset >= 1")
     _require(c.task != "span_corruption" or (d.source in ("builtin", "text", "tfds") and 0 < c.seq2seq.noise_density < 1
                                               and c.seq2seq.mean_span >= 1),

@@ -30,7 +30,7 @@ from jaxlm.steps import Compiled, PmapCompiled
 # computed); any other change would silently mix two runs.
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.decode_eval_examples", "seq2seq.eval_beam_size", "seq2seq.length_penalty",
-                     "train.peak_tflops", "train.profile_steps", "train.on_nonfinite", "train.max_skipped",
+                     "seq2seq.no_repeat_ngram", "train.peak_tflops", "train.profile_steps", "train.on_nonfinite", "train.max_skipped",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep", "checkpoint.preemption_grace_s",
                      "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "data.prefetch",
                      "data.prepare_workers", "data.prepare_runner", "data.beam_options", "data.shard_mb",

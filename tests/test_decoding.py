@@ -77,16 +77,24 @@ def toy(table: np.ndarray):
     return tokens_to_logits
 
 
-def exhaustive(table: np.ndarray, prompt: list[int], alpha: float, limit: int = L) -> list[tuple[list[int], float]]:
+def repeats(seq, n: int) -> bool:
+    """Whether some n tokens in a row occur twice in `seq`."""
+    grams = [tuple(seq[j:j + n]) for j in range(len(seq) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def exhaustive(table: np.ndarray, prompt: list[int], alpha: float, limit: int = L,
+               no_repeat_ngram: int = 0) -> list[tuple[list[int], float]]:
     """Every hypothesis, best first: each sequence that ends at EOS within `limit` tokens, or
-    runs `limit` tokens without one, scored by its log-probability over the length penalty."""
+    runs `limit` tokens without one (and repeats no n-gram of `no_repeat_ngram` tokens), scored
+    by its log-probability over the length penalty."""
     import itertools
 
     from jaxlm.decoding import length_penalty
     out = []
     for n in range(1, limit + 1):
         for seq in itertools.product(range(V), repeat=n):
-            if EOS in seq[:-1] or (n < limit and seq[-1] != EOS):
+            if EOS in seq[:-1] or (n < limit and seq[-1] != EOS) or (no_repeat_ngram and repeats(seq, no_repeat_ngram)):
                 continue
             last, position, history, total = prompt[-1], len(prompt) - 1, sum(prompt) % V, 0.0
             for token in seq:
@@ -134,7 +142,8 @@ def test_a_row_limit_ends_that_rows_hypotheses_where_it_says():
 
 
 def test_beam_of_one_is_greedy():
-    """Also under per-row limits, which cut greedy rows where they cut beams."""
+    """Also under per-row limits, which cut greedy rows where they cut beams, and with repeated
+    bigrams blocked."""
     from jaxlm.decoding import beam_search
     rng = np.random.default_rng(1)
     prompts, mask = jnp.asarray([[1, 2], [0, 3]]), jnp.asarray([[1, 1], [0, 1]])
@@ -142,9 +151,66 @@ def test_beam_of_one_is_greedy():
         limits = jnp.asarray([1 + i % L, L])
         table = rng.normal(0, 2, (8, V, V, V)).astype(np.float32)
         table[..., EOS] -= 2.0
+        no_repeat_ngram = 2 * (i % 2)  # and with repeated bigrams blocked
         greedy = generate(toy(table), jnp.zeros(2, jnp.int32), prompts, mask, jax.random.key(0), max_new_tokens=L,
-                          eos_id=EOS, pad_id=-1, temperature=0.0, limits=limits)
+                          eos_id=EOS, pad_id=-1, temperature=0.0, limits=limits, no_repeat_ngram=no_repeat_ngram)
         beam, _ = beam_search(toy(table), jnp.zeros(2, jnp.int32), prompts, mask, beam_size=1, max_new_tokens=L,
-                              eos_id=EOS, pad_id=-1, alpha=0.6, limits=limits)
+                              eos_id=EOS, pad_id=-1, alpha=0.6, limits=limits, no_repeat_ngram=no_repeat_ngram)
         np.testing.assert_array_equal(np.asarray(beam[:, 0]), np.asarray(greedy))
         assert (np.asarray(greedy)[0] >= 0).sum() <= limits[0], i
+
+
+def test_blocking_repeated_ngrams_bans_exactly_the_tokens_that_would_repeat_one():
+    """Against a reference on random short histories: a token is banned iff the n-gram it would
+    end already occurs among the first `length` tokens, for n 1 to 3."""
+    from jaxlm.decoding import block_repeated_ngrams
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3):
+        for _ in range(30):
+            tokens, length = rng.integers(0, 3, (4, 7)), int(rng.integers(0, 8))
+            out = np.asarray(block_repeated_ngrams(jnp.zeros((4, 5)), jnp.asarray(tokens), length, n))
+            for row in range(4):
+                history = tokens[row, :length].tolist()
+                for v in range(5):
+                    would = len(history) >= n and tuple((history + [v])[-n:]) in {
+                        tuple(history[j:j + n]) for j in range(len(history) - n + 1)}
+                    assert (out[row, v] == -np.inf) == would, (n, history, v)
+
+
+def test_beam_search_without_repeated_ngrams_finds_the_constrained_optimum():
+    """With no_repeat_ngram=2, beam search returns the enumerated best hypotheses that repeat no
+    two tokens in a row, with the model's own scores; without it, the best hypothesis of some
+    seeds does repeat one (so the constraint is what changed them)."""
+    from jaxlm.decoding import beam_search
+    rng = np.random.default_rng(3)
+    prompts, mask = jnp.asarray([[0, 1, 2], [2, 0, 1]]), jnp.asarray([[0, 1, 1], [1, 1, 1]])
+    unconstrained_repeats = 0
+    for seed in range(6):
+        table = rng.normal(0, 2, (8, V, V, V)).astype(np.float32)
+        table[..., EOS] -= 3.0
+        search = partial(beam_search, toy(table), jnp.zeros(2, jnp.int32), beam_size=27, max_new_tokens=L,
+                         eos_id=EOS, pad_id=0, alpha=0.0)
+        tokens, scores = jax.jit(partial(search, no_repeat_ngram=2))(prompts, mask)
+        free, _ = jax.jit(search)(prompts, mask)
+        for row, prompt in enumerate(([1, 2], [2, 0, 1])):
+            for rank, (want, score) in enumerate(exhaustive(table, prompt, 0.0, no_repeat_ngram=2)[:5]):
+                assert tokens[row, rank].tolist() == want + [0] * (L - len(want)), (seed, row, rank)
+                np.testing.assert_allclose(float(scores[row, rank]), score, rtol=1e-5)
+            unconstrained_repeats += repeats(free[row, 0].tolist(), 2)
+    assert unconstrained_repeats > 0
+
+
+def test_greedy_without_repeated_ngrams_takes_the_next_best_token():
+    """A model that always prefers token 1, then 2, then 3: greedy repeats 1; with n = 1 no
+    token occurs twice (1, 2, 3, then EOS); with n = 2 the bigram (1, 1) occurs once only."""
+    vocab, eos = 5, 4
+
+    def stuck(tokens, segment_ids, positions, cache):
+        return jnp.broadcast_to(jnp.asarray([0.0, 9.0, 8.0, 7.0, 6.0]), (*tokens.shape, vocab)), cache
+
+    prompt = jnp.asarray([[0], [0]])
+    run = partial(generate, stuck, jnp.zeros(()), prompt, jnp.ones_like(prompt), jax.random.key(0), max_new_tokens=6,
+                  eos_id=eos, pad_id=-1, temperature=0.0)
+    assert run()[0].tolist() == [1] * 6
+    assert run(no_repeat_ngram=1)[0].tolist() == [1, 2, 3, 4, -1, -1]
+    assert run(no_repeat_ngram=2)[0].tolist() == [1, 1, 2, 1, 3, 1]

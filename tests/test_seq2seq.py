@@ -140,8 +140,10 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     assert all(printed[k] == pytest.approx(v) for k, v in recomputed.items())
     assert printed["chrf"] == pytest.approx(100.0)  # (BLEU is 0: no target has four words)
     evaluate.main(["--workdir", str(tmp_path / "w")])  # the config's beam: its own files, the others kept
+    evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "2", "seq2seq.no_repeat_ngram=2"])
     assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
-        "hypotheses-eval-80-beam3.txt", "hypotheses-eval-80.txt", "metrics-eval-80-beam3.json", "metrics-eval-80.json"]
+        "hypotheses-eval-80-beam2-norepeat2.txt", "hypotheses-eval-80-beam3.txt", "hypotheses-eval-80.txt",
+        "metrics-eval-80-beam2-norepeat2.json", "metrics-eval-80-beam3.json", "metrics-eval-80.json"]
 
 
 def test_text_scores_are_the_reference_implementations():

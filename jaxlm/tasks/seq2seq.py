@@ -143,7 +143,8 @@ class Seq2seqTask(EncoderDecoderTask):
         from jaxlm.seq2seq_infer import Translator  # (it builds on the workdir, which builds tasks)
         s = run.config.seq2seq
         count = len(rows.sources) if limit is None else min(limit, len(rows.sources))
-        hypotheses = Translator(run, params, s.target_len, s.eval_beam_size, s.length_penalty)(rows.sources[:count])
+        hypotheses = Translator(run, params, s.target_len, s.eval_beam_size, s.length_penalty,
+                                s.no_repeat_ngram)(rows.sources[:count])
         return text_scores(hypotheses, rows.references[:count]), {"hypotheses.txt": "".join(h + "\n" for h in hypotheses)}
 
 
