@@ -131,6 +131,10 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     for beam in ("1", "3"):
         infer.main(["translate", "--workdir", str(tmp_path / "w"), "--beam-size", beam, "the black cat", "good morning"])
         assert capsys.readouterr().out.splitlines() == ["el gato negro", "buenos dias"]
+    # summarize is the same command over a file, with the run's own decoding settings by default
+    (tmp_path / "texts.txt").write_text("the dog\nthank you\na red house\n")
+    infer.main(["summarize", "--workdir", str(tmp_path / "w"), "--input", str(tmp_path / "texts.txt"), "--batch-size", "2"])
+    assert capsys.readouterr().out.splitlines() == ["el perro", "gracias", "una casa roja"]
     # evaluate decodes the whole split and writes the hypotheses its figures come from
     evaluate.main(["--workdir", str(tmp_path / "w"), "--beam-size", "3", "--json"])
     printed = json.loads(capsys.readouterr().out)

@@ -42,6 +42,7 @@ from jaxlm.models.layers import (
     embed,
     make_attention_mask,
     param_init,
+    per_source,
     stack,
 )
 from jaxlm.models.positions import sinusoidal
@@ -146,14 +147,9 @@ class CopyHead(nn.Module):
         ids `source` [batch, source] (None with `encoded`: read from the cache)."""
         cfg = self.cfg
         project = partial(Dense, (cfg.embed_dim,), ("embed", "mlp"), cfg, bias=False)
-        if encoded is not None:
-            keys = project(name="key")(encoded)  # [batch, source, embed]
-            if decode:
-                for name, array in (("copy_key", keys), ("source", source), ("source_segments", encoded_segments)):
-                    self.put_variable("cache", name, array)
-        else:
-            keys, source, encoded_segments = (self.get_variable("cache", n)
-                                              for n in ("copy_key", "source", "source_segments"))
+        keys, source, encoded_segments = per_source(  # keys [batch, source, embed]
+            self, ("copy_key", "source", "source_segments"),
+            None if encoded is None else (project(name="key")(encoded), source, encoded_segments), decode)
         queries = project(name="query")(hidden)  # [batch, target, embed]
         scores = jnp.einsum("bte,bse->bts", queries, keys).astype(jnp.float32) * np.float32(cfg.embed_dim ** -0.5)
         mask = make_attention_mask(segment_ids, encoded_segments, jnp.arange(hidden.shape[1]),

@@ -306,6 +306,19 @@ class SelfAttention(nn.Module):
         return nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
 
 
+def per_source(module: nn.Module, names: tuple[str, ...], arrays: tuple[Array, ...] | None,
+               decode: bool) -> tuple[Array, ...]:
+    """Arrays a decoder computes once per source (keys, values, segment ids): `arrays`, also
+    kept under `names` in `module`'s `cache` collection when `decode` primes it; None: the ones
+    kept there."""
+    if arrays is None:
+        return tuple(module.get_variable("cache", name) for name in names)
+    if decode:
+        for name, array in zip(names, arrays):
+            module.put_variable("cache", name, array)
+    return arrays
+
+
 class CrossAttention(nn.Module):
     """Attention of a decoder's positions to an encoder's outputs, within matching segments.
 
@@ -330,13 +343,9 @@ class CrossAttention(nn.Module):
                   name="query")(x)  # [batch, q, heads, head_dim]
         key = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="key")
         value = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="value")
-        if encoded is not None:
-            k, v = key(encoded), value(encoded)  # [batch, source, kv_heads, head_dim]
-            if decode:
-                for name, array in (("cross_key", k), ("cross_value", v), ("cross_segments", encoded_segments)):
-                    self.put_variable("cache", name, array)
-        else:
-            k, v, encoded_segments = (self.get_variable("cache", n) for n in ("cross_key", "cross_value", "cross_segments"))
+        k, v, encoded_segments = per_source(  # [batch, source, kv_heads, head_dim] (and [batch, source])
+            self, ("cross_key", "cross_value", "cross_segments"),
+            None if encoded is None else (key(encoded), value(encoded), encoded_segments), decode)
         mask = make_attention_mask(segment_ids, encoded_segments, jnp.arange(x.shape[1]),
                                    jnp.arange(k.shape[1]), causal=False)
         out = attention(q, k, v, mask, cfg.attention_impl, scaled=cfg.scale_attention)
