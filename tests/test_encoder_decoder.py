@@ -115,7 +115,7 @@ def test_the_relative_bias_reads_the_table_without_gather_or_scatter(dtype):
         bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, cfg.relative_buckets,
                                  cfg.relative_max_distance)
         indexed = lambda t: jnp.transpose(t.astype(dtype)[bucket], (2, 0, 1))[None]  # noqa: B023, E731
-        ours = lambda t: relative_bias(t, q_index, k_index, bidirectional, cfg)  # noqa: B023, E731
+        ours = lambda t: relative_bias(t.astype(dtype), q_index, k_index, bidirectional, cfg)  # noqa: B023, E731
         np.testing.assert_array_equal(np.asarray(ours(table), np.float32), np.asarray(indexed(table), np.float32))
         loss = lambda t: (ours(t).astype(jnp.float32) * weights).sum()  # noqa: B023, E731
         # each entry's gradient: the sum of its positions' weights, as the compute dtype holds them

@@ -298,7 +298,8 @@ class SelfAttention(nn.Module):
         # without a cache, queries and keys share slots: causality goes to the kernel (is_causal)
         aligned = self.causal and not decode
         mask = make_attention_mask(segment_ids, k_segments, q_index, k_index, self.causal and not aligned)
-        bias = None if relative_table is None else relative_bias(relative_table, q_index, k_index, not self.causal, cfg)
+        bias = None if relative_table is None else relative_bias(relative_table.astype(dtype_of(cfg)), q_index, k_index,
+                                                                 not self.causal, cfg)
         out = attention(q, k, v, mask, cfg.attention_impl, is_causal=aligned, bias=bias,
                         scaled=cfg.scale_attention)  # [batch, length, heads, head_dim]
         out = Dense((cfg.embed_dim,), ("heads", "kv", "embed"), cfg, contract=2, std=proj_std,

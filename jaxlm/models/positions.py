@@ -31,7 +31,8 @@ def relative_bucket(distance: Array, bidirectional: bool, buckets: int, max_dist
 
 def relative_bias(table: Array, q_index: Array, k_index: Array, bidirectional: bool, cfg: ModelConfig) -> Array:
     """Attention-score bias [1, heads, q, k] of T5's relative positions from the bucket table
-    [buckets, heads], for query slots `q_index` [q] and key slots `k_index` [k].
+    [buckets, heads], for query slots `q_index` [q] and key slots `k_index` [k], in the table's
+    dtype (the caller's compute dtype).
 
     The lookup is a contraction with the buckets' one-hot codes, not a gather: a gather's
     gradient is a scatter-add of every (query, key, head) into the table's few entries, which GPUs
@@ -39,10 +40,8 @@ def relative_bias(table: Array, q_index: Array, k_index: Array, bidirectional: b
     this small matmul. One nonzero term a sum, so the values are the table's exactly."""
     bucket = relative_bucket(k_index[None, :] - q_index[:, None], bidirectional, cfg.relative_buckets,
                              cfg.relative_max_distance)  # [q, k]
-    dtype = jnp.dtype(cfg.dtype)  # the compute dtype
-    one_hot = jax.nn.one_hot(bucket, cfg.relative_buckets, dtype=dtype)  # [q, k, buckets]
-    return jnp.einsum("qkb,bh->hqk", one_hot, table.astype(dtype),
-                      precision=jax.lax.Precision.HIGHEST)[None]
+    one_hot = jax.nn.one_hot(bucket, cfg.relative_buckets, dtype=table.dtype)  # [q, k, buckets]
+    return jnp.einsum("qkb,bh->hqk", one_hot, table, precision=jax.lax.Precision.HIGHEST)[None]
 
 
 def sinusoidal(positions: Array, dim: int) -> Array:
