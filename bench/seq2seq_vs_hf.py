@@ -4,7 +4,7 @@ budget with Hugging Face transformers (PyTorch), side by side on this machine; p
 
     pip install torch==2.13.0 transformers        # for the reference side only
     python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf] [--layout preset|t5]
-                                  [--hf-init library|xavier]
+                                  [--hf-init library|xavier] [--seed N]
 
 jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
@@ -25,8 +25,11 @@ smoothing, AdamW settings (weight decay off norms, biases and position tables), 
 and warmup then cosine decay to 10% of the peak learning rate. Its time
 covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
 
-Each side writes `<workdir>/<side>.json`; the table prints every side found there, so the two may
-run at different times.
+`--seed N` (default 0) seeds both sides: jaxlm's `seed` (its initialisation and data order) and
+the Hugging Face side's initialisation and batch order; a seed other than 0 runs in
+`<workdir>/jaxlm-seedN` and writes `<side>-seedN.json`. Each side writes `<workdir>/<side>.json`;
+the table prints every side and seed found there, and each side's mean over its seeds, so runs
+may happen at different times.
 """
 
 from __future__ import annotations
@@ -56,9 +59,15 @@ def layout_overrides(layout: str) -> dict:
     return T5_LAYOUT if layout == "t5" else {}
 
 
-def run_jaxlm(work: Path, steps: int | None, layout: str) -> dict:
-    run = work / "jaxlm"
-    extra = [f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}"] if steps else []
+def suffix(seed: int) -> str:
+    """What a seed adds to a side's run and result names (nothing for seed 0)."""
+    return f"-seed{seed}" if seed else ""
+
+
+def run_jaxlm(work: Path, steps: int | None, layout: str, seed: int) -> dict:
+    run = work / f"jaxlm{suffix(seed)}"
+    extra = [f"seed={seed}"]
+    extra += [f"train.steps={steps}", f"train.eval_every={steps}", f"checkpoint.every={steps}"] if steps else []
     extra += [f"model.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in layout_overrides(layout).items()]
     start = time.time()
     subprocess.run([sys.executable, "-m", "jaxlm.train", "--config", str(CONFIG), "--workdir", str(run), *extra],
@@ -116,7 +125,7 @@ def glorot(torch, model, width: int) -> None:
         model.get_input_embeddings().weight.normal_(0.0, width ** -0.5)
 
 
-def run_hf(work: Path, steps: int | None, layout: str, init: str = "library") -> dict:
+def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "library") -> dict:
     import sacrebleu
     import torch
     import transformers
@@ -126,12 +135,13 @@ def run_hf(work: Path, steps: int | None, layout: str, init: str = "library") ->
     cfg["model"].update(layout_overrides(layout))
     o, t, s = cfg["optim"], cfg["train"], cfg["seq2seq"]
     steps = steps or t["steps"]
-    tokenizer_file = work / "jaxlm" / "tokenizer.json"
+    tokenizer_file = work / f"jaxlm{suffix(seed)}" / "tokenizer.json"
     if not tokenizer_file.exists():
-        sys.exit(f"{tokenizer_file} is missing: run the jaxlm side first (--only jaxlm), whose tokenizer both use")
+        sys.exit(f"{tokenizer_file} is missing: run the jaxlm side of seed {seed} first (--only jaxlm), "
+                 "whose tokenizer both use")
     tok = Tokenizer.from_file(str(tokenizer_file))
     ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
     model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
     if init == "xavier":
@@ -166,7 +176,7 @@ def run_hf(work: Path, steps: int | None, layout: str, init: str = "library") ->
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     start = time.time()
     model.train()
@@ -217,21 +227,36 @@ def main() -> None:
                         help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
     parser.add_argument("--hf-init", choices=("library", "xavier"), default="library",
                         help="the Hugging Face side's initialisation: transformers' own, or jaxlm's model.init=xavier")
+    parser.add_argument("--seed", type=int, default=0, help="both sides' seed (initialisation and data order)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     hf_side = "hf" if args.hf_init == "library" else f"hf-{args.hf_init}"  # its own result file
     for side, name, fn in (("jaxlm", "jaxlm", run_jaxlm), ("hf", hf_side, functools.partial(run_hf, init=args.hf_init))):
         if args.only in (None, side):
-            result = fn(args.workdir, args.steps, args.layout)
-            (args.workdir / f"{name}.json").write_text(json.dumps(result))
-    results = {name: json.loads((args.workdir / f"{name}.json").read_text())
-               for name in ("jaxlm", "hf", "hf-xavier") if (args.workdir / f"{name}.json").exists()}
-    print(f"{'':9s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
-    for name, r in results.items():
-        print(f"{name:9s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
-              f"{r['train_s']:8.0f} {r['seconds']:8.0f}")
-    if "jaxlm" in results and "hf" in results:
-        print(f"jaxlm / hf total time: {results['jaxlm']['seconds'] / results['hf']['seconds']:.2f}")
+            result = fn(args.workdir, args.steps, args.layout, args.seed)
+            (args.workdir / f"{name}{suffix(args.seed)}.json").write_text(json.dumps(result))
+    print_table(args.workdir)
+
+
+def print_table(work: Path) -> None:
+    """Every result in `work`, by side and seed, then each side's mean over its seeds."""
+    columns = ("bleu_beam4", "bleu_greedy", "chrf_beam4", "train_s", "seconds")
+    sides: dict[str, dict[str, dict]] = {}
+    for name in ("jaxlm", "hf", "hf-xavier"):
+        for path in sorted(work.glob(f"{name}.json")) + sorted(work.glob(f"{name}-seed*.json")):
+            sides.setdefault(name, {})[path.stem] = json.loads(path.read_text())
+    print(f"{'':15s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
+    means = {}
+    for name, runs in sides.items():
+        rows = list(runs.items())
+        means[name] = {c: sum(r[c] for r in runs.values()) / len(runs) for c in columns}
+        if len(runs) > 1:
+            rows.append((f"{name} mean of {len(runs)}", means[name]))
+        for label, r in rows:
+            print(f"{label:15s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
+                  f"{r['train_s']:8.0f} {r['seconds']:8.0f}")
+    if "jaxlm" in means and "hf" in means:
+        print(f"jaxlm / hf total time (means): {means['jaxlm']['seconds'] / means['hf']['seconds']:.2f}")
 
 
 if __name__ == "__main__":
