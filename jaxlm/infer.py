@@ -1,8 +1,8 @@
 """`python -m jaxlm.infer`: use a trained model.
 
     python -m jaxlm.infer generate --workdir DIR [TEXT ...] [--prompt TEXT] [--input FILE]
-        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--seed S] [--step N]
-        [--chat [--system TEXT]] [--no-stream]
+        [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--no-repeat-ngram N]
+        [--seed S] [--step N] [--chat [--system TEXT]] [--no-stream]
     python -m jaxlm.infer fill-mask --workdir DIR [TEXT ...] [--input FILE] [--top-k K]
     python -m jaxlm.infer classify --workdir DIR [TEXT ...] [--input FILE]
     python -m jaxlm.infer translate|summarize --workdir DIR [TEXT ...] [--input FILE] [--beam-size K]
@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     gen.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
     gen.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    gen.add_argument("--no-repeat-ngram", type=int, default=0,
+                     help="no N tokens in a row twice in a continuation (0: off)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=16, help="prompts decoded together")
     gen.add_argument("--step", type=int, help="checkpoint step (default: the latest)")
@@ -129,6 +131,8 @@ def check_sampling(args: argparse.Namespace) -> None:
         raise UserError(f"--top-p={args.top_p} must be in (0, 1]")
     if args.batch_size < 1:
         raise UserError(f"--batch-size={args.batch_size} must be at least 1")
+    if args.no_repeat_ngram < 0:
+        raise UserError(f"--no-repeat-ngram={args.no_repeat_ngram} must be >= 0 (0 allows repeats)")
 
 
 def cached_logits(model, params, vocab: int) -> decoding.TokensToLogits:
@@ -146,19 +150,23 @@ def cached_logits(model, params, vocab: int) -> decoding.TokensToLogits:
 
 class Generator:
     """Batched KV-cached generation with one compiled function per (batch, lengths) shape, or
-    one prompt streamed token by token (the same tokens, drawn with the same keys)."""
+    one prompt streamed token by token (the same tokens, drawn with the same keys).
+    `no_repeat_ngram` n > 0: no n tokens in a row occur twice in a continuation (the prompt's
+    tokens not counted)."""
 
     def __init__(self, run: Run, params, max_new_tokens: int, temperature: float, top_k: int,
-                 top_p: float):
+                 top_p: float, no_repeat_ngram: int = 0):
         self.run, self.params = run, params
         self.model = run.task.model
         self.tok = run.tokenizer
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.no_repeat_ngram = max_new_tokens, no_repeat_ngram
         self.sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
         self._fn = jax.jit(self._generate, static_argnames=("cache_len",))
         logits = partial(cached_logits, self.model, vocab=self.tok.vocab_size)
         self._prefill = jax.jit(lambda p, *a: decoding.prefill(logits(p), *a, **self.sampling))
-        self._extend = jax.jit(lambda p, *a: decoding.extend(logits(p), *a, **self.sampling))
+        self._extend = jax.jit(lambda p, *a, history, length: decoding.extend(
+            logits(p), *a, **self.sampling,
+            logits_filter=lambda x: decoding.block_repeated_ngrams(x, history, length, no_repeat_ngram)))
         self._cache = jax.jit(self._empty_cache, static_argnums=(0, 1))
 
     def _empty_cache(self, batch: int, cache_len: int):
@@ -170,7 +178,7 @@ class Generator:
         return decoding.generate(cached_logits(self.model, params, self.tok.vocab_size),
                                  self._empty_cache(prompt.shape[0], cache_len), prompt, mask, rng,
                                  max_new_tokens=self.max_new_tokens, eos_id=self.tok.end_ids, pad_id=self.tok.pad_id,
-                                 **self.sampling)
+                                 no_repeat_ngram=self.no_repeat_ngram, **self.sampling)
 
     def _batch(self, encoded: list[list[int]]) -> tuple[np.ndarray, np.ndarray, int]:
         """Left-padded prompts [batch, length] (the batch filled to the mesh's batch axes), their
@@ -205,6 +213,7 @@ class Generator:
             cache = self._cache(prompt.shape[0], cache_len)
             rng, first = jax.random.split(rng)
             token, lengths, cache = self._prefill(self.params, cache, prompt, mask, first)
+            history = np.full((prompt.shape[0], self.max_new_tokens), self.tok.pad_id, np.int32)  # new tokens
             for i in range(1, self.max_new_tokens + 1):
                 new = int(token[0])
                 if new in self.tok.end_ids:
@@ -212,8 +221,10 @@ class Generator:
                 yield new
                 if i == self.max_new_tokens:
                     return
+                history[:, i - 1] = np.asarray(token)
                 rng, step = jax.random.split(rng)
-                token, cache = self._extend(self.params, cache, token, lengths + i - 1, step)
+                token, cache = self._extend(self.params, cache, token, lengths + i - 1, step, history=history,
+                                            length=i)
 
 
 def print_streamed(tok, tokens: Iterator[int]) -> str:
@@ -359,7 +370,8 @@ def main(argv: list[str] | None = None) -> None:
     if run.config.task not in DECODER_TASKS:
         raise UserError(f"generate needs a decoder run (task=clm or sft); '{args.workdir}' trains task={run.config.task}")
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
-    gen = Generator(run, params, args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    gen = Generator(run, params, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
+                    args.no_repeat_ngram)
     tok, template = gen.tok, run.config.sft.chat_template
     if args.chat:  # each prompt is the user's turn; what is printed is the assistant's answer
         system = [{"role": "system", "content": args.system}] if args.system else []

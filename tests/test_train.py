@@ -78,6 +78,35 @@ def test_generate_greedy_is_deterministic_and_batches_a_file(trained, capsys, tm
     assert capsys.readouterr().out == streamed and streamed.startswith("Hello") and len(streamed) > 10
 
 
+def test_generate_without_repeated_ngrams_streamed_and_batched(trained):
+    """--no-repeat-ngram N: no N new tokens in a row twice, the same whether one prompt is
+    streamed token by token or decoded in the compiled loop; off, the tiny model repeats."""
+    import jax
+
+    from jaxlm.workdir import open_run
+    workdir, _ = trained
+    run, ckpt = open_run(workdir)
+    params, _ = ckpt.restore_params(run.compiled.abstract_state.params)
+    prompt = [run.tokenizer.bos_id, *run.tokenizer.encode("The value of")]
+    key = jax.random.key(0)
+
+    def ngrams(ids, n):
+        return [tuple(ids[j:j + n]) for j in range(len(ids) - n + 1)]
+
+    for n in (0, 1, 2):
+        gen = infer.Generator(run, params, 16, temperature=0.0, top_k=0, top_p=1.0, no_repeat_ngram=n)
+        ids = list(gen.stream(prompt, key))
+        assert len(ids) == 16  # (no end token drawn: every step's choice is checked)
+        assert gen([prompt], key) == [run.tokenizer.generated_text(ids)]
+        if n:
+            assert len(set(ngrams(ids, n))) == len(ngrams(ids, n)), (n, ids)
+        else:
+            assert len(set(ids)) < len(ids)  # without the setting, some token repeats
+    with pytest.raises(SystemExit) as info:
+        infer.main(["generate", "--workdir", str(workdir), "x", "--no-repeat-ngram", "-1"])
+    assert info.value.code == 2
+
+
 def test_infer_bad_input_exits_2(trained, capsys):
     workdir, _ = trained
     for args in (["generate", "--workdir", str(workdir)],
