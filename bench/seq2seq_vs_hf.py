@@ -23,7 +23,9 @@ preset's budget: its steps and pairs a step (padded to the longest of the batch,
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
 smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping 1.0,
 and warmup then cosine decay to 10% of the peak learning rate. Its time
-covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy).
+covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy),
+whose outputs it writes to `<workdir>/hf-test-beam4.txt` and `hf-test-beam1.txt`, one a line, as
+jaxlm's `evaluate` writes its hypotheses.
 
 `--seed N` (default 0) seeds both sides: jaxlm's `seed` (its initialisation and data order) and
 the Hugging Face side's initialisation and batch order; a seed other than 0 runs in
@@ -212,6 +214,8 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
                                      length_penalty=s["length_penalty"], max_new_tokens=s["target_len"],
                                      do_sample=False)
                 hypotheses += tok.decode_batch(out.tolist(), skip_special_tokens=True)
+        side = "hf" if init == "library" else f"hf-{init}"
+        (work / f"{side}{suffix(seed)}-test-beam{beam}.txt").write_text("".join(h + "\n" for h in hypotheses))
         scores[beam] = (sacrebleu.corpus_bleu(hypotheses, [references]).score,
                         sacrebleu.corpus_chrf(hypotheses, [references]).score)
     return {"bleu_beam4": scores[4][0], "chrf_beam4": scores[4][1], "bleu_greedy": scores[1][0],
