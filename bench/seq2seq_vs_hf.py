@@ -66,6 +66,11 @@ def suffix(seed: int) -> str:
     return f"-seed{seed}" if seed else ""
 
 
+def hf_name(init: str) -> str:
+    """The Hugging Face side's name in result files: `hf`, or `hf-xavier` under `--hf-init xavier`."""
+    return "hf" if init == "library" else f"hf-{init}"
+
+
 def run_jaxlm(work: Path, steps: int | None, layout: str, seed: int) -> dict:
     run = work / f"jaxlm{suffix(seed)}"
     extra = [f"seed={seed}"]
@@ -214,8 +219,7 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
                                      length_penalty=s["length_penalty"], max_new_tokens=s["target_len"],
                                      do_sample=False)
                 hypotheses += tok.decode_batch(out.tolist(), skip_special_tokens=True)
-        side = "hf" if init == "library" else f"hf-{init}"
-        (work / f"{side}{suffix(seed)}-test-beam{beam}.txt").write_text("".join(h + "\n" for h in hypotheses))
+        (work / f"{hf_name(init)}{suffix(seed)}-test-beam{beam}.txt").write_text("".join(h + "\n" for h in hypotheses))
         scores[beam] = (sacrebleu.corpus_bleu(hypotheses, [references]).score,
                         sacrebleu.corpus_chrf(hypotheses, [references]).score)
     return {"bleu_beam4": scores[4][0], "chrf_beam4": scores[4][1], "bleu_greedy": scores[1][0],
@@ -234,8 +238,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (initialisation and data order)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    hf_side = "hf" if args.hf_init == "library" else f"hf-{args.hf_init}"  # its own result file
-    for side, name, fn in (("jaxlm", "jaxlm", run_jaxlm), ("hf", hf_side, functools.partial(run_hf, init=args.hf_init))):
+    for side, name, fn in (("jaxlm", "jaxlm", run_jaxlm), ("hf", hf_name(args.hf_init), functools.partial(run_hf, init=args.hf_init))):
         if args.only in (None, side):
             result = fn(args.workdir, args.steps, args.layout, args.seed)
             (args.workdir / f"{name}{suffix(args.seed)}.json").write_text(json.dumps(result))
