@@ -83,10 +83,11 @@ def run_jaxlm(work: Path, steps: int | None, layout: str, seed: int) -> dict:
     scores = {}
     for beam in (4, 1):
         out = subprocess.run([sys.executable, "-m", "jaxlm.evaluate", "--workdir", str(run), "--split", "test",
-                              "--beam-size", str(beam), "--json"], check=True, capture_output=True, text=True)
+                              "--beam-size", str(beam), "--json", "train.eval_batches=0"], check=True, capture_output=True, text=True)
         scores[beam] = json.loads(out.stdout.strip().splitlines()[-1])
     return {"bleu_beam4": scores[4]["bleu"], "chrf_beam4": scores[4]["chrf"], "bleu_greedy": scores[1]["bleu"],
-            "chrf_greedy": scores[1]["chrf"], "train_s": trained, "seconds": time.time() - start}
+            "chrf_greedy": scores[1]["chrf"], "test_loss": scores[4]["loss"], "test_perplexity": scores[4]["perplexity"],
+            "test_accuracy": scores[4]["accuracy"], "train_s": trained, "seconds": time.time() - start}
 
 
 def read_pairs(path: Path) -> list[tuple[str, str]]:
@@ -183,6 +184,17 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"])
+
+    def teacher_forced(src_ids: list[list[int]], tgt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits [tokens, vocab] for a batch of pairs, the decoder reading each target shifted
+        right behind the start token, and their labels [tokens] (-100 on padding)."""
+        src, src_mask = padded(src_ids)
+        labels, label_mask = padded(tgt_ids)
+        decoder_in = torch.cat([torch.full((len(tgt_ids), 1), ids["<s>"]), labels[:, :-1]], 1)
+        logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=decoder_in,
+                       decoder_attention_mask=torch.cat([torch.ones(len(tgt_ids), 1, dtype=torch.long),
+                                                         label_mask[:, :-1]], 1)).logits
+        return logits.reshape(-1, logits.shape[-1]), labels.masked_fill(label_mask == 0, -100).reshape(-1)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     start = time.time()
@@ -191,13 +203,8 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
         if len(order) < t["batch_size"]:
             order += torch.randperm(len(train), generator=gen).tolist()
         batch, order = order[:t["batch_size"]], order[t["batch_size"]:]
-        src, src_mask = padded([sources[i] for i in batch])
-        labels, label_mask = padded([targets[i] for i in batch])
-        decoder_in = torch.cat([torch.full((len(batch), 1), ids["<s>"]), labels[:, :-1]], 1)
-        logits = model(input_ids=src, attention_mask=src_mask, decoder_input_ids=decoder_in,
-                       decoder_attention_mask=torch.cat([torch.ones(len(batch), 1, dtype=torch.long),
-                                                         label_mask[:, :-1]], 1)).logits
-        loss = loss_fn(logits.reshape(-1, logits.shape[-1]), labels.masked_fill(label_mask == 0, -100).reshape(-1))
+        logits, labels = teacher_forced([sources[i] for i in batch], [targets[i] for i in batch])
+        loss = loss_fn(logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -207,7 +214,20 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
             print(f"hf step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
     trained = time.time() - start
     model.eval()
+    model.save_pretrained(work / f"{hf_name(init)}{suffix(seed)}-model")
     test_sources = encode([p[0] for p in test], cfg["data"]["seq_len"])
+    test_targets = encode([p[1] for p in test], s["target_len"])
+    sums = torch.zeros(4, dtype=torch.float64)  # smoothed loss, plain NLL, correct, tokens: as jaxlm's evaluate
+    with torch.no_grad():
+        for i in range(0, len(test_sources), 32):
+            logits, labels = teacher_forced(test_sources[i:i + 32], test_targets[i:i + 32])
+            kept = labels != -100
+            logits, labels = logits[kept], labels[kept]
+            sums += torch.tensor([torch.nn.functional.cross_entropy(logits, labels, reduction="sum",
+                                                                    label_smoothing=s["label_smoothing"]).item(),
+                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
+                                  (logits.argmax(-1) == labels).sum().item(), len(labels)], dtype=torch.float64)
+    test_loss, test_nll, correct, tokens = sums.tolist()
     references = [p[1] for p in test]
     scores = {}
     for beam in (4, 1):
@@ -223,7 +243,8 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
         scores[beam] = (sacrebleu.corpus_bleu(hypotheses, [references]).score,
                         sacrebleu.corpus_chrf(hypotheses, [references]).score)
     return {"bleu_beam4": scores[4][0], "chrf_beam4": scores[4][1], "bleu_greedy": scores[1][0],
-            "chrf_greedy": scores[1][1], "train_s": trained, "seconds": time.time() - start}
+            "chrf_greedy": scores[1][1], "test_loss": test_loss / tokens, "test_perplexity": math.exp(test_nll / tokens),
+            "test_accuracy": correct / tokens, "train_s": trained, "seconds": time.time() - start}
 
 
 def main() -> None:
