@@ -14,6 +14,10 @@ the command line gives keeps its own files: with `--beam-size K` the names end i
 (`hypotheses-test-2000-beam1.txt`), with `seq2seq.length_penalty=A` in `-lpA` and with
 `seq2seq.no_repeat_ngram=N` in `-norepeatN`, so a greedy decode does not replace the beam
 search's files.
+
+The held-out and training splits are scored on `train.eval_batches` batches (0: all of them), as
+during training; `--split test` scores the whole test split unless the command line gives
+`train.eval_batches`.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     start = time.time()
     overrides = [*args.overrides, *([f"seq2seq.eval_beam_size={args.beam_size}"] if args.beam_size else [])]
+    if args.split == "test" and not any(o.startswith("train.eval_batches=") for o in overrides):
+        overrides.append("train.eval_batches=0")  # final figures: the whole test split, not a sample
     run, ckpt = open_run(args.workdir, overrides)
     params, step = ckpt.restore_params(run.compiled.abstract_state.params, args.step)
     config = test_config(run.config) if args.split == "test" else run.config

@@ -119,7 +119,7 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
                  "seq2seq.label_smoothing=0.0", "model.positions=relative", "model.norm=rmsnorm", "model.use_bias=false",
                  "model.num_layers=2", "model.embed_dim=64", "model.num_heads=4", "model.max_len=32",
                  "train.batch_size=32", "train.steps=80", "train.log_every=40", "train.eval_every=80",
-                 "train.decode_eval_examples=0",
+                 "train.eval_batches=1", "train.decode_eval_examples=0",
                  "optim.learning_rate=3e-3", "optim.warmup_steps=5", "checkpoint.every=80"]
     final = train.train(config_lib.load(None, overrides), tmp_path / "w")
     assert final["accuracy"] == 1.0, final  # every target token of the pairs
@@ -148,6 +148,15 @@ def test_a_tiny_run_learns_its_pairs_and_translates_them(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == [
         "hypotheses-eval-80-beam2-norepeat2.txt", "hypotheses-eval-80-beam3.txt", "hypotheses-eval-80.txt",
         "metrics-eval-80-beam2-norepeat2.json", "metrics-eval-80-beam3.json", "metrics-eval-80.json"]
+    # the test split is scored whole, though the run scores one batch (32 pairs) of a held-out split:
+    # 32 learned pairs, then pairs it never saw
+    unseen = [("a green frog", "una rana verde"), ("the old man", "el hombre viejo")]
+    (tmp_path / "test.tsv").write_text("en\tes\n" + "".join(f"{a}\t{b}\n" for a, b in (pairs * 6)[:32] + unseen))
+    for extra, learned_only in (([], False), (["train.eval_batches=1"], True)):
+        evaluate.main(["--workdir", str(tmp_path / "w"), "--split", "test", "--beam-size", "1", "--json",
+                       f"data.test_paths=[{tmp_path}/test.tsv]", *extra])
+        assert (json.loads(capsys.readouterr().out.splitlines()[-1])["accuracy"] == 1.0) == learned_only
+    assert len((tmp_path / "w" / "eval" / "hypotheses-test-80-beam1.txt").read_text().splitlines()) == 34
 
 
 def test_text_scores_are_the_reference_implementations():
