@@ -25,7 +25,10 @@ smoothing, AdamW settings (weight decay off norms, biases and position tables), 
 and warmup then cosine decay to 10% of the peak learning rate. Its time
 covers training and both decodes (`generate`, beam 4 with its length penalty 0.6, and greedy),
 whose outputs it writes to `<workdir>/hf-test-beam4.txt` and `hf-test-beam1.txt`, one a line, as
-jaxlm's `evaluate` writes its hypotheses.
+jaxlm's `evaluate` writes its hypotheses; it saves its trained model to `<workdir>/hf-model`.
+Both sides also report the test split's teacher-forced loss (label-smoothed), perplexity and
+token accuracy, over every test pair (the table prints the perplexity): a measure of the trained
+models that does not go through a search.
 
 `--seed N` (default 0) seeds both sides: jaxlm's `seed` (its initialisation and data order) and
 the Hugging Face side's initialisation and batch order; a seed other than 0 runs in
@@ -83,7 +86,7 @@ def run_jaxlm(work: Path, steps: int | None, layout: str, seed: int) -> dict:
     scores = {}
     for beam in (4, 1):
         out = subprocess.run([sys.executable, "-m", "jaxlm.evaluate", "--workdir", str(run), "--split", "test",
-                              "--beam-size", str(beam), "--json", "train.eval_batches=0"], check=True, capture_output=True, text=True)
+                              "--beam-size", str(beam), "--json"], check=True, capture_output=True, text=True)
         scores[beam] = json.loads(out.stdout.strip().splitlines()[-1])
     return {"bleu_beam4": scores[4]["bleu"], "chrf_beam4": scores[4]["chrf"], "bleu_greedy": scores[1]["bleu"],
             "chrf_greedy": scores[1]["chrf"], "test_loss": scores[4]["loss"], "test_perplexity": scores[4]["perplexity"],
@@ -273,15 +276,20 @@ def print_table(work: Path) -> None:
     for name in ("jaxlm", "hf", "hf-xavier"):
         for path in sorted(work.glob(f"{name}.json")) + sorted(work.glob(f"{name}-seed*.json")):
             sides.setdefault(name, {})[path.stem] = json.loads(path.read_text())
-    print(f"{'':15s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'train s':>8s} {'total s':>8s}")
+    print(f"{'':15s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'test ppl':>8s} "
+          f"{'train s':>8s} {'total s':>8s}")
     means = {}
     for name, runs in sides.items():
         rows = list(runs.items())
         means[name] = {c: sum(r[c] for r in runs.values()) / len(runs) for c in columns}
+        measured = [r["test_perplexity"] for r in runs.values() if "test_perplexity" in r]  # (older results lack it)
+        if len(measured) == len(runs):
+            means[name]["test_perplexity"] = sum(measured) / len(measured)
         if len(runs) > 1:
             rows.append((f"{name} mean of {len(runs)}", means[name]))
         for label, r in rows:
-            print(f"{label:15s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} "
+            ppl = f"{r['test_perplexity']:8.2f}" if "test_perplexity" in r else f"{'-':>8s}"
+            print(f"{label:15s} {r['bleu_beam4']:11.1f} {r['bleu_greedy']:11.1f} {r['chrf_beam4']:11.1f} {ppl} "
                   f"{r['train_s']:8.0f} {r['seconds']:8.0f}")
     if "jaxlm" in means and "hf" in means:
         print(f"jaxlm / hf total time (means): {means['jaxlm']['seconds'] / means['hf']['seconds']:.2f}")
