@@ -220,17 +220,16 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
     model.save_pretrained(work / f"{hf_name(init)}{suffix(seed)}-model")
     test_sources = encode([p[0] for p in test], cfg["data"]["seq_len"])
     test_targets = encode([p[1] for p in test], s["target_len"])
-    sums = torch.zeros(4, dtype=torch.float64)  # smoothed loss, plain NLL, correct, tokens: as jaxlm's evaluate
+    test_loss = test_nll = correct = tokens = 0.0  # sums over the test tokens, as jaxlm's evaluate
+    smoothed = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"], reduction="sum")
+    plain = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="sum")
     with torch.no_grad():
         for i in range(0, len(test_sources), 32):
             logits, labels = teacher_forced(test_sources[i:i + 32], test_targets[i:i + 32])
-            kept = labels != -100
-            logits, labels = logits[kept], labels[kept]
-            sums += torch.tensor([torch.nn.functional.cross_entropy(logits, labels, reduction="sum",
-                                                                    label_smoothing=s["label_smoothing"]).item(),
-                                  torch.nn.functional.cross_entropy(logits, labels, reduction="sum").item(),
-                                  (logits.argmax(-1) == labels).sum().item(), len(labels)], dtype=torch.float64)
-    test_loss, test_nll, correct, tokens = sums.tolist()
+            test_loss += smoothed(logits, labels).item()
+            test_nll += plain(logits, labels).item()
+            correct += (logits.argmax(-1) == labels).sum().item()  # (padding's -100 never matches)
+            tokens += (labels != -100).sum().item()
     references = [p[1] for p in test]
     scores = {}
     for beam in (4, 1):
