@@ -4,7 +4,7 @@ budget with Hugging Face transformers (PyTorch), side by side on this machine; p
 
     pip install torch==2.13.0 transformers        # for the reference side only
     python bench/seq2seq_vs_hf.py [--workdir DIR] [--steps N] [--only jaxlm|hf] [--layout preset|t5]
-                                  [--hf-init library|xavier] [--seed N]
+                                  [--hf-init library|xavier|jaxlm] [--seed N]
 
 jaxlm runs the README's commands: `train --config configs/translate_bible_en_es.yaml`, then
 `evaluate --split test` (beam 4) and `evaluate --split test --beam-size 1`; its time covers
@@ -17,8 +17,11 @@ relative buckets, gated GELU, T5 v1.0's scaled tied output, T5's initialisation)
 width, heads, feed-forward width and dropout as the YAML says. Each library initialises its
 model its own way (the preset draws as transformers draws Marian: `model.init=normal_flat`);
 `--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (its
-result goes to `hf-xavier.json`), to compare initialisations within one library. It uses the
-same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
+result goes to `hf-xavier.json`), to compare initialisations within one library. `--hf-init
+jaxlm` (T5 layout) starts it from the jaxlm run's own initial parameters, exported to T5's names
+with every row of jaxlm's table (its tokenizer's ids rounded up, as T5 pads its vocabulary) and
+its norm epsilon, and feeds it jaxlm's pairs in jaxlm's order (`hf-jaxlm.json`): the two sides
+then differ only in their arithmetic. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
 preset's budget: its steps and pairs a step (padded to the longest of the batch, as
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
 smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping 1.0,
@@ -60,6 +63,9 @@ T5_LAYOUT = {"positions": "relative", "relative_buckets": 32, "relative_max_dist
              "mlp": "geglu", "tie_embeddings": True, "tied_output_scale": True, "init": "fan_in"}
 
 
+T5_NO_DECAY = ("layer_norm", "relative_attention_bias")  # T5's parameter names that jaxlm does not decay
+
+
 def layout_overrides(layout: str) -> dict:
     return T5_LAYOUT if layout == "t5" else {}
 
@@ -70,7 +76,7 @@ def suffix(seed: int) -> str:
 
 
 def hf_name(init: str) -> str:
-    """The Hugging Face side's name in result files: `hf`, or `hf-xavier` under `--hf-init xavier`."""
+    """The Hugging Face side's name in result files: `hf`, or `hf-<init>` under `--hf-init xavier|jaxlm`."""
     return "hf" if init == "library" else f"hf-{init}"
 
 
@@ -112,7 +118,7 @@ def hf_model(transformers, cfg: dict, vocab: int, ids: dict) -> tuple:
             relative_attention_max_distance=m["relative_max_distance"], dropout_rate=m["dropout"],
             feed_forward_proj="gated-gelu", pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"],
             decoder_start_token_id=ids["<s>"], tie_word_embeddings=True)
-        return transformers.T5ForConditionalGeneration(config), ("layer_norm", "relative_attention_bias")
+        return transformers.T5ForConditionalGeneration(config), T5_NO_DECAY
     config = transformers.MarianConfig(
         vocab_size=vocab, d_model=m["embed_dim"], encoder_layers=m["num_layers"],
         decoder_layers=m["decoder_layers"], encoder_attention_heads=m["num_heads"],
@@ -136,6 +142,39 @@ def glorot(torch, model, width: int) -> None:
         model.get_input_embeddings().weight.normal_(0.0, width ** -0.5)
 
 
+def jaxlm_start(transformers, torch, run_dir: Path):
+    """`T5ForConditionalGeneration` holding the jaxlm run's initial parameters (every row of its
+    table, its norm epsilon), and the run's training batches as lists of source and target ids,
+    read through jaxlm's own pipeline in its order (before packing, one pair a row)."""
+    import jax
+
+    from jaxlm import config as config_lib
+    from jaxlm import tasks
+    from jaxlm.data import pipeline
+    from jaxlm.data import tokenizer as tokenizer_lib
+    from jaxlm.hf import t5
+    from jaxlm.workdir import build
+    cfg, tok = config_lib.load_workdir(run_dir), tokenizer_lib.from_file(run_dir / "tokenizer.json")
+    run = build(cfg, tok, mode="jit")
+    t5.check_layout(cfg.model)
+    vocab = cfg.model.vocab_size
+    config = {k: v for k, v in t5.hf_config(cfg.model, vocab, tok.pad_id, tok.eos_id, tok.bos_id).items()
+              if k not in ("architectures", "model_type")}
+    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
+    tensors = t5.from_params(jax.device_get(run.compiled.init_state(cfg.seed).params), cfg.model, vocab)
+    missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
+    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}  # views of `shared`
+    if unexpected or set(missing) - tied:
+        sys.exit(f"jaxlm's parameters do not fit T5ForConditionalGeneration: missing {missing}, unexpected {unexpected}")
+    rows = tasks.task_class(cfg).rows(cfg, tasks.load_splits(cfg), tok)["train"]
+
+    def batches():
+        for b in pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed):
+            yield ([x[:n].tolist() for x, n in zip(b["inputs"], b["input_segments"].sum(1))],
+                   [x[:n].tolist() for x, n in zip(b["targets"], b["target_segments"].sum(1))])
+    return model, batches()
+
+
 def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "library") -> dict:
     import sacrebleu
     import torch
@@ -154,9 +193,17 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
     ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
-    if init == "xavier":
-        glorot(torch, model, cfg["model"]["embed_dim"])
+    vocab = tok.get_vocab_size()
+    if init == "jaxlm":
+        if layout != "t5":
+            sys.exit("--hf-init jaxlm needs --layout t5 (jaxlm exports T5's layout)")
+        model, batches = jaxlm_start(transformers, torch, work / f"jaxlm{suffix(seed)}")
+        no_decay = T5_NO_DECAY
+    else:
+        model, no_decay = hf_model(transformers, cfg, vocab, ids)
+        if init == "xavier":
+            glorot(torch, model, cfg["model"]["embed_dim"])
+
     def encode(texts: list[str], cap: int) -> list[list[int]]:
         return [e.ids[:cap - 1] + [ids["</s>"]] for e in tok.encode_batch(texts, add_special_tokens=False)]
 
@@ -169,10 +216,20 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
             x[i, :len(seq)], mask[i, :len(seq)] = torch.tensor(seq), 1
         return x, mask
 
-    train = read_pairs(DATA / "train.tsv")
+    if init != "jaxlm":
+        train = read_pairs(DATA / "train.tsv")
+        sources = encode([p[0] for p in train], cfg["data"]["seq_len"])
+        targets = encode([p[1] for p in train], s["target_len"])
+
+        def own_batches():  # a fresh permutation of the pairs each epoch
+            gen, order = torch.Generator().manual_seed(seed), []
+            while True:
+                if len(order) < t["batch_size"]:
+                    order += torch.randperm(len(train), generator=gen).tolist()
+                batch, order = order[:t["batch_size"]], order[t["batch_size"]:]
+                yield [sources[i] for i in batch], [targets[i] for i in batch]
+        batches = own_batches()
     test = read_pairs(DATA / "test.tsv")
-    sources = encode([p[0] for p in train], cfg["data"]["seq_len"])
-    targets = encode([p[1] for p in train], s["target_len"])
     decay = [p for n, p in model.named_parameters() if not any(k in n for k in no_decay)]
     rest = [p for n, p in model.named_parameters() if any(k in n for k in no_decay)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": o["weight_decay"]}, {"params": rest, "weight_decay": 0.0}],
@@ -186,7 +243,16 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"])
+
+    def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Summed label-smoothed loss and summed plain cross-entropy of the labelled tokens: the
+        target takes 1 - smoothing of the probability, the tokenizer's ids share the rest (as in
+        jaxlm; rows of the table beyond them get none)."""
+        keep = labels != -100
+        logp = torch.log_softmax(logits[keep], -1)
+        nll = -logp.gather(1, labels[keep][:, None])[:, 0]
+        e = s["label_smoothing"]
+        return ((1 - e) * nll - e * logp[:, :vocab].mean(-1)).sum(), nll.sum()
 
     def teacher_forced(src_ids: list[list[int]], tgt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [tokens, vocab] for a batch of pairs, the decoder reading each target shifted
@@ -198,36 +264,33 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
                        decoder_attention_mask=torch.cat([torch.ones(len(tgt_ids), 1, dtype=torch.long),
                                                          label_mask[:, :-1]], 1)).logits
         return logits.reshape(-1, logits.shape[-1]), labels.masked_fill(label_mask == 0, -100).reshape(-1)
-    gen = torch.Generator().manual_seed(seed)
-    order: list[int] = []
     start = time.time()
     model.train()
-    for step in range(steps):
-        if len(order) < t["batch_size"]:
-            order += torch.randperm(len(train), generator=gen).tolist()
-        batch, order = order[:t["batch_size"]], order[t["batch_size"]:]
-        logits, labels = teacher_forced([sources[i] for i in batch], [targets[i] for i in batch])
-        loss = loss_fn(logits, labels)
-        loss.backward()
+    logged = [0.0, 0]  # loss and tokens since the last log line, which prints their mean (as jaxlm's)
+    for step, (batch_sources, batch_targets) in zip(range(steps), batches):
+        logits, labels = teacher_forced(batch_sources, batch_targets)
+        loss_sum, count = token_losses(logits, labels)[0], (labels != -100).sum()
+        (loss_sum / count).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
+        logged = [logged[0] + loss_sum.item(), logged[1] + count.item()]
         if (step + 1) % t["log_every"] == 0:
-            print(f"hf step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
+            print(f"hf step {step + 1}/{steps} loss {logged[0] / logged[1]:.3f} {time.time() - start:.0f}s", flush=True)
+            logged = [0.0, 0]
     trained = time.time() - start
     model.eval()
     model.save_pretrained(work / f"{hf_name(init)}{suffix(seed)}-model")
     test_sources = encode([p[0] for p in test], cfg["data"]["seq_len"])
     test_targets = encode([p[1] for p in test], s["target_len"])
     test_loss = test_nll = correct = tokens = 0.0  # sums over the test tokens, as jaxlm's evaluate
-    smoothed = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"], reduction="sum")
-    plain = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="sum")
     with torch.no_grad():
         for i in range(0, len(test_sources), 32):
             logits, labels = teacher_forced(test_sources[i:i + 32], test_targets[i:i + 32])
-            test_loss += smoothed(logits, labels).item()
-            test_nll += plain(logits, labels).item()
+            losses = token_losses(logits, labels)
+            test_loss += losses[0].item()
+            test_nll += losses[1].item()
             correct += (logits.argmax(-1) == labels).sum().item()  # (padding's -100 never matches)
             tokens += (labels != -100).sum().item()
     references = [p[1] for p in test]
@@ -256,8 +319,9 @@ def main() -> None:
     parser.add_argument("--only", choices=("jaxlm", "hf"), help="run one side")
     parser.add_argument("--layout", choices=("preset", "t5"), default="preset",
                         help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
-    parser.add_argument("--hf-init", choices=("library", "xavier"), default="library",
-                        help="the Hugging Face side's initialisation: transformers' own, or jaxlm's model.init=xavier")
+    parser.add_argument("--hf-init", choices=("library", "xavier", "jaxlm"), default="library",
+                        help="the Hugging Face side's initialisation: transformers' own, jaxlm's model.init=xavier, "
+                             "or (T5 layout) the jaxlm run's initial parameters and batch order")
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (initialisation and data order)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -272,7 +336,7 @@ def print_table(work: Path) -> None:
     """Every result in `work`, by side and seed, then each side's mean over its seeds."""
     columns = ("bleu_beam4", "bleu_greedy", "chrf_beam4", "train_s", "seconds")
     sides: dict[str, dict[str, dict]] = {}
-    for name in ("jaxlm", "hf", "hf-xavier"):
+    for name in ("jaxlm", "hf", "hf-xavier", "hf-jaxlm"):
         for path in sorted(work.glob(f"{name}.json")) + sorted(work.glob(f"{name}-seed*.json")):
             sides.setdefault(name, {})[path.stem] = json.loads(path.read_text())
     print(f"{'':15s} {'BLEU beam 4':>11s} {'BLEU greedy':>11s} {'chrF beam 4':>11s} {'test ppl':>8s} "
