@@ -18,10 +18,10 @@ width, heads, feed-forward width and dropout as the YAML says. Each library init
 model its own way (the preset draws as transformers draws Marian: `model.init=normal_flat`);
 `--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (its
 result goes to `hf-xavier.json`), to compare initialisations within one library. `--hf-init
-jaxlm` (T5 layout) starts it from the jaxlm run's own initial parameters, exported to T5's names
-with every row of jaxlm's table (its tokenizer's ids rounded up, as T5 pads its vocabulary) and
-its norm epsilon, and feeds it jaxlm's pairs in jaxlm's order (`hf-jaxlm.json`): the two sides
-then differ only in their arithmetic. It uses the same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
+jaxlm` (T5 layout) starts it from the jaxlm run's own initial parameters (exported as `python -m
+jaxlm.hf export` exports them, with jaxlm's norm epsilon) and feeds it jaxlm's batches in
+jaxlm's order (`hf-jaxlm.json`): the two sides then differ only in their arithmetic. It uses the
+same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
 preset's budget: its steps and pairs a step (padded to the longest of the batch, as
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
 smoothing, AdamW settings (weight decay off norms, biases and position tables), clipping 1.0,
@@ -143,9 +143,10 @@ def glorot(torch, model, width: int) -> None:
 
 
 def jaxlm_start(transformers, torch, run_dir: Path):
-    """`T5ForConditionalGeneration` holding the jaxlm run's initial parameters (every row of its
-    table, its norm epsilon), and the run's training batches as lists of source and target ids,
-    read through jaxlm's own pipeline in its order (before packing, one pair a row)."""
+    """`T5ForConditionalGeneration` holding the jaxlm run's initial parameters (the rows of its
+    table for the tokenizer's ids: the padding rows take no part in jaxlm's softmax), and the
+    run's training batches as lists of source and target ids, read through jaxlm's own pipeline
+    in its order (before packing, one pair a row)."""
     import jax
 
     from jaxlm import config as config_lib
@@ -157,7 +158,7 @@ def jaxlm_start(transformers, torch, run_dir: Path):
     cfg, tok = config_lib.load_workdir(run_dir), tokenizer_lib.from_file(run_dir / "tokenizer.json")
     run = build(cfg, tok, mode="jit")
     t5.check_layout(cfg.model)
-    vocab = cfg.model.vocab_size
+    vocab = tok.vocab_size
     config = {k: v for k, v in t5.hf_config(cfg.model, vocab, tok.pad_id, tok.eos_id, tok.bos_id).items()
               if k not in ("architectures", "model_type")}
     model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
@@ -193,14 +194,13 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
     ids = {name: tok.token_to_id(name) for name in ("<pad>", "<s>", "</s>")}  # jaxlm's special tokens
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
-    vocab = tok.get_vocab_size()
     if init == "jaxlm":
         if layout != "t5":
             sys.exit("--hf-init jaxlm needs --layout t5 (jaxlm exports T5's layout)")
         model, batches = jaxlm_start(transformers, torch, work / f"jaxlm{suffix(seed)}")
         no_decay = T5_NO_DECAY
     else:
-        model, no_decay = hf_model(transformers, cfg, vocab, ids)
+        model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
         if init == "xavier":
             glorot(torch, model, cfg["model"]["embed_dim"])
 
@@ -243,16 +243,7 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-
-    def token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed label-smoothed loss and summed plain cross-entropy of the labelled tokens: the
-        target takes 1 - smoothing of the probability, the tokenizer's ids share the rest (as in
-        jaxlm; rows of the table beyond them get none)."""
-        keep = labels != -100
-        logp = torch.log_softmax(logits[keep], -1)
-        nll = -logp.gather(1, labels[keep][:, None])[:, 0]
-        e = s["label_smoothing"]
-        return ((1 - e) * nll - e * logp[:, :vocab].mean(-1)).sum(), nll.sum()
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"])
 
     def teacher_forced(src_ids: list[list[int]], tgt_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits [tokens, vocab] for a batch of pairs, the decoder reading each target shifted
@@ -266,31 +257,29 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
         return logits.reshape(-1, logits.shape[-1]), labels.masked_fill(label_mask == 0, -100).reshape(-1)
     start = time.time()
     model.train()
-    logged = [0.0, 0]  # loss and tokens since the last log line, which prints their mean (as jaxlm's)
     for step, (batch_sources, batch_targets) in zip(range(steps), batches):
         logits, labels = teacher_forced(batch_sources, batch_targets)
-        loss_sum, count = token_losses(logits, labels)[0], (labels != -100).sum()
-        (loss_sum / count).backward()
+        loss = loss_fn(logits, labels)
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad()
-        logged = [logged[0] + loss_sum.item(), logged[1] + count.item()]
-        if (step + 1) % t["log_every"] == 0:
-            print(f"hf step {step + 1}/{steps} loss {logged[0] / logged[1]:.3f} {time.time() - start:.0f}s", flush=True)
-            logged = [0.0, 0]
+        if (step + 1) % t["log_every"] == 0:  # that step's batch, as jaxlm logs
+            print(f"hf step {step + 1}/{steps} loss {loss.item():.3f} {time.time() - start:.0f}s", flush=True)
     trained = time.time() - start
     model.eval()
     model.save_pretrained(work / f"{hf_name(init)}{suffix(seed)}-model")
     test_sources = encode([p[0] for p in test], cfg["data"]["seq_len"])
     test_targets = encode([p[1] for p in test], s["target_len"])
     test_loss = test_nll = correct = tokens = 0.0  # sums over the test tokens, as jaxlm's evaluate
+    smoothed = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=s["label_smoothing"], reduction="sum")
+    plain = torch.nn.CrossEntropyLoss(ignore_index=-100, reduction="sum")
     with torch.no_grad():
         for i in range(0, len(test_sources), 32):
             logits, labels = teacher_forced(test_sources[i:i + 32], test_targets[i:i + 32])
-            losses = token_losses(logits, labels)
-            test_loss += losses[0].item()
-            test_nll += losses[1].item()
+            test_loss += smoothed(logits, labels).item()
+            test_nll += plain(logits, labels).item()
             correct += (logits.argmax(-1) == labels).sum().item()  # (padding's -100 never matches)
             tokens += (labels != -100).sum().item()
     references = [p[1] for p in test]

@@ -32,9 +32,11 @@ def token_losses(logits: Array, targets: Array, smoothing: float = 0.0, vocab: i
     """Per-token (label-smoothed loss, plain cross-entropy, correct) of `logits` [..., vocab_padded]
     against `targets` [...]: each [...].
 
-    With `smoothing` e, the target takes 1 - e of the probability and the first `vocab` ids (the
-    tokenizer's; the rest is padding of the table) share e evenly. A prediction is correct when
-    the target's logit is the largest.
+    The softmax runs over the first `vocab` ids (the tokenizer's; the rest is padding of the
+    table, rounded up so it shards): padding rows take no probability and get no gradient, so a
+    padded table computes what the tokenizer's alone would (as a model imported from Hugging Face
+    computes there). With `smoothing` e, the target takes 1 - e of the probability and those ids
+    share e evenly. A prediction is correct when the target's logit is the largest.
 
     Written with its own gradient, `softmax - target distribution`, computed in one pass over
     the logits with the target found by comparing ids (no gather, no scatter-add, no padded
@@ -50,9 +52,11 @@ def _token_losses(logits: Array, targets: Array, smoothing: float, vocab: int) -
 
 
 def _token_losses_fwd(logits: Array, targets: Array, smoothing: float, vocab: int):
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    if vocab < logits.shape[-1]:  # padding rows of the table: out of the softmax
+        logits = jnp.where(ids < vocab, logits, -jnp.inf)
     top = jax.lax.stop_gradient(logits.max(-1))  # [...]: one max serves the log-sum-exp and accuracy
     lse = jnp.log(jnp.exp(logits - top[..., None]).sum(-1)) + top  # [...]
-    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
     target = jnp.where(ids == targets[..., None], logits, 0).sum(-1)  # [...]
     nll = lse - target
     loss = nll
@@ -78,14 +82,15 @@ def _token_losses_bwd(smoothing: float, vocab: int, res: tuple, grads: tuple) ->
 _token_losses.defvjp(_token_losses_fwd, _token_losses_bwd)
 
 
-def token_sums(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
-    """(summed cross-entropy, correct predictions) of weighted tokens; logits [..., vocab] float32."""
-    losses, _, correct = token_losses(logits, targets)
+def token_sums(logits: Array, targets: Array, weights: Array, vocab: int | None = None) -> tuple[Array, Array]:
+    """(summed cross-entropy, correct predictions) of weighted tokens; logits [..., vocab_padded]
+    float32, the softmax over their first `vocab` ids (None: all; see `token_losses`)."""
+    losses, _, correct = token_losses(logits, targets, vocab=vocab)
     return (losses * weights).sum(), (correct * weights).sum()
 
 
 def chunked_token_sums(project: Callable[[Any, Array], Array], head: Any, hidden: Array, targets: Array,
-                       weights: Array, chunk: int) -> tuple[Array, Array]:
+                       weights: Array, chunk: int, vocab: int | None = None) -> tuple[Array, Array]:
     """`token_sums` of `project(head, hidden)`, `chunk` positions of every row at a time.
 
     Only one slice's logits [batch, chunk, vocab] exist at once, in the forward and (recomputed)
@@ -104,7 +109,7 @@ def chunked_token_sums(project: Callable[[Any, Array], Array], head: Any, hidden
 
     @jax.checkpoint
     def one(head: Any, h: Array, t: Array, w: Array) -> tuple[Array, Array]:
-        return token_sums(project(head, h), t, w)
+        return token_sums(project(head, h), t, w, vocab)
 
     def body(carry: tuple[Array, Array], xs: tuple[Array, Array, Array]) -> tuple[tuple[Array, Array], None]:
         loss_sum, correct = one(head, *xs)

@@ -31,8 +31,8 @@ def test_console_line():
 @pytest.mark.parametrize("smoothing, vocab", [(0.0, 11), (0.1, 11), (0.2, 9)])
 def test_token_losses_and_their_gradient_equal_the_textbook_formula(smoothing, vocab):
     """The fused cross-entropy (its own gradient, targets found by comparing ids) against autodiff
-    of log_softmax, a gather and the smoothing's mean over the first `vocab` ids; a padded id
-    (vocab < 11) takes no smoothing share but stays in the normaliser."""
+    of log_softmax over the first `vocab` ids, a gather and the smoothing's mean over them; the
+    padded ids (vocab < 11) take no probability and get no gradient."""
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
     targets = jnp.asarray(rng.integers(0, vocab, size=(3, 5)), jnp.int32)
@@ -40,9 +40,9 @@ def test_token_losses_and_their_gradient_equal_the_textbook_formula(smoothing, v
     scale = jnp.asarray(rng.random((3, 5)), jnp.float32)  # a different weight on the perplexity term
 
     def textbook(x):
-        logp = jax.nn.log_softmax(x, -1)
+        logp = jax.nn.log_softmax(x[..., :vocab], -1)
         nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
-        loss = (1 - smoothing) * nll - smoothing * logp[..., :vocab].mean(-1)
+        loss = (1 - smoothing) * nll - smoothing * logp.mean(-1)
         correct = (-nll >= logp.max(-1)).astype(jnp.float32)
         return (loss * weights).sum() + (nll * scale).sum(), (loss, nll, correct)
 
@@ -57,3 +57,4 @@ def test_token_losses_and_their_gradient_equal_the_textbook_formula(smoothing, v
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
     assert float(jnp.abs(want_grad).max()) > 0.1
+    assert not np.asarray(got_grad)[..., vocab:].any()

@@ -39,6 +39,7 @@ class ClmTask(Documents):
         table = np.zeros(model_cfg.vocab_size, np.float32)
         table[: len(byte_lengths)] = byte_lengths
         self._byte_lengths = table  # [vocab]
+        self.vocab = len(byte_lengths)  # the tokenizer's ids: the softmax's (the table's padding is not text)
 
     @staticmethod
     def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> dict[str, pipeline.TokenRows]:
@@ -92,9 +93,9 @@ class ClmTask(Documents):
             deterministic=not train, hidden_only=bool(chunk), rngs={"dropout": rng})
         if chunk:  # out: [batch, length, embed]
             loss_sum, correct = chunked_token_sums(lambda p, h: output_logits(p, h, cfg), params, out,
-                                                   batch["targets"], weights, chunk)
+                                                   batch["targets"], weights, chunk, self.vocab)
         else:  # out: [batch, length, vocab]
-            loss_sum, correct = token_sums(out, batch["targets"], weights)
+            loss_sum, correct = token_sums(out, batch["targets"], weights, self.vocab)
         tokens = weights.sum()
         nbytes = (jnp.asarray(self._byte_lengths)[batch["targets"]] * weights).sum()
         sums = {"loss_sum": loss_sum, "tokens": tokens, "correct": correct, "bytes": nbytes}

@@ -118,6 +118,7 @@ class MlmTask(Documents):
         self._continues[: len(continues_word)] = continues_word
         self._text_ids = np.nonzero(~self._special)[0].astype(np.int32)
         self.mask_id = mask_id
+        self.vocab = len(continues_word)  # the tokenizer's ids: the softmax's
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         batch = {k: np.ones((batch_size, seq_len), np.int32) for k in self.batch_keys}
@@ -192,7 +193,7 @@ class MlmTask(Documents):
         logits, nsp_logits = self.model.apply(
             {"params": params}, inputs, _types(batch), batch["segment_ids"], batch["positions"],
             picked, deterministic=not train, rngs={"dropout": rng})  # [batch, P, vocab], [batch, 2]
-        loss_sum, correct = token_sums(logits, targets, weights)
+        loss_sum, correct = token_sums(logits, targets, weights, self.vocab)
         sums = {"loss_sum": loss_sum, "predictions": weights.sum(), "correct": correct}
         if self.cfg.nsp:
             labels = batch["nsp_labels"]  # [batch]

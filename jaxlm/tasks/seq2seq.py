@@ -38,7 +38,7 @@ class EncoderDecoderTask:
     def __init__(self, model_cfg: ModelConfig, cfg: Seq2seqConfig, vocab: int):
         self.model = EncoderDecoder(model_cfg)
         self.target_len, self.smoothing = cfg.target_len, cfg.label_smoothing
-        self.vocab = vocab  # the tokenizer's ids; the table's padding beyond them gets no smoothing mass
+        self.vocab = vocab  # the tokenizer's ids and the task's: the softmax's (the table's padding is not text)
 
     extra_ids = 0  # vocabulary ids the task adds after the tokenizer's
 
@@ -48,7 +48,7 @@ class EncoderDecoderTask:
 
     @classmethod
     def create(cls, config: Config, tok: TextTokenizer) -> EncoderDecoderTask:
-        return cls(config.model, config.seq2seq, tok.vocab_size)
+        return cls(config.model, config.seq2seq, tok.vocab_size + cls.extra_ids)
 
     def dummy_batch(self, batch_size: int, seq_len: int) -> dict[str, np.ndarray]:
         """A batch of the right shapes and dtypes: sources of `seq_len`, targets of `target_len`."""
@@ -97,7 +97,8 @@ class EncoderDecoderTask:
     def loss(self, params: dict, batch: dict[str, Array], rng: Array, train: bool,
              totals: dict[str, Array] | None = None) -> tuple[Array, dict[str, Array]]:
         """Mean label-smoothed token loss (over `totals` when given) and metric sums: the target
-        gets 1 - smoothing of the probability, the rest spread evenly over the tokenizer's ids."""
+        gets 1 - smoothing of the probability, the rest spread evenly over the ids the softmax covers:
+        the tokenizer's and the task's (T5's sentinels), not the table's padding."""
         logits = self.logits(params, batch, train, rng)  # [batch, target, vocab]
         weights = self.weights(batch)
         losses, nll, correct = token_losses(logits, batch["targets"], self.smoothing, self.vocab)

@@ -27,6 +27,12 @@ Writes:
                        logits for a padded batch (computed in float64) and its greedy outputs
                        (32 tokens, the end token masked) of 3 sources
   tiny_t5_v1_1/        the same in T5 v1.1's layout (seed 9): gated GELU, untied output, heads of 6
+  tiny_t5/train.npz    five training steps of tiny_t5, computed in float64 as
+                       bench/seq2seq_vs_hf.py trains T5 (label smoothing 0.1, AdamW with betas
+                       0.9 / 0.95 and decay off norms and position biases, clipping at 1.0, linear
+                       warmup then cosine decay to 10%) on two padded batches of pairs in turn:
+                       each step's loss and gradient norm, the parameters after the last step, and
+                       those settings (`setting/...`)
 """
 
 import os
@@ -253,6 +259,57 @@ def tiny_t5(name: str, seed: int, gated: bool, scale: float) -> None:
              sources=sources, greedy=greedy.numpy())
 
 
+TRAIN = {"lr": 1e-2, "warmup": 2, "steps": 5, "end": 0.1, "weight_decay": 0.1, "smoothing": 0.1, "clip": 1.0}
+
+
+def t5_training() -> None:
+    """`tiny_t5/train.npz`: see the module docstring."""
+    import math
+    out = HERE / "tiny_t5"
+    model = transformers.T5ForConditionalGeneration.from_pretrained(out).double().train()
+    vocab = model.config.vocab_size
+    rng = np.random.default_rng(11)
+    batches = []
+    for _ in range(2):  # 8 pairs of different lengths, padded to the longest; sources and targets end with </s>
+        src_len, tgt_len = rng.integers(3, 11, 8), rng.integers(2, 9, 8)
+        src, tgt = np.zeros((8, 10), np.int64), np.zeros((8, 8), np.int64)
+        for i in range(8):
+            src[i, :src_len[i]] = [*rng.integers(3, vocab, src_len[i] - 1), 1]
+            tgt[i, :tgt_len[i]] = [*rng.integers(3, vocab, tgt_len[i] - 1), 1]
+        batches.append((src, tgt))
+    no_decay = ("layer_norm", "relative_attention_bias")
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW([{"params": [p for n, p in named if not any(k in n for k in no_decay)]},
+                             {"params": [p for n, p in named if any(k in n for k in no_decay)], "weight_decay": 0.0}],
+                            lr=TRAIN["lr"], betas=(0.9, 0.95), eps=1e-8, weight_decay=TRAIN["weight_decay"])
+
+    def factor(step: int) -> float:  # linear warmup from 0, then cosine decay to `end` of the peak
+        if step < TRAIN["warmup"]:
+            return step / TRAIN["warmup"]
+        progress = (step - TRAIN["warmup"]) / (TRAIN["steps"] - TRAIN["warmup"])
+        return TRAIN["end"] + (1 - TRAIN["end"]) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    loss_fn = torch.nn.CrossEntropyLoss(ignore_index=-100, label_smoothing=TRAIN["smoothing"])
+    losses, norms = [], []
+    for step in range(TRAIN["steps"]):
+        src, tgt = (torch.tensor(x) for x in batches[step % 2])
+        decoder_in = torch.cat([torch.zeros(8, 1, dtype=torch.long), tgt[:, :-1]], 1)  # behind the start token <pad>
+        logits = model(input_ids=src, attention_mask=(src != 0).long(), decoder_input_ids=decoder_in,
+                       decoder_attention_mask=(decoder_in != 0).long().index_fill(1, torch.tensor([0]), 1)).logits
+        loss = loss_fn(logits.reshape(-1, vocab), tgt.masked_fill(tgt == 0, -100).reshape(-1))
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["clip"])))
+        losses.append(loss.item())
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    params = {f"param/{n}": p.detach().numpy().astype(np.float32) for n, p in named}
+    np.savez(out / "train.npz", sources=np.stack([b[0] for b in batches]), targets=np.stack([b[1] for b in batches]),
+             losses=np.array(losses), grad_norms=np.array(norms), **params,
+             **{f"setting/{k}": v for k, v in TRAIN.items()})
+
+
 if __name__ == "__main__":
     minilm()
     tiny_mlm()
@@ -264,3 +321,4 @@ if __name__ == "__main__":
     tiny_qwen2()
     tiny_t5("tiny_t5", 10, gated=False, scale=2.0)
     tiny_t5("tiny_t5_v1_1", 9, gated=True, scale=1.0)
+    t5_training()
