@@ -49,7 +49,7 @@ class ModelConfig:
     mlp: str = "plain"  # plain: wo(act(wi x)); swiglu: wo(silu(wi_gate x) * wi x), as Llama; geglu: gelu_tanh gate (T5 v1.1)
     mlp_dim: int = 0  # 0 means 4 * embed_dim
     vocab_size: int = 0  # 0 means the tokenizer's size, rounded up to vocab_multiple
-    vocab_multiple: int = 128
+    vocab_multiple: int = 128  # the table's rows, to shard; its padding rows take no part in the softmax
     max_len: int = 1024  # longest sequence (learned positions table, KV cache bound)
     positions: str = "rotary"  # rotary | learned; encoder-decoders also relative (T5's buckets) | sinusoidal (2017)
     relative_buckets: int = 32  # positions=relative: buckets of query-key distance (half each way in an encoder)

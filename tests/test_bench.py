@@ -104,3 +104,18 @@ def test_gpu_script_dry_run_writes_its_table(tmp_path):
     assert [r["attention"] for r in rows][-1] == "xla"
     table = (tmp_path / "gpu.md").read_text().splitlines()
     assert table[0].startswith("| model | device | attention |") and len(table) == 2 + 5
+
+
+@pytest.mark.parametrize("task,source", [("clm", "builtin"), ("seq2seq", "parallel"), ("span_corruption", "builtin")])
+def test_synthetic_batches_predict_only_the_tokenizers_ids(task, source):
+    """The table has padding rows past the tokenizer's ids; a synthetic target there would have no
+    probability, and a benchmark would time a step with an infinite loss."""
+    run = shapes_run(config_lib.load(None, [f"task={task}", f"data.source={source}", "model.num_layers=1", "model.embed_dim=32",
+                                            "model.num_heads=2", "model.max_len=64", "data.seq_len=32",
+                                            "data.vocab_size=1000", "model.vocab_multiple=512"]))
+    assert run.config.model.vocab_size % 512 == 0 and run.config.model.vocab_size > run.task.vocab
+    batch = run.task.synthetic_batch(4, 32, np.random.default_rng(0))
+    assert batch["targets"].max() < run.task.vocab and batch["targets"].max() > 900
+    params = nn.meta.unbox(run.task.init(jax.random.key(0), batch))["params"]
+    loss, _ = run.task.loss(params, batch, jax.random.key(0), train=False)
+    assert np.isfinite(float(loss))

@@ -55,7 +55,7 @@ class ClmTask(Documents):
 
     def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random tokens, one document a row (benchmarks)."""
-        tokens = rng.integers(0, self.model.cfg.vocab_size, (batch_size, seq_len + 1), dtype=np.int32)
+        tokens = rng.integers(0, self.vocab, (batch_size, seq_len + 1), dtype=np.int32)
         return {"inputs": tokens[:, :-1], "targets": tokens[:, 1:],
                 "segment_ids": np.ones((batch_size, seq_len), np.int32),
                 "positions": one_document_a_row(batch_size, seq_len)}

@@ -57,7 +57,7 @@ class EncoderDecoderTask:
 
     def synthetic_batch(self, batch_size: int, seq_len: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Random sources and targets, one pair a row, no padding (benchmarks)."""
-        vocab, t = self.model.cfg.vocab_size, self.target_len
+        vocab, t = self.vocab, self.target_len
         target = rng.integers(0, vocab, (batch_size, t + 1), dtype=np.int32)
         return {"inputs": rng.integers(0, vocab, (batch_size, seq_len), dtype=np.int32),
                 "input_segments": np.ones((batch_size, seq_len), np.int32),
