@@ -81,7 +81,7 @@ def test_label_smoothing_spreads_the_target_mass_over_the_vocabulary():
     _, p = plain.loss(params, batch, jax.random.key(0), train=False)
     _, s = smooth.loss(params, batch, jax.random.key(0), train=False)
     assert float(p["tokens"]) == 8 and float(p["loss_sum"]) == pytest.approx(float(p["nll_sum"]), rel=1e-6)
-    logp = np.asarray(jax.nn.log_softmax(plain.logits(params, batch)[..., :60], axis=-1))  # the tokenizer's ids
+    logp = np.asarray(jax.nn.log_softmax(plain.logits(params, batch)[..., :plain.vocab], axis=-1))  # the tokenizer's ids
     mask = batch["target_segments"] > 0
     target = np.take_along_axis(logp, batch["targets"][..., None], -1)[..., 0]
     want = (-(0.8 * target + 0.2 * logp.mean(-1)) * mask).sum()
