@@ -160,7 +160,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     on. A finished hypothesis scores its summed log-probability over `length_penalty` of its
     length (end token included). A row stops once it has `beam_size` finished hypotheses and
     its best live one, normalised at its current length, scores no better than the worst of
-    them (exact when alpha is 0); the search stops when every row has, or at
+    them (exact when alpha is 0), whatever the rows beside it do; the search stops when every
+    row has, or at
     `max_new_tokens`, where the live hypotheses count as finished. A row with a shorter limit
     finishes its live hypotheses the same way when they reach it.
 
@@ -193,16 +194,18 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     alive_score = jnp.tile(jnp.where(jnp.arange(k) == 0, 0.0, neg), (batch, 1))  # one beam until they differ
     fin_score = jnp.full((batch, k), neg)
 
-    def is_done(alive_score, fin_score, i):
+    def rows_done(alive_score, fin_score, i):  # [batch]
         best_alive = alive_score[:, 0] / length_penalty(i, alpha)
-        return jnp.all((fin_score[:, -1] > neg) & (best_alive <= fin_score[:, -1]))
+        return (fin_score[:, -1] > neg) & (best_alive <= fin_score[:, -1])
 
     def cond(carry):
         i, _, _, alive_score, _, fin_score, _ = carry
-        return (i < max_new_tokens) & ~is_done(alive_score, fin_score, i)
+        return (i < max_new_tokens) & ~jnp.all(rows_done(alive_score, fin_score, i))
 
     def body(carry):
         i, cache, logp, alive_score, alive, fin_score, fin = carry
+        stopped = rows_done(alive_score, fin_score, i)  # these rows' results stay as they are
+        kept_score, kept = fin_score, fin
         logp = block_repeated_ngrams(logp, alive.reshape(batch * k, -1), i, no_repeat_ngram)
         candidates = (alive_score[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
         top_score, top = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
@@ -221,7 +224,9 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
         pool_score, pool = jax.lax.top_k(jnp.concatenate(
             [pool_score, jnp.where(stop, alive_score / length_penalty(i + 1.0, alpha), neg)], axis=1), k)
         fin = jnp.take_along_axis(jnp.concatenate([fin, alive], axis=1), pool[:, :, None], axis=1)
-        alive_score = jnp.where(stop, neg, alive_score)
+        alive_score = jnp.where(stop | stopped[:, None], neg, alive_score)
+        pool_score = jnp.where(stopped[:, None], kept_score, pool_score)
+        fin = jnp.where(stopped[:, None, None], kept, fin)
         rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
         cache = _beams(cache, lambda x: x[rows], cache_batch_axis)
         token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)

@@ -54,18 +54,27 @@ class Translator:
         return tokens[:, 0]
 
     def __call__(self, texts: list[str], batch_size: int = 32) -> list[str]:
-        """The outputs of `texts` (prefixed with `seq2seq.prefix` and cut to `data.seq_len`)."""
+        """The outputs of `texts` (prefixed with `seq2seq.prefix` and cut to `data.seq_len`), in
+        their order. Sources are decoded longest first, so that the texts of a batch end at about
+        the same step, and every batch has one shape (one compilation): `batch_size` rows, or
+        fewer texts rounded up to the mesh's batch axes, filled with empty sources."""
+        if not texts:
+            return []
         cfg = self.run.config
         mesh = self.run.compiled.mesh.shape
         rows_multiple = mesh["data"] * mesh["fsdp"]
-        out = []
-        for first in range(0, len(texts), batch_size):
-            chunk = texts[first:first + batch_size]
-            padded = chunk + [""] * (-len(chunk) % rows_multiple)  # fill the mesh's batch axes
-            rows = ParallelRows([{"source": t, "target": ""} for t in padded], self.tok, cfg.data.seq_len, 1,
-                                cfg.seq2seq.prefix)
-            batch = [np.stack([rows[i][k] for i in range(len(rows))]) for k in ("inputs", "input_segments", "input_positions")]
+        size = min(batch_size, len(texts))
+        size += -size % rows_multiple  # fill the mesh's batch axes
+        rows = ParallelRows([{"source": t, "target": ""} for t in [*texts, ""]], self.tok, cfg.data.seq_len, 1,
+                            cfg.seq2seq.prefix)
+        order = np.argsort(-rows.source_lengths[:-1], kind="stable")
+        out: list[str] = [""] * len(texts)
+        for first in range(0, len(order), size):
+            chunk = order[first:first + size]
+            picked = [*chunk, *[len(texts)] * (size - len(chunk))]  # the last row is the empty source
+            batch = [np.stack([rows[i][k] for i in picked]) for k in ("inputs", "input_segments", "input_positions")]
             with self.run.compiled.context():
                 tokens = np.asarray(self._fn(self.params, *batch))
-            out += [self.tok.generated_text(row.tolist()) for row in tokens[:len(chunk)]]
+            for i, row in zip(chunk, tokens):
+                out[i] = self.tok.generated_text(row.tolist())
         return out

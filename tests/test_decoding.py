@@ -214,3 +214,21 @@ def test_greedy_without_repeated_ngrams_takes_the_next_best_token():
     assert run()[0].tolist() == [1] * 6
     assert run(no_repeat_ngram=1)[0].tolist() == [1, 2, 3, 4, -1, -1]
     assert run(no_repeat_ngram=2)[0].tolist() == [1, 1, 2, 1, 3, 1]
+
+
+def test_a_rows_beams_do_not_depend_on_the_rows_beside_it():
+    """A row stops once its best live hypothesis cannot beat its finished ones (at its current
+    length); rows beside it that search on must not change its result, although with a
+    length penalty its live hypotheses would still score better later."""
+    from jaxlm.decoding import beam_search
+    rng = np.random.default_rng(3)
+    prompts, mask = jnp.asarray([[0, 1, 2], [2, 0, 1]]), jnp.asarray([[0, 1, 1], [1, 1, 1]])
+    search = jax.jit(partial(beam_search, beam_size=2, max_new_tokens=12, eos_id=EOS, pad_id=0, alpha=2.0),
+                     static_argnums=0)
+    for seed in range(20):
+        table = rng.normal(0, 2, (16, V, V, V)).astype(np.float32)
+        together, together_scores = search(toy(table), jnp.zeros(2, jnp.int32), prompts, mask)
+        for row in range(2):
+            alone, alone_scores = search(toy(table), jnp.zeros(1, jnp.int32), prompts[row:row + 1], mask[row:row + 1])
+            assert together[row].tolist() == alone[0].tolist(), (seed, row)
+            np.testing.assert_allclose(together_scores[row], alone_scores[0], rtol=1e-6)
