@@ -18,9 +18,10 @@ width, heads, feed-forward width and dropout as the YAML says. Each library init
 model its own way (the preset draws as transformers draws Marian: `model.init=normal_flat`);
 `--hf-init xavier` draws the Hugging Face side as jaxlm's `model.init=xavier` instead (its
 result goes to `hf-xavier.json`), to compare initialisations within one library. `--hf-init
-jaxlm` (T5 layout) starts it from the jaxlm run's own initial parameters (exported as `python -m
-jaxlm.hf export` exports them, with jaxlm's norm epsilon) and feeds it jaxlm's batches in
-jaxlm's order (`hf-jaxlm.json`): the two sides then differ only in their arithmetic. It uses the
+jaxlm` starts it from the jaxlm run's own initial parameters (T5's layout exported as `python -m
+jaxlm.hf export` exports it, with jaxlm's norm epsilon; the 2017 layout into `MarianMTModel`, with
+jaxlm's sinusoids) and feeds it jaxlm's batches in jaxlm's order (`hf-jaxlm.json`): the two
+sides then differ only in their arithmetic. It uses the
 same tokenizer (the BPE the jaxlm run trained, so run the jaxlm side first), and trains on the
 preset's budget: its steps and pairs a step (padded to the longest of the batch, as
 transformers' seq2seq collator does; jaxlm packs them), its source and target lengths, label
@@ -142,11 +143,46 @@ def glorot(torch, model, width: int) -> None:
         model.get_input_embeddings().weight.normal_(0.0, width ** -0.5)
 
 
-def jaxlm_start(transformers, torch, run_dir: Path):
-    """`T5ForConditionalGeneration` holding the jaxlm run's initial parameters (the rows of its
-    table for the tokenizer's ids: the padding rows take no part in jaxlm's softmax), and the
-    run's training batches as lists of source and target ids, read through jaxlm's own pipeline
-    in its order (before packing, one pair a row)."""
+def marian_tensors(params: dict, m: dict, vocab: int, positions: int) -> dict:
+    """jaxlm's 2017-layout parameters as `MarianMTModel`'s state dict: the table's rows for the
+    tokenizer's ids, and jaxlm's sinusoids in both position tables (Marian's own space their
+    frequencies as the paper does, jaxlm's as tensor2tensor)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxlm.models.positions import sinusoidal
+    d = m["embed_dim"]
+    sines = np.asarray(sinusoidal(jnp.arange(positions), d))
+    out = {"model.shared.weight": params["token_embed"]["embedding"][:vocab],
+           "model.encoder.embed_positions.weight": sines, "model.decoder.embed_positions.weight": sines}
+    for side, layers, attentions in (("encoder", m["num_layers"], (("attention", "self_attn"),)),
+                                     ("decoder", m["decoder_layers"], (("attention", "self_attn"),
+                                                                       ("cross_attention", "encoder_attn")))):
+        for i in range(layers):
+            block, at = params[side][f"block_{i}"], f"model.{side}.layers.{i}."
+            for ours, theirs in attentions:
+                for q, proj in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+                    out[f"{at}{theirs}.{proj}.weight"] = block[ours][q]["kernel"].reshape(d, -1).T
+                    out[f"{at}{theirs}.{proj}.bias"] = block[ours][q]["bias"].reshape(-1)
+                out[f"{at}{theirs}.out_proj.weight"] = block[ours]["out"]["kernel"].reshape(-1, d).T
+                out[f"{at}{theirs}.out_proj.bias"] = block[ours]["out"]["bias"]
+                norm = block[f"ln_{ours}"]["LayerNorm_0"]
+                out[f"{at}{theirs}_layer_norm.weight"], out[f"{at}{theirs}_layer_norm.bias"] = norm["scale"], norm["bias"]
+            for ours, theirs in (("wi", "fc1"), ("wo", "fc2")):
+                out[f"{at}{theirs}.weight"] = block["mlp"][ours]["kernel"].T
+                out[f"{at}{theirs}.bias"] = block["mlp"][ours]["bias"]
+            norm = block["ln_mlp"]["LayerNorm_0"]
+            out[f"{at}final_layer_norm.weight"], out[f"{at}final_layer_norm.bias"] = norm["scale"], norm["bias"]
+    return out
+
+
+def jaxlm_start(transformers, torch, run_dir: Path, cfg: dict, ids: dict):
+    """The Hugging Face model holding the jaxlm run's initial parameters (the rows of its table
+    for the tokenizer's ids: the padding rows take no part in jaxlm's softmax), with the
+    parameter-name parts that take no weight decay, and the run's training batches as lists of
+    source and target ids, read through jaxlm's own pipeline in its order (before packing, one
+    pair a row). T5's layout becomes `T5ForConditionalGeneration` (with jaxlm's norm epsilon),
+    the 2017 layout `MarianMTModel`."""
     import jax
 
     from jaxlm import config as config_lib
@@ -155,25 +191,32 @@ def jaxlm_start(transformers, torch, run_dir: Path):
     from jaxlm.data import tokenizer as tokenizer_lib
     from jaxlm.hf import t5
     from jaxlm.workdir import build
-    cfg, tok = config_lib.load_workdir(run_dir), tokenizer_lib.from_file(run_dir / "tokenizer.json")
-    run = build(cfg, tok, mode="jit")
-    t5.check_layout(cfg.model)
+    run_cfg, tok = config_lib.load_workdir(run_dir), tokenizer_lib.from_file(run_dir / "tokenizer.json")
+    run = build(run_cfg, tok, mode="jit")
     vocab = tok.vocab_size
-    config = {k: v for k, v in t5.hf_config(cfg.model, vocab, tok.pad_id, tok.eos_id, tok.bos_id).items()
-              if k not in ("architectures", "model_type")}
-    model = transformers.T5ForConditionalGeneration(transformers.T5Config(**config))
-    tensors = t5.from_params(jax.device_get(run.compiled.init_state(cfg.seed).params), cfg.model, vocab)
+    params = jax.device_get(run.compiled.init_state(run_cfg.seed).params)
+    if run_cfg.model.prenorm:
+        t5.check_layout(run_cfg.model)
+        config = {k: v for k, v in t5.hf_config(run_cfg.model, vocab, tok.pad_id, tok.eos_id, tok.bos_id).items()
+                  if k not in ("architectures", "model_type")}
+        model, no_decay = transformers.T5ForConditionalGeneration(transformers.T5Config(**config)), T5_NO_DECAY
+        tensors = t5.from_params(params, run_cfg.model, vocab)
+        tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}  # views of `shared`
+    else:
+        model, no_decay = hf_model(transformers, cfg, vocab, ids)
+        tensors = marian_tensors(params, cfg["model"], vocab, model.config.max_position_embeddings)
+        tied = {"model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight",
+                "final_logits_bias"}  # views of `model.shared`, and a bias of zeros jaxlm does not have
     missing, unexpected = model.load_state_dict({k: torch.tensor(v) for k, v in tensors.items()}, strict=False)
-    tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}  # views of `shared`
     if unexpected or set(missing) - tied:
-        sys.exit(f"jaxlm's parameters do not fit T5ForConditionalGeneration: missing {missing}, unexpected {unexpected}")
-    rows = tasks.task_class(cfg).rows(cfg, tasks.load_splits(cfg), tok)["train"]
+        sys.exit(f"jaxlm's parameters do not fit {type(model).__name__}: missing {missing}, unexpected {unexpected}")
+    rows = tasks.task_class(run_cfg).rows(run_cfg, tasks.load_splits(run_cfg), tok)["train"]
 
     def batches():
-        for b in pipeline.TrainBatches(rows, cfg.train.batch_size, cfg.seed):
+        for b in pipeline.TrainBatches(rows, run_cfg.train.batch_size, run_cfg.seed):
             yield ([x[:n].tolist() for x, n in zip(b["inputs"], b["input_segments"].sum(1))],
                    [x[:n].tolist() for x, n in zip(b["targets"], b["target_segments"].sum(1))])
-    return model, batches()
+    return model, no_decay, batches()
 
 
 def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "library") -> dict:
@@ -195,10 +238,7 @@ def run_hf(work: Path, steps: int | None, layout: str, seed: int, init: str = "l
     torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
     if init == "jaxlm":
-        if layout != "t5":
-            sys.exit("--hf-init jaxlm needs --layout t5 (jaxlm exports T5's layout)")
-        model, batches = jaxlm_start(transformers, torch, work / f"jaxlm{suffix(seed)}")
-        no_decay = T5_NO_DECAY
+        model, no_decay, batches = jaxlm_start(transformers, torch, work / f"jaxlm{suffix(seed)}", cfg, ids)
     else:
         model, no_decay = hf_model(transformers, cfg, tok.get_vocab_size(), ids)
         if init == "xavier":
@@ -310,7 +350,7 @@ def main() -> None:
                         help="the preset's layout (2017: MarianMTModel on the other side), or T5's on both sides")
     parser.add_argument("--hf-init", choices=("library", "xavier", "jaxlm"), default="library",
                         help="the Hugging Face side's initialisation: transformers' own, jaxlm's model.init=xavier, "
-                             "or (T5 layout) the jaxlm run's initial parameters and batch order")
+                             "or the jaxlm run's initial parameters and batch order")
     parser.add_argument("--seed", type=int, default=0, help="both sides' seed (initialisation and data order)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
