@@ -161,9 +161,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     length (end token included). A row stops once it has `beam_size` finished hypotheses and
     its best live one, normalised at its current length, scores no better than the worst of
     them (exact when alpha is 0), whatever the rows beside it do; the search stops when every
-    row has, or at
-    `max_new_tokens`, where the live hypotheses count as finished. A row with a shorter limit
-    finishes its live hypotheses the same way when they reach it.
+    row has, or at `max_new_tokens`, where the live hypotheses count as finished. A row with a
+    shorter limit finishes its live hypotheses the same way when they reach it.
 
     Args:
       cache: an empty KV cache for the prompt batch, with room for prompt length +
