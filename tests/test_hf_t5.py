@@ -112,14 +112,20 @@ def test_training_steps_match_transformers(workdirs):
             state, metrics = c.train_step(state, c.put_batch(batch), jax.random.key(0))
         losses.append(float(metrics["loss_sum"]) / float(metrics["tokens"]))
         norms.append(float(metrics["grad_norm"]))
-    np.testing.assert_allclose(losses, golden["losses"], rtol=1e-5)
-    np.testing.assert_allclose(norms, golden["grad_norms"], rtol=1e-5)
+    # float32 lands further from float64 with each step, in either library and by how much
+    # depends on the CPU's kernels: transformers' own float32 run of these steps (`float32/...`,
+    # made on a CPU without AVX2) is 1.6e-5 off in the last loss, 1.2e-3 in the last gradient
+    # norm and up to 1.7e-4 in a parameter. jaxlm must land within 1e-5 or twice that distance.
+    for got, key in ((losses, "losses"), (norms, "grad_norms")):
+        want = golden[key]
+        tolerance = np.maximum(1e-5 * np.abs(want), 2 * np.abs(golden[f"float32/{key}"] - want))
+        assert np.all(np.abs(np.array(got) - want) <= tolerance), (key, got, want)
     assert min(norms) > setting["clip"]
     after = t5.from_params(jax.device_get(state.params), run.config.model, vocab)
     names = [k.removeprefix("param/") for k in golden.files if k.startswith("param/")]
     assert set(names) <= set(after)
     for name in names:
         want, got, start = golden[f"param/{name}"], after[name], before[name]
-        size = np.linalg.norm(want)
-        assert np.linalg.norm(got - want) < 1e-5 * size, name
-        assert np.linalg.norm(want - start) > 1e-3 * size, name  # every tensor trained, 100x the tolerance
+        tolerance = max(1e-5 * np.linalg.norm(want), 2 * np.linalg.norm(golden[f"float32/param/{name}"] - want))
+        assert np.linalg.norm(got - want) <= tolerance, name
+        assert np.linalg.norm(want - start) > 100 * tolerance, name  # every tensor trained, 100x the tolerance

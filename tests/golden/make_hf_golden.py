@@ -32,7 +32,8 @@ Writes:
                        0.9 / 0.95 and decay off norms and position biases, clipping at 1.0, linear
                        warmup then cosine decay to 10%) on two padded batches of pairs in turn:
                        each step's loss and gradient norm, the parameters after the last step, and
-                       those settings (`setting/...`)
+                       those settings (`setting/...`); `float32/...` holds the same figures of the
+                       same steps computed in float32, how far float32 itself lands from float64
 """
 
 import os
@@ -262,21 +263,11 @@ def tiny_t5(name: str, seed: int, gated: bool, scale: float) -> None:
 TRAIN = {"lr": 1e-2, "warmup": 2, "steps": 5, "end": 0.1, "weight_decay": 0.1, "smoothing": 0.1, "clip": 1.0}
 
 
-def t5_training() -> None:
-    """`tiny_t5/train.npz`: see the module docstring."""
+def t5_steps(dtype, batches: list[tuple[np.ndarray, np.ndarray]]) -> tuple[list, list, dict]:
+    """Losses, gradient norms and final parameters (by name) of `TRAIN`'s steps of tiny_t5 in `dtype`."""
     import math
-    out = HERE / "tiny_t5"
-    model = transformers.T5ForConditionalGeneration.from_pretrained(out).double().train()
+    model = transformers.T5ForConditionalGeneration.from_pretrained(HERE / "tiny_t5").to(dtype).train()
     vocab = model.config.vocab_size
-    rng = np.random.default_rng(11)
-    batches = []
-    for _ in range(2):  # 8 pairs of different lengths, padded to the longest; sources and targets end with </s>
-        src_len, tgt_len = rng.integers(3, 11, 8), rng.integers(2, 9, 8)
-        src, tgt = np.zeros((8, 10), np.int64), np.zeros((8, 8), np.int64)
-        for i in range(8):
-            src[i, :src_len[i]] = [*rng.integers(3, vocab, src_len[i] - 1), 1]
-            tgt[i, :tgt_len[i]] = [*rng.integers(3, vocab, tgt_len[i] - 1), 1]
-        batches.append((src, tgt))
     no_decay = ("layer_norm", "relative_attention_bias")
     named = list(model.named_parameters())
     opt = torch.optim.AdamW([{"params": [p for n, p in named if not any(k in n for k in no_decay)]},
@@ -304,10 +295,28 @@ def t5_training() -> None:
         opt.step()
         sched.step()
         opt.zero_grad()
-    params = {f"param/{n}": p.detach().numpy().astype(np.float32) for n, p in named}
-    np.savez(out / "train.npz", sources=np.stack([b[0] for b in batches]), targets=np.stack([b[1] for b in batches]),
-             losses=np.array(losses), grad_norms=np.array(norms), **params,
-             **{f"setting/{k}": v for k, v in TRAIN.items()})
+    return losses, norms, {n: p.detach().numpy().astype(np.float32) for n, p in named}
+
+
+def t5_training() -> None:
+    """`tiny_t5/train.npz`: see the module docstring."""
+    vocab = transformers.T5Config.from_pretrained(HERE / "tiny_t5").vocab_size
+    rng = np.random.default_rng(11)
+    batches = []
+    for _ in range(2):  # 8 pairs of different lengths, padded to the longest; sources and targets end with </s>
+        src_len, tgt_len = rng.integers(3, 11, 8), rng.integers(2, 9, 8)
+        src, tgt = np.zeros((8, 10), np.int64), np.zeros((8, 8), np.int64)
+        for i in range(8):
+            src[i, :src_len[i]] = [*rng.integers(3, vocab, src_len[i] - 1), 1]
+            tgt[i, :tgt_len[i]] = [*rng.integers(3, vocab, tgt_len[i] - 1), 1]
+        batches.append((src, tgt))
+    figures = {}
+    for prefix, dtype in (("", torch.float64), ("float32/", torch.float32)):
+        losses, norms, params = t5_steps(dtype, batches)
+        figures.update({f"{prefix}losses": np.array(losses), f"{prefix}grad_norms": np.array(norms),
+                        **{f"{prefix}param/{n}": p for n, p in params.items()}})
+    np.savez(HERE / "tiny_t5" / "train.npz", sources=np.stack([b[0] for b in batches]),
+             targets=np.stack([b[1] for b in batches]), **figures, **{f"setting/{k}": v for k, v in TRAIN.items()})
 
 
 if __name__ == "__main__":
