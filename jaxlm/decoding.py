@@ -204,7 +204,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
     def body(carry):
         i, cache, logp, alive_score, alive, fin_score, fin = carry
         stopped = rows_done(alive_score, fin_score, i)  # these rows' results stay as they are
-        kept_score, kept = fin_score, fin
+        kept = fin
         logp = block_repeated_ngrams(logp, alive.reshape(batch * k, -1), i, no_repeat_ngram)
         candidates = (alive_score[:, :, None] + logp.reshape(batch, k, vocab)).reshape(batch, k * vocab)
         top_score, top = jax.lax.top_k(candidates, 2 * k)  # [batch, 2k]
@@ -224,7 +224,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
             [pool_score, jnp.where(stop, alive_score / length_penalty(i + 1.0, alpha), neg)], axis=1), k)
         fin = jnp.take_along_axis(jnp.concatenate([fin, alive], axis=1), pool[:, :, None], axis=1)
         alive_score = jnp.where(stop | stopped[:, None], neg, alive_score)
-        pool_score = jnp.where(stopped[:, None], kept_score, pool_score)
+        pool_score = jnp.where(stopped[:, None], fin_score, pool_score)
         fin = jnp.where(stopped[:, None, None], kept, fin)
         rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
         cache = _beams(cache, lambda x: x[rows], cache_batch_axis)
