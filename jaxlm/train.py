@@ -100,11 +100,13 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
 
 
 def task_data(config: Config, workdir: Path) -> tuple[TextTokenizer, dict[str, Any]]:
-    """The run's tokenizer (trained on the task's train split, or loaded) and the task's rows."""
+    """The run's tokenizer (trained on the task's train split, or loaded) and the task's rows,
+    every split encoded now (so bad data in any of them stops the run before its first step)."""
     task = tasks.task_class(config)
     splits = tasks.load_splits(config)
     tok = tokenizer_lib.obtain(config.data, splits, workdir, config.seed)
-    return tok, task.rows(config, splits, tok)
+    rows = task.rows(config, splits, tok)
+    return tok, {name: rows[name] for name in rows}
 
 
 def packer(run: Run, rows: Any, microbatches: int = 1) -> Callable | None:

@@ -13,6 +13,7 @@ from jaxlm import evaluate, infer, train
 from jaxlm.config import DataConfig, ModelConfig, Seq2seqConfig
 from jaxlm.data import parallel
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.sources import Splits
 from jaxlm.errors import UserError
 from jaxlm.metrics import text_scores
 from jaxlm.tasks.seq2seq import Seq2seqTask
@@ -33,6 +34,26 @@ def test_rows_shift_the_target_behind_a_start_token():
     cut = rows[1]  # 4 target tokens + EOS do not fit 4: the end goes, EOS stays
     assert cut["targets"].tolist() == [10, 11, 12, WORDS.eos_id] and cut["targets_in"].tolist() == [WORDS.bos_id, 10, 11, 12]
     assert rows.tokens == 3 + 4
+
+
+class Unreadable(list):
+    """A split that fails when anything reads it."""
+
+    def __iter__(self):
+        raise AssertionError("this split was read")
+
+    def __len__(self):
+        raise AssertionError("this split was read")
+
+
+def test_a_split_is_encoded_only_when_read():
+    config = config_lib.load(None, ["task=seq2seq", "data.source=parallel", "data.paths=[x.tsv]", "data.seq_len=6",
+                                    "seq2seq.target_len=4"])
+    rows = Seq2seqTask.rows(config, Splits(Unreadable(), PAIRS, "source", ""), WORDS)
+    assert rows["eval"][1]["targets"].tolist() == [10, 11, 12, WORDS.eos_id]  # evaluate reads one split
+    assert rows["eval"] is rows["eval"]  # encoded once
+    with pytest.raises(AssertionError, match="this split was read"):
+        rows["train"]
 
 
 def test_files_and_their_errors(tmp_path):

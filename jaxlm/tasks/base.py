@@ -11,7 +11,7 @@ only this protocol and never name a task or a model family.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import jax
@@ -46,9 +46,10 @@ class Task(Protocol):
         examples); nothing is tokenized yet."""
 
     @staticmethod
-    def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> dict[str, Any]:
+    def rows(config: Config, splits: Corpus, tok: TextTokenizer) -> Mapping[str, Any]:
         """Random-access "train" and "eval" rows (tokenized once, cached), each with `seq_len`,
-        `__len__`, `__getitem__` and `empty()` (a padding row that counts nowhere)."""
+        `__len__`, `__getitem__` and `empty()` (a padding row that counts nowhere). Rows
+        encoded in memory come as `SplitRows`, each split encoded when first read."""
 
     @classmethod
     def create(cls, config: Config, tok: TextTokenizer) -> Task:
@@ -82,6 +83,30 @@ class Task(Protocol):
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
         """Reported metrics from metric sums aggregated over devices and steps."""
+
+
+class SplitRows(Mapping):
+    """A task's "train" and "eval" rows, each split built by `build(name)` when first read: a
+    command that reads one split (`evaluate`) does not encode the other. Training reads both
+    up front (`jaxlm.train.task_data`), so bad data in either stops it before the first step."""
+
+    names = ("train", "eval")
+
+    def __init__(self, build: Callable[[str], Any]):
+        self._build, self._built = build, {}
+
+    def __getitem__(self, name: str) -> Any:
+        if name not in self.names:
+            raise KeyError(name)
+        if name not in self._built:
+            self._built[name] = self._build(name)
+        return self._built[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def batch_rows(task: Task, batch: Batch) -> int:

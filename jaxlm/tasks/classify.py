@@ -17,7 +17,7 @@ from jaxlm.metrics import objective
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderClassifier
-from jaxlm.tasks.base import one_document_a_row
+from jaxlm.tasks.base import SplitRows, one_document_a_row
 
 Array = jax.Array
 
@@ -48,9 +48,8 @@ class ClassifyTask:
         return labeled.load_splits(config.data, config.classify)
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, labeled.ExampleRows]:
-        return {name: labeled.ExampleRows(getattr(splits, name), tok, config.data.seq_len)
-                for name in ("train", "eval")}
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> SplitRows:
+        return SplitRows(lambda name: labeled.ExampleRows(getattr(splits, name), tok, config.data.seq_len))
 
     @classmethod
     def create(cls, config: Config, tok: TextTokenizer) -> ClassifyTask:

@@ -21,7 +21,7 @@ from jaxlm.metrics import objective, squad_scores
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder import EncoderQA
-from jaxlm.tasks.base import one_document_a_row
+from jaxlm.tasks.base import SplitRows, one_document_a_row
 
 Array = jax.Array
 
@@ -49,12 +49,11 @@ class QATask:
         return squad.load_splits(config.data)
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, squad.QARows]:
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> SplitRows:
         if not config.qa.null_answers and any(e["impossible"] for e in splits.train):
             raise UserError("the training data has unanswerable questions (SQuAD 2.0); set qa.null_answers=true "
                             "so the model learns and predicts the null answer")
-        return {name: squad.QARows(getattr(splits, name), tok, config.data.seq_len, config.qa)
-                for name in ("train", "eval")}
+        return SplitRows(lambda name: squad.QARows(getattr(splits, name), tok, config.data.seq_len, config.qa))
 
     @classmethod
     def create(cls, config: Config, tok: TextTokenizer) -> QATask:

@@ -15,7 +15,7 @@ from jaxlm.metrics import objective, text_scores, token_losses, token_metrics
 from jaxlm.microbatch import Layout
 from jaxlm.models import flops
 from jaxlm.models.encoder_decoder import EncoderDecoder
-from jaxlm.tasks.base import one_document_a_row
+from jaxlm.tasks.base import SplitRows, one_document_a_row
 
 Array = jax.Array
 
@@ -126,10 +126,10 @@ class Seq2seqTask(EncoderDecoderTask):
         return parallel.load_splits(config.data, config.seq2seq)
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, parallel.ParallelRows]:
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> SplitRows:
         s = config.seq2seq
-        return {name: parallel.ParallelRows(getattr(splits, name), tok, config.data.seq_len, s.target_len, s.prefix)
-                for name in ("train", "eval")}
+        return SplitRows(lambda name: parallel.ParallelRows(getattr(splits, name), tok, config.data.seq_len,
+                                                            s.target_len, s.prefix))
 
     def packer(self, rows: parallel.ParallelRows, layout: Layout, host_batch: int) -> packing.Packer:
         """Packs pairs several to a row on both sides (a target attends only to its own source),

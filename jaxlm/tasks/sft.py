@@ -11,6 +11,7 @@ from jaxlm.data import packing, prompts
 from jaxlm.data.sources import Splits
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.microbatch import Layout
+from jaxlm.tasks.base import SplitRows
 from jaxlm.tasks.clm import ClmTask
 
 Array = jax.Array
@@ -29,10 +30,9 @@ class SftTask(ClmTask):
         return prompts.load_splits(config.data, config.sft)
 
     @staticmethod
-    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> dict[str, prompts.PromptRows]:
-        return {name: prompts.PromptRows(getattr(splits, name), tok, config.data.seq_len, config.sft.prompt_format,
-                                         config.sft.chat_template)
-                for name in ("train", "eval")}
+    def rows(config: Config, splits: Splits, tok: TextTokenizer) -> SplitRows:
+        return SplitRows(lambda name: prompts.PromptRows(getattr(splits, name), tok, config.data.seq_len,
+                                                         config.sft.prompt_format, config.sft.chat_template))
 
     def packer(self, rows: prompts.PromptRows, layout: Layout, host_batch: int) -> packing.Packer:
         """Packs examples several to a row (apart by segment ids), at sizes measured on `rows`."""
