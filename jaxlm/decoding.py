@@ -138,12 +138,16 @@ def length_penalty(length: Array, alpha: float) -> Array:
     return ((5.0 + length) / 6.0) ** alpha
 
 
-def _beams(tree: Any, select: Callable[[Array], Array], axis: int | Any) -> Any:
+def _beams(tree: Any, select: Callable[[Array], Array], axis: int | Any, skip: frozenset[str] = frozenset()) -> Any:
     """`select` applied along `axis` (the batch of beams) of every cache array that has it (not
-    the scalar cache indices); `axis` is one int or a tree of ints, a prefix of the cache's."""
+    the scalar cache indices) and is not named in `skip`; `axis` is one int or a tree of ints, a
+    prefix of the cache's."""
     def along(ax: int, subtree: Any) -> Any:
-        return jax.tree_util.tree_map(lambda x: jnp.moveaxis(select(jnp.moveaxis(x, ax, 0)), 0, ax)
-                                      if x.ndim > ax else x, subtree)
+        def one(path: tuple, x: Array) -> Array:
+            if x.ndim <= ax or (path and getattr(path[-1], "key", None) in skip):
+                return x
+            return jnp.moveaxis(select(jnp.moveaxis(x, ax, 0)), 0, ax)
+        return jax.tree_util.tree_map_with_path(one, subtree)
 
     return jax.tree_util.tree_map(along, axis, tree)
 
@@ -151,7 +155,7 @@ def _beams(tree: Any, select: Callable[[Array], Array], axis: int | Any) -> Any:
 def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, prompt_mask: Array,
                 beam_size: int, max_new_tokens: int, eos_id: int | tuple[int, ...], pad_id: int,
                 alpha: float = 0.6, cache_batch_axis: int | Any = 0, limits: Array | None = None,
-                no_repeat_ngram: int = 0) -> tuple[Array, Array]:
+                no_repeat_ngram: int = 0, per_prompt: frozenset[str] = frozenset()) -> tuple[Array, Array]:
     """Batched beam search continuing left-padded prompts.
 
     Each step extends every live hypothesis by every token and keeps the `2 * beam_size` best
@@ -174,6 +178,8 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
         source's length; None: max_new_tokens for every row.
       no_repeat_ngram: n > 0: no n tokens in a row occur twice among a hypothesis's new tokens
         (the other scores are the model's own, not renormalised).
+      per_prompt: names of cache entries that are the same for every beam of a row (an
+        encoder's keys and values for cross-attention): repeated for the beams, never reordered.
 
     Returns:
       tokens [batch, beam_size, max_new_tokens] (end token kept, `pad_id` after it), best first,
@@ -227,7 +233,7 @@ def beam_search(tokens_to_logits: TokensToLogits, cache: Any, prompt: Array, pro
         pool_score = jnp.where(stopped[:, None], fin_score, pool_score)
         fin = jnp.where(stopped[:, None, None], kept, fin)
         rows = (jnp.arange(batch)[:, None] * k + jnp.take_along_axis(origin, keep, axis=1)).reshape(-1)
-        cache = _beams(cache, lambda x: x[rows], cache_batch_axis)
+        cache = _beams(cache, lambda x: x[rows], cache_batch_axis, per_prompt)
         token = jnp.take_along_axis(token, keep, axis=1).reshape(-1)
         ones = jnp.ones((batch * k, 1), jnp.int32)
         logits, cache = tokens_to_logits(token[:, None], ones, (lengths + i)[:, None], cache)

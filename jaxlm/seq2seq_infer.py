@@ -16,7 +16,7 @@ import numpy as np
 from jaxlm import decoding
 from jaxlm.data.parallel import ParallelRows
 from jaxlm.errors import UserError
-from jaxlm.models.encoder_decoder import cache_batch_axes, cached_logits, decoding_cache
+from jaxlm.models.encoder_decoder import PER_SOURCE, cache_batch_axes, cached_logits, decoding_cache
 from jaxlm.workdir import Run
 
 
@@ -50,7 +50,8 @@ class Translator:
             return decoding.generate(logits, cache, start, jnp.ones_like(start), jax.random.key(0),
                                      temperature=0.0, **settings)
         tokens, _ = decoding.beam_search(logits, cache, start, jnp.ones_like(start), self.beam_size, alpha=self.alpha,
-                                         cache_batch_axis=cache_batch_axes(model.cfg, cache), **settings)
+                                         cache_batch_axis=cache_batch_axes(model.cfg, cache), per_prompt=PER_SOURCE,
+                                         **settings)
         return tokens[:, 0]
 
     def __call__(self, texts: list[str], batch_size: int = 32) -> list[str]:

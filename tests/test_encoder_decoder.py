@@ -2,6 +2,7 @@
 padded and packed sources and targets compute what they would alone."""
 
 import dataclasses
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -11,6 +12,7 @@ import pytest
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.encoder_decoder import (
+    PER_SOURCE,
     EncoderDecoder,
     cache_batch_axes,
     cached_logits,
@@ -206,7 +208,9 @@ def test_the_copy_head_mixes_the_output_with_its_own_sources_ids():
 def test_beam_search_is_the_same_with_scanned_layers(layout):
     """Under `model.scan_layers` the decoder's cache has a leading layer axis; beam search repeats
     and reorders its beams on the next axis there (and on the first in the copy head's cache)
-    and finds the same hypotheses."""
+    and finds the same hypotheses. So it does when it leaves the entries kept per source (the
+    encoder's keys and values) in place, as `Translator` has it do: each step then gathers fewer
+    arrays."""
     from jaxlm.decoding import beam_search
     from jaxlm.models.layers import restack
     cfg = LAYOUTS[layout]
@@ -214,15 +218,23 @@ def test_beam_search_is_the_same_with_scanned_layers(layout):
     params = nn.meta.unbox(params)
     scanned = EncoderDecoder(dataclasses.replace(cfg, scan_layers=True))
     src, src_seg, src_pos = map(jnp.asarray, batch(4)[:3])
-    found = []
+    found, gathers = [], []
     for m, p in ((model, params), (scanned, restack(params, True))):
         cache = decoding_cache(m, p, src, src_seg, src_pos, 9)
         start = jnp.zeros((B, 1), jnp.int32)
-        tokens, scores = beam_search(cached_logits(m, p, cfg.vocab_size), cache, start, jnp.ones_like(start), 3, 8,
-                                     eos_id=1, pad_id=0, cache_batch_axis=cache_batch_axes(m.cfg, cache))
-        found.append((np.asarray(tokens), np.asarray(scores)))
-    np.testing.assert_array_equal(found[1][0], found[0][0])
-    np.testing.assert_allclose(found[1][1], found[0][1], rtol=1e-5)
+        for kept in (frozenset(), PER_SOURCE):
+            search = partial(beam_search, cached_logits(m, p, cfg.vocab_size), beam_size=3, max_new_tokens=8, eos_id=1,
+                             pad_id=0, cache_batch_axis=cache_batch_axes(m.cfg, cache), per_prompt=kept)
+            tokens, scores = search(cache, start, jnp.ones_like(start))
+            found.append((np.asarray(tokens), np.asarray(scores)))
+            gathers.append(str(jax.make_jaxpr(search)(cache, start, jnp.ones_like(start))).count(" gather["))
+    for tokens, scores in found[1:]:
+        np.testing.assert_array_equal(tokens, found[0][0])
+        np.testing.assert_allclose(scores, found[0][1], rtol=1e-5)
+    per_source = sum(getattr(path[-1], "key", None) in PER_SOURCE for path, _ in
+                     jax.tree_util.tree_leaves_with_path(decoding_cache(model, params, src, src_seg, src_pos, 9)))
+    assert per_source >= 3 * cfg.decoder_layers  # each decoder layer's keys, values and source segments
+    assert gathers[1] == gathers[0] - per_source and gathers[3] == gathers[2] - (3 + 3 * (layout == "copy"))
 
 
 def test_the_token_table_starts_at_each_layouts_scale():

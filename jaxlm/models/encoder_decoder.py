@@ -33,6 +33,7 @@ import numpy as np
 
 from jaxlm.config import ModelConfig
 from jaxlm.models.layers import (
+    CROSS_CACHE,
     CrossAttention,
     Dense,
     Mlp,
@@ -127,6 +128,11 @@ def token_std(cfg: ModelConfig) -> float:
     return cfg.embed_dim ** -0.5 if cfg.scale_embeddings else 0.02
 
 
+COPY_CACHE = ("copy_key", "source", "source_segments")  # what `CopyHead` keeps per source
+# cache entries that are the same for every beam of a source: beam search never reorders them
+PER_SOURCE = frozenset(CROSS_CACHE + COPY_CACHE)
+
+
 class CopyHead(nn.Module):
     """Copying from the source, as a pointer-generator (See et al., 2017): each target position
     attends once more to the encoder's outputs, and its next-token distribution becomes
@@ -148,7 +154,7 @@ class CopyHead(nn.Module):
         cfg = self.cfg
         project = partial(Dense, (cfg.embed_dim,), ("embed", "mlp"), cfg, bias=False)
         keys, source, encoded_segments = per_source(  # keys [batch, source, embed]
-            self, ("copy_key", "source", "source_segments"),
+            self, COPY_CACHE,
             None if encoded is None else (project(name="key")(encoded), source, encoded_segments), decode)
         queries = project(name="query")(hidden)  # [batch, target, embed]
         scores = jnp.einsum("bte,bse->bts", queries, keys).astype(jnp.float32) * np.float32(cfg.embed_dim ** -0.5)

@@ -320,6 +320,9 @@ def per_source(module: nn.Module, names: tuple[str, ...], arrays: tuple[Array, .
     return arrays
 
 
+CROSS_CACHE = ("cross_key", "cross_value", "cross_segments")  # what `CrossAttention` keeps per source
+
+
 class CrossAttention(nn.Module):
     """Attention of a decoder's positions to an encoder's outputs, within matching segments.
 
@@ -345,7 +348,7 @@ class CrossAttention(nn.Module):
         key = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="key")
         value = Dense((kv_heads, head_dim), axes, cfg, bias=biased, name="value")
         k, v, encoded_segments = per_source(  # [batch, source, kv_heads, head_dim] (and [batch, source])
-            self, ("cross_key", "cross_value", "cross_segments"),
+            self, CROSS_CACHE,
             None if encoded is None else (key(encoded), value(encoded), encoded_segments), decode)
         mask = make_attention_mask(segment_ids, encoded_segments, jnp.arange(x.shape[1]),
                                    jnp.arange(k.shape[1]), causal=False)
