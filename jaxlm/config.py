@@ -229,6 +229,7 @@ class TrainConfig:
     profile_steps: list[int] = field(default_factory=list)  # [first, last]: a jax.profiler trace of those steps in <workdir>/profile
     on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: the update is dropped, then stop (checkpoint, exit 3) or skip
     max_skipped: int = 5  # on_nonfinite=skip: stop after this many non-finite steps in a row
+    compile_cache: bool = True  # keep compiled programs in <data.cache_dir>/xla: a restart, evaluate and infer reuse them
 
 
 @dataclass

@@ -43,6 +43,7 @@ from jaxlm.workdir import (
     inherit_model,
     open_run,
     shapes_run,
+    use_compile_cache,
     with_vocab,
 )
 from jaxlm.writers import Writers
@@ -96,6 +97,7 @@ def prepare(config: Config, workdir: Path, mode: str | None = None) -> tuple[Run
     config = with_vocab(config, tok)
     if jax.process_index() == 0:
         config_lib.save(config, workdir / "config.yaml")
+    use_compile_cache(config)
     return build(config, tok, mode), rows
 
 

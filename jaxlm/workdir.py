@@ -21,6 +21,7 @@ from jaxlm import optim, sharding, tasks
 from jaxlm.checkpoint import Checkpoints
 from jaxlm.config import Config
 from jaxlm.data import tokenizer as tokenizer_lib
+from jaxlm.data.sources import cache_dir
 from jaxlm.data.tokenizer import TextTokenizer
 from jaxlm.errors import UserError
 from jaxlm.models.layers import padded_vocab
@@ -31,6 +32,7 @@ from jaxlm.steps import Compiled, PmapCompiled
 RESUMABLE_CHANGES = ("train.steps", "train.log_every", "train.eval_every", "train.eval_batches",
                      "train.decode_eval_examples", "seq2seq.eval_beam_size", "seq2seq.length_penalty",
                      "seq2seq.no_repeat_ngram", "train.peak_tflops", "train.profile_steps", "train.on_nonfinite", "train.max_skipped",
+                     "train.compile_cache",
                      "train.grad_accum_steps", "checkpoint.every", "checkpoint.keep", "checkpoint.preemption_grace_s",
                      "checkpoint.async_save", "checkpoint.best_metric", "data.cache_dir", "data.prefetch",
                      "data.prepare_workers", "data.prepare_runner", "data.beam_options", "data.shard_mb",
@@ -93,6 +95,25 @@ class Run:
     compiled: Compiled
 
 
+def use_compile_cache(config: Config) -> Path | None:
+    """Turns on JAX's persistent compilation cache in `<data.cache_dir>/xla` (`train.compile_cache`),
+    unless JAX already has a cache directory (`JAX_COMPILATION_CACHE_DIR`, the user's own); returns
+    the directory in use, if any.
+
+    Programs that took JAX at least a second to compile are kept, keyed by the program, the
+    devices and the compiler's flags, so a resumed run, and `evaluate` and `infer` on a trained
+    run, load what an earlier process compiled instead of compiling it again. Training
+    (`jaxlm.train.prepare`) and the commands that open a trained run (`open_run`) turn it on;
+    `--compile-only` and `jaxlm.bench` leave it off, since they measure compilation."""
+    if jax.config.jax_compilation_cache_dir:
+        return Path(jax.config.jax_compilation_cache_dir)
+    if not config.train.compile_cache:
+        return None
+    path = cache_dir(config.data) / "xla"
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    return path
+
+
 def build(config: Config, tok: TextTokenizer, mode: str | None = None) -> Run:
     """Task, optimizer, mesh and compiled steps for a config whose vocab size is resolved.
 
@@ -138,5 +159,6 @@ def open_run(workdir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     workdir = Path(workdir)
     config = config_lib.load_workdir(workdir, overrides)
     tok = tokenizer_lib.from_file(workdir / "tokenizer.json")
+    use_compile_cache(config)
     return build(config, tok, mode="jit"), Checkpoints(workdir / "checkpoints", read_only=True)
 

@@ -26,6 +26,34 @@ def trained(corpus_dir, cache_dir, tmp_path_factory):
     return workdir, overrides
 
 
+def test_a_run_keeps_its_compiled_programs_in_the_data_cache(corpus_dir, tmp_path):
+    """With no JAX cache directory of the user's, `train` keeps the programs it compiles in
+    `<data.cache_dir>/xla` (JAX's persistent cache: evaluate, infer and a restart load them from
+    there); one of the user's (`JAX_COMPILATION_CACHE_DIR`, set for the tests) is used as it is;
+    `train.compile_cache=false` turns it off."""
+    import jax
+    from conftest import tiny_overrides
+
+    from jaxlm.workdir import use_compile_cache
+    cache = tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    done = subprocess.run([sys.executable, "-m", "jaxlm.train", "--workdir", str(tmp_path / "run"),
+                           *tiny_overrides(corpus_dir, cache), "train.steps=2", "train.eval_every=2"],
+                          env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len(list((cache / "xla").iterdir())) >= 2  # the init and the train step at least
+    config = config_lib.load(None, [f"data.cache_dir={cache}"])
+    users = jax.config.jax_compilation_cache_dir
+    assert use_compile_cache(config) == Path(users) == Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
+    try:
+        jax.config.update("jax_compilation_cache_dir", None)
+        assert use_compile_cache(config_lib.load(None, ["train.compile_cache=false"])) is None
+        assert jax.config.jax_compilation_cache_dir is None
+        assert use_compile_cache(config) == cache / "xla" == Path(jax.config.jax_compilation_cache_dir)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", users)
+
+
 def test_run_writes_a_self_describing_workdir(trained):
     workdir, overrides = trained
     assert config_lib.load_workdir(workdir).model.vocab_size == 512  # 400 padded to 128s
